@@ -1,0 +1,147 @@
+"""Tensor codec: a msgpack *meta* block plus one flat payload.
+
+A message is a small header (a msgpack-able dict) and named tensors. It is
+encoded as::
+
+    meta    = msgpack({"v": 1, "h": header, "n": payload_bytes,
+                       "t": [[name, dtype, shape, offset, nbytes], ...]})
+    payload = tensor bytes, each starting at a multiple of ALIGN
+
+Tensors are made contiguous (strides are not kept, the values and shape
+are); CUDA tensors are copied to host. Decoding builds tensors that *view*
+the payload buffer, so a payload that lives in a ring is read without a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import msgpack
+import torch
+
+from .errors import CodecError
+
+VERSION = 1
+ALIGN = 64
+MAX_META_BYTES = 1 << 20
+
+#: dtypes that may cross the wire; anything else from a peer is rejected.
+DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+        torch.bool, torch.complex64, torch.complex128,
+    )
+}
+_NAMES = {d: n for n, d in DTYPES.items()}
+
+
+def align(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An encoded message: ``meta`` bytes and the payload as ordered parts.
+
+    ``parts`` laid end to end (alignment gaps included) are exactly
+    ``nbytes`` long; transports write them without joining them first.
+    """
+
+    meta: bytes
+    parts: tuple[memoryview, ...]
+    nbytes: int
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> Encoded:
+    """Encode a header and named tensors; raise CodecError for what cannot travel."""
+    if not isinstance(header, Mapping):
+        raise CodecError(f"header must be a mapping, not {type(header).__name__}")
+    table = []
+    parts: list[memoryview] = []
+    offset = 0
+    for name, t in (tensors or {}).items():
+        if not isinstance(t, torch.Tensor):
+            raise CodecError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        dtype = _NAMES.get(t.dtype)
+        if dtype is None:
+            raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        data = _bytes_of(t)
+        start = align(offset)
+        if start > offset:
+            parts.append(memoryview(bytes(start - offset)))
+        table.append([str(name), dtype, list(t.shape), start, data.nbytes])
+        if data.nbytes:
+            parts.append(data)
+        offset = start + data.nbytes
+    try:
+        meta = msgpack.packb({"v": VERSION, "h": dict(header), "n": offset, "t": table})
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CodecError(f"header is not msgpack-serialisable: {exc}") from exc
+    if len(meta) > MAX_META_BYTES:
+        raise CodecError(f"header too large ({len(meta)} bytes > {MAX_META_BYTES})")
+    return Encoded(meta, tuple(parts), offset)
+
+
+def decode_meta(meta: bytes | memoryview) -> dict:
+    """Parse and validate a meta block (bytes from a peer: trust nothing)."""
+    if len(meta) > MAX_META_BYTES:
+        raise CodecError(f"meta block too large ({len(meta)} bytes)")
+    try:
+        m = msgpack.unpackb(meta, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CodecError(f"meta block is not valid msgpack: {exc}") from exc
+    if not isinstance(m, dict) or m.get("v") != VERSION:
+        raise CodecError("meta block has no supported version")
+    h, n, table = m.get("h"), m.get("n"), m.get("t")
+    if not isinstance(h, dict) or not isinstance(n, int) or n < 0 or not isinstance(table, list):
+        raise CodecError("meta block is missing header, size or tensor table")
+    for row in table:
+        if not (isinstance(row, list) and len(row) == 5):
+            raise CodecError(f"bad tensor table row {row!r}")
+        name, dtype, shape, off, nbytes = row
+        if dtype not in DTYPES:
+            raise CodecError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = DTYPES[dtype].itemsize
+        if not (isinstance(off, int) and isinstance(nbytes, int)) or nbytes != numel * itemsize:
+            raise CodecError(f"tensor {name!r}: {nbytes} bytes do not match shape {shape} of {dtype}")
+        if off < 0 or off + nbytes > n:
+            raise CodecError(f"tensor {name!r}: bytes [{off}, {off + nbytes}) outside payload of {n}")
+    return m
+
+
+def decode_tensors(meta: dict, payload) -> dict[str, torch.Tensor]:
+    """Tensors that view ``payload`` (a writable buffer of ``meta['n']`` bytes).
+
+    The caller owns the buffer's lifetime: a view into a ring is valid only
+    until the record is released.
+    """
+    out: dict[str, torch.Tensor] = {}
+    size = memoryview(payload).nbytes
+    if size < meta["n"]:
+        raise CodecError(f"payload has {size} bytes, meta says {meta['n']}")
+    for name, dtype, shape, off, nbytes in meta["t"]:
+        dt = DTYPES[dtype]
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=dt)
+            continue
+        raw = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes, offset=off)
+        out[name] = raw.view(dt).view(shape)
+    return out
