@@ -148,6 +148,20 @@ class _Channel:
             pass
 
 
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``event`` up to ``seconds``; False on timeout.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it swallows a cancellation that
+    races with the event firing, and a cancelled receiver would then wait on.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
+
+
 def _config_dict(c: RingConfig) -> dict:
     return {"size": c.size, "hwm": c.hwm, "chunk": c.chunk}
 
@@ -224,9 +238,7 @@ class RingSender(Sender):
                     raise TransportTimeout(
                         f"{self._endpoint.name} peer {self.peer} had no room for "
                         f"{length} bytes within the send timeout")
-                try:
-                    await asyncio.wait_for(channel.bell.wait(), min(backstop, left))
-                except TimeoutError:
+                if not await _wait(channel.bell, min(backstop, left)):
                     backstop = min(backstop * 2, BACKSTOP_MAX)
         finally:
             if channel.alive:
@@ -365,8 +377,8 @@ class RingTransport(Transport):
         peer = str(descriptor.get("id", "?"))
         timeout = self.handshake_timeout if timeout is None else timeout
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(descriptor["host"], descriptor["port"]), timeout)
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(descriptor["host"], descriptor["port"])
         except TimeoutError as exc:
             raise TransportTimeout(f"connecting to {self.name} peer {peer} timed out") from exc
         except OSError as exc:
@@ -535,10 +547,9 @@ class RingTransport(Transport):
                     if left <= 0:
                         raise TransportTimeout(f"no message within {timeout} s")
                     wait = min(wait, left)
-                try:
-                    await asyncio.wait_for(self._bell.wait(), wait)
+                if await _wait(self._bell, wait):
                     backstop = BACKSTOP_MIN
-                except TimeoutError:
+                else:
                     backstop = min(backstop * 2, BACKSTOP_MAX)
         finally:
             for conn in self._inbound:

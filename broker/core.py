@@ -1,0 +1,811 @@
+"""The broker's scheduling core: worker registry, job and task state machines,
+late-bound routing. No I/O.
+
+Every event method takes the current time ``now`` (seconds, any monotonic
+origin) and returns a list of commands; the asyncio broker around it turns
+``ToWorker`` into ZeroMQ messages, ``JobEvent`` into job-store rows and
+server-sent events, and counts/logs ``Stale``. Tests drive it back to back
+with a fake clock.
+
+Invariants (``Core.check_invariants`` asserts all of them; the property
+tests call it after every event):
+
+1. Nothing in the core waits, sleeps, reads a clock or does I/O.
+2. A task is bound (state ``assigned`` or ``running``) to exactly one
+   registered worker, and a worker's load is exactly the number of tasks
+   bound to it; load never exceeds capacity.
+3. A task is ``queued`` if and only if it is in its stage's queue.
+4. No task is ever bound to a worker that is draining at the time of binding,
+   or that has been lost: losing a worker unbinds all of its tasks at once.
+5. A finished task whose outputs some consumer still needs is ``held`` by a
+   registered worker; held outputs are released (one RELEASE) exactly once,
+   when every consumer is ``done`` or the job ends. Losing the holder before
+   that re-runs the task, so inputs are never silently lost.
+6. A job moves through JOB_TRANSITIONS and reaches exactly one terminal state
+   (``succeeded``, ``failed`` with a reason, or ``cancelled``); after it,
+   nothing of the job is queued, bound or held, and every later worker
+   message about it is answered with ``Stale``.
+7. A job that is not terminal has at least one task that is queued, assigned
+   or running, so it always makes progress while workers behave.
+8. Every task and job state change is checked against TASK_TRANSITIONS /
+   JOB_TRANSITIONS; a change outside the table raises IllegalTransition.
+
+Routing is late-bound: a root task is queued at submit; any other task is
+queued when its first upstream finishes. A queued task is bound to the
+least-loaded live, non-draining worker of its stage that has room (ties: the
+earliest registered), oldest job first. Every upstream of a fan-in sends to
+that one worker; an upstream that finishes before its consumer is bound keeps
+its outputs and gets its SEND at binding time.
+
+Stage names are global across workflows: a worker registered for stage
+``denoise`` serves the ``denoise`` stage of every workflow that has one, so
+two workflows may share a stage name only with the same ``kind``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from broker.errors import CoreError, IllegalTransition, UnknownJob, UnknownWorker
+from stages.workflow import StageSpec, Workflow
+
+__all__ = [
+    "Command",
+    "Core",
+    "JobEvent",
+    "Stale",
+    "ToWorker",
+    "JOB_TRANSITIONS",
+    "TASK_TRANSITIONS",
+    "TERMINAL",
+]
+
+# -- states and transitions ----------------------------------------------------
+
+PENDING = "pending"  # waiting for the first upstream to finish
+QUEUED = "queued"
+ASSIGNED = "assigned"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+CANCELLED = "cancelled"
+SUCCEEDED = "succeeded"
+
+TASK_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    # first upstream done | job ended
+    PENDING: frozenset({QUEUED, CANCELLED}),
+    # bound | superseded re-run (every consumer already finished) | job ended
+    QUEUED: frozenset({ASSIGNED, DONE, CANCELLED}),
+    # STARTED | retry | superseded re-run | fatal failure | job ended
+    ASSIGNED: frozenset({RUNNING, QUEUED, DONE, FAILED, CANCELLED}),
+    # DONE | retry | fatal failure | job ended
+    RUNNING: frozenset({DONE, QUEUED, FAILED, CANCELLED}),
+    # holder lost before every consumer finished: re-run | ... with no attempts left
+    DONE: frozenset({QUEUED, FAILED}),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+JOB_TRANSITIONS: Mapping[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, FAILED, CANCELLED}),  # first task bound
+    RUNNING: frozenset({SUCCEEDED, FAILED, CANCELLED}),
+    SUCCEEDED: frozenset(),
+    FAILED: frozenset(),
+    CANCELLED: frozenset(),
+}
+
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+_BOUND = (ASSIGNED, RUNNING)
+
+# -- commands --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToWorker:
+    """Send ``body`` to worker ``worker_id`` as a ``kind`` message
+    (TASK, SEND, RELEASE, CANCEL or DRAIN)."""
+
+    worker_id: str
+    kind: str
+    body: dict
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """Record and publish an event of a job: queued, stage_assigned, stage_started,
+    progress, stage_finished, stage_retry, and the terminal succeeded, failed,
+    cancelled."""
+
+    job_id: str
+    type: str
+    data: dict
+
+
+@dataclass(frozen=True)
+class Stale:
+    """A worker message that was ignored (late, duplicate, or about a task the
+    worker no longer owns). Nothing to do but log or count it."""
+
+    message: str  # STARTED, PROGRESS, DONE, FAILED, DISCONNECT
+    worker_id: str
+    job_id: str | None
+    stage: str | None
+    reason: str
+
+
+Command = Union[ToWorker, JobEvent, Stale]
+Key = tuple[str, str]  # (job id, stage)
+
+# -- internal records ------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Worker:
+    id: str
+    stage: str
+    capacity: int
+    descriptor: dict
+    info: dict
+    seq: int
+    registered: float
+    last_seen: float
+    draining: bool = False
+    reported_load: int | None = None
+    tasks: dict[Key, None] = field(default_factory=dict)  # bound, unfinished (an ordered set)
+    holding: dict[Key, None] = field(default_factory=dict)  # finished, outputs still held
+
+    @property
+    def load(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass(eq=False)
+class _Task:
+    job: str
+    stage: str
+    spec: StageSpec
+    state: str = PENDING
+    attempt: int = 1
+    worker: str | None = None  # bound worker; after done, the worker that ran it
+    held: bool = False  # done, and `worker` still holds the outputs
+    token: int = -1  # identifies the live queue entry
+    avoid: str | None = None  # the worker its last attempt failed on: placed elsewhere if possible
+    queued: float | None = None
+    assigned: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    timings: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.job, self.stage)
+
+
+@dataclass(eq=False)
+class _Job:
+    id: str
+    seq: int
+    workflow: Workflow
+    params: dict
+    payload: dict | None
+    created: float
+    tasks: dict[str, _Task]
+    state: str = QUEUED
+    reason: str | None = None
+    finished: float | None = None
+    result: dict | None = None
+
+
+@dataclass
+class _Signals:
+    arrivals: int = 0
+    completed: int = 0
+    retries: int = 0
+    service_time_sum: float = 0.0
+
+
+# -- the core --------------------------------------------------------------------
+
+
+class Core:
+    """Pure scheduling state machine; see the module docstring for its invariants."""
+
+    def __init__(
+        self,
+        workflows: Mapping[str, Workflow],
+        *,
+        heartbeat_liveness_s: float = 7.5,
+        max_attempts: int = 3,
+    ) -> None:
+        if max_attempts < 1:
+            raise CoreError(f"max_attempts must be >= 1, not {max_attempts}")
+        if heartbeat_liveness_s <= 0:
+            raise CoreError(f"heartbeat_liveness_s must be > 0, not {heartbeat_liveness_s}")
+        self.liveness = float(heartbeat_liveness_s)
+        self.max_attempts = int(max_attempts)
+        self._workflows = dict(workflows)
+        kinds: dict[str, tuple[str, str]] = {}
+        for wname, wf in self._workflows.items():
+            for spec in wf.stages.values():
+                seen = kinds.setdefault(spec.name, (spec.kind, wname))
+                if seen[0] != spec.kind:
+                    raise CoreError(
+                        f"stage {spec.name!r} is kind {seen[0]!r} in workflow {seen[1]!r} but "
+                        f"{spec.kind!r} in {wname!r}; a stage name must mean one implementation"
+                    )
+        self._stage_order = list(kinds)  # dispatch order: deterministic
+        self._workers: dict[str, _Worker] = {}  # insertion order = registration order
+        self._jobs: dict[str, _Job] = {}
+        self._heaps: dict[str, list[tuple[int, int, Key]]] = {s: [] for s in kinds}
+        self._queued: dict[str, dict[Key, _Task]] = {s: {} for s in kinds}
+        self._signals = {s: _Signals() for s in kinds}
+        self._seq = itertools.count()
+
+    # -- worker events -----------------------------------------------------------
+
+    def register(
+        self,
+        worker_id: str,
+        stage: str,
+        capacity: int,
+        descriptor: dict,
+        now: float,
+        info: dict | None = None,
+    ) -> list[Command]:
+        """A worker offers ``capacity`` task slots for ``stage``. A known id is a new
+        incarnation: the old one's tasks and held outputs are treated as lost."""
+        if stage not in self._queued:
+            raise CoreError(f"unknown stage {stage!r}; the loaded workflows have {self._stage_order}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise CoreError(f"capacity must be an integer >= 1, not {capacity!r}")
+        out: list[Command] = []
+        old = self._workers.get(worker_id)
+        if old is not None:
+            self._lose(old, f"worker {worker_id} re-registered (previous incarnation lost)", now, out)
+        self._workers[worker_id] = _Worker(
+            worker_id, stage, capacity, dict(descriptor or {}), dict(info or {}),
+            next(self._seq), now, now,
+        )
+        self._dispatch(now, out)
+        return out
+
+    def heartbeat(self, worker_id: str, now: float, load: int | None = None) -> list[Command]:
+        """Liveness from a worker; raises UnknownWorker so it can be told to re-register."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            raise UnknownWorker(worker_id)
+        w.last_seen = now
+        w.reported_load = load
+        out: list[Command] = []
+        self._dispatch(now, out)  # it may have been past liveness and skipped
+        return out
+
+    def disconnect(self, worker_id: str, now: float) -> list[Command]:
+        """The worker leaves on purpose. Its unstarted tasks and the outputs it still
+        held are redone without counting an attempt; running tasks count one."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            return [Stale("DISCONNECT", worker_id, None, None, "unknown worker")]
+        out: list[Command] = []
+        self._lose(w, f"worker {worker_id} disconnected", now, out, graceful=True)
+        self._dispatch(now, out)
+        return out
+
+    def expire(self, now: float) -> list[Command]:
+        """Every worker not heard from within the liveness interval is lost."""
+        out: list[Command] = []
+        for w in list(self._workers.values()):
+            silent = now - w.last_seen
+            if silent > self.liveness:
+                self._lose(w, f"worker {w.id} lost (no heartbeat for {silent:.1f} s)", now, out)
+        self._dispatch(now, out)
+        return out
+
+    def drain(self, worker_id: str, now: float) -> list[Command]:
+        """Bind nothing new to the worker and tell it to finish and leave.
+        It should disconnect only once its held outputs are released."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            raise UnknownWorker(worker_id)
+        if w.draining:
+            return []
+        w.draining = True
+        return [ToWorker(worker_id, "DRAIN", {})]
+
+    def started(self, worker_id: str, job: str, stage: str, now: float) -> list[Command]:
+        found = self._reported("STARTED", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        if found.state == RUNNING:
+            return [Stale("STARTED", worker_id, job, stage, "duplicate")]
+        out: list[Command] = []
+        self._start(found, now, out)
+        return out
+
+    def progress(
+        self, worker_id: str, job: str, stage: str, step: int, total: int, now: float
+    ) -> list[Command]:
+        found = self._reported("PROGRESS", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        out: list[Command] = []
+        if found.state == ASSIGNED:
+            self._start(found, now, out)
+        out.append(JobEvent(job, "progress", {"stage": stage, "step": step, "total": total}))
+        return out
+
+    def done(
+        self,
+        worker_id: str,
+        job: str,
+        stage: str,
+        now: float,
+        timings: dict | None = None,
+        result: dict | None = None,
+    ) -> list[Command]:
+        """The worker finished the task and now holds its outputs (if anyone consumes them)."""
+        found = self._reported("DONE", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        task, j = found, self._jobs[job]
+        out: list[Command] = []
+        if task.state == ASSIGNED:  # STARTED never came: count service from assignment
+            self._start(task, task.assigned, out)
+        self._unbind(task)
+        self._set(task, DONE)
+        task.finished = now
+        task.timings = dict(timings or {})
+        sig = self._signals[stage]
+        sig.completed += 1
+        sig.service_time_sum += max(0.0, now - task.started)
+        out.append(JobEvent(job, "stage_finished", {
+            "stage": stage, "worker": worker_id, "attempt": task.attempt, "timings": task.timings,
+        }))
+        wf = j.workflow
+        if stage == wf.result:
+            j.result = dict(result or {})
+            self._end(j, SUCCEEDED, now, out, {"result": j.result})
+            self._dispatch(now, out)
+            return out
+        consumers = wf.downstream(stage)
+        if consumers:
+            task.held = True
+            self._workers[worker_id].holding[task.key] = None
+        for cname in consumers:
+            consumer = j.tasks[cname]
+            if consumer.state == PENDING:
+                self._enqueue(consumer, now)
+            elif consumer.state in _BOUND:
+                out.append(self._send(task, consumer))
+            # QUEUED: its SEND goes out at binding; DONE: settled just below
+        for up in task.spec.after:
+            self._settle(j.tasks[up], now, out)
+        self._settle(task, now, out)
+        self._dispatch(now, out)
+        return out
+
+    def failed(
+        self, worker_id: str, job: str, stage: str, reason: str, retryable: bool, now: float
+    ) -> list[Command]:
+        """The task failed on the worker. For a task it already finished, this means
+        its held outputs cannot be delivered: they are dropped and the task re-runs."""
+        w = self._workers.get(worker_id)
+        j = self._jobs.get(job)
+        task = j.tasks.get(stage) if j is not None else None
+        out: list[Command] = []
+        if (
+            w is not None and j is not None and task is not None and j.state not in TERMINAL
+            and task.held and task.worker == worker_id
+        ):
+            w.last_seen = now
+            self._release(task, out)
+            why = f"worker {worker_id} could not deliver outputs: {reason}"
+            if retryable:
+                self._retry(task, why, now, out)
+            else:
+                self._fail(j, task, f"stage {stage} failed on worker {worker_id}: {reason}", now, out)
+            self._dispatch(now, out)
+            return out
+        found = self._reported("FAILED", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        if retryable:
+            self._retry(found, f"worker {worker_id}: {reason}", now, out)
+        else:
+            self._fail(j, found, f"stage {stage} failed on worker {worker_id}: {reason}", now, out)
+        self._dispatch(now, out)
+        return out
+
+    # -- client events -------------------------------------------------------------
+
+    def submit(
+        self, job_id: str, workflow: str, params: dict, payload: dict | None, now: float
+    ) -> list[Command]:
+        """Accept a job: its root tasks are queued and bound where there is room."""
+        if job_id in self._jobs:
+            raise CoreError(f"job id {job_id!r} already exists")
+        wf = self._workflows.get(workflow)
+        if wf is None:
+            raise CoreError(f"unknown workflow {workflow!r}; available: {sorted(self._workflows)}")
+        tasks = {s: _Task(job_id, s, spec) for s, spec in wf.stages.items()}
+        j = _Job(job_id, next(self._seq), wf, dict(params or {}), payload, now, tasks)
+        self._jobs[job_id] = j
+        out: list[Command] = [JobEvent(job_id, "queued", {"workflow": workflow})]
+        for root in wf.roots():
+            self._enqueue(tasks[root], now)
+        self._dispatch(now, out)
+        return out
+
+    def cancel(self, job_id: str, now: float, reason: str = "cancelled by client") -> list[Command]:
+        """Cancel a job; a job that already ended is left alone (returns [])."""
+        j = self._jobs.get(job_id)
+        if j is None:
+            raise UnknownJob(job_id)
+        if j.state in TERMINAL:
+            return []
+        out: list[Command] = []
+        self._end(j, CANCELLED, now, out, {"reason": reason})
+        self._dispatch(now, out)
+        return out
+
+    def forget(self, job_id: str) -> bool:
+        """Drop a finished job from memory (the job store keeps it). Later
+        messages about it are Stale. Returns False if unknown or still active."""
+        j = self._jobs.get(job_id)
+        if j is None or j.state not in TERMINAL:
+            return False
+        del self._jobs[job_id]
+        return True
+
+    # -- introspection -------------------------------------------------------------
+
+    def job(self, job_id: str) -> dict | None:
+        j = self._jobs.get(job_id)
+        if j is None:
+            return None
+        return {
+            "id": j.id,
+            "workflow": j.workflow.name,
+            "state": j.state,
+            "reason": j.reason,
+            "created": j.created,
+            "finished": j.finished,
+            "result": j.result,
+            "stages": {
+                name: {
+                    "state": t.state,
+                    "worker": t.worker,
+                    "attempt": t.attempt,
+                    "queued": t.queued,
+                    "assigned": t.assigned,
+                    "started": t.started,
+                    "finished": t.finished,
+                    "timings": dict(t.timings),
+                    "error": t.error,
+                }
+                for name, t in j.tasks.items()
+            },
+        }
+
+    def active_jobs(self) -> list[str]:
+        return [jid for jid, j in self._jobs.items() if j.state not in TERMINAL]
+
+    def workflows(self) -> dict[str, Workflow]:
+        return dict(self._workflows)
+
+    def stages(self) -> dict:
+        out: dict[str, dict] = {}
+        for stage in self._stage_order:
+            workers = [w for w in self._workers.values() if w.stage == stage]
+            out[stage] = {
+                "workers": [
+                    {
+                        "id": w.id,
+                        "load": w.load,
+                        "capacity": w.capacity,
+                        "draining": w.draining,
+                        "last_seen": w.last_seen,
+                        "registered": w.registered,
+                        "holding": len(w.holding),
+                        "reported_load": w.reported_load,
+                        "info": dict(w.info),
+                    }
+                    for w in workers
+                ],
+                "queued": len(self._queued[stage]),
+                "busy": sum(1 for w in workers if w.load > 0),
+                "running": sum(
+                    1 for w in workers for k in w.tasks if self._task(k).state == RUNNING
+                ),
+            }
+        return out
+
+    def stage_signals(self, now: float) -> dict:
+        """Cumulative counters plus instantaneous gauges per stage, for a controller
+        that differences successive readings."""
+        out: dict[str, dict] = {}
+        for stage in self._stage_order:
+            sig = self._signals[stage]
+            waiting = [t.queued for t in self._queued[stage].values()]
+            workers = [w for w in self._workers.values() if w.stage == stage]
+            out[stage] = {
+                "arrivals": sig.arrivals,
+                "completed": sig.completed,
+                "retries": sig.retries,
+                "service_time_sum": sig.service_time_sum,
+                "queue_len": len(waiting),
+                "oldest_wait_s": max(0.0, now - min(waiting)) if waiting else 0.0,
+                "busy": sum(1 for w in workers if w.load > 0),
+                "workers": len(workers),
+                "draining": sum(1 for w in workers if w.draining),
+                "capacity": sum(w.capacity for w in workers if not w.draining),
+                "load": sum(w.load for w in workers),
+            }
+        return out
+
+    def check_invariants(self) -> None:
+        """Assert invariants 2-7 of the module docstring (for tests and debugging)."""
+        for w in self._workers.values():
+            assert w.load <= w.capacity, f"{w.id}: load {w.load} > capacity {w.capacity}"
+            for k in w.tasks:
+                t = self._task(k)
+                assert t.state in _BOUND and t.worker == w.id, f"{w.id} lists {k} ({t.state}, {t.worker})"
+            for k in w.holding:
+                t = self._task(k)
+                assert t.state == DONE and t.held and t.worker == w.id, f"{w.id} holds {k} wrongly"
+        for stage, q in self._queued.items():
+            for k, t in q.items():
+                assert t.state == QUEUED and t.stage == stage and self._task(k) is t, f"queue {stage}: {k}"
+        for j in self._jobs.values():
+            live_work = False
+            for t in j.tasks.values():
+                if t.state in _BOUND:
+                    w = self._workers.get(t.worker)
+                    assert w is not None and t.key in w.tasks, f"{t.key} bound to lost {t.worker}"
+                if t.state == QUEUED:
+                    assert self._queued[t.stage].get(t.key) is t, f"{t.key} queued but not in queue"
+                if t.held:
+                    w = self._workers.get(t.worker)
+                    assert t.state == DONE and w is not None and t.key in w.holding, f"{t.key} held badly"
+                live_work = live_work or t.state in (QUEUED, ASSIGNED, RUNNING)
+                if j.state in TERMINAL:
+                    assert t.state in (DONE, FAILED, CANCELLED) and not t.held, f"{t.key} left {t.state}"
+                elif t.state not in (PENDING, DONE, FAILED, CANCELLED):
+                    # a consumer that still needs its inputs: every finished upstream is held
+                    for up in t.spec.after:
+                        u = j.tasks[up]
+                        assert u.state != DONE or u.held, f"{u.key} finished but dropped before {t.stage}"
+            if j.state not in TERMINAL:
+                assert live_work, f"job {j.id} is {j.state} with nothing queued or running"
+
+    # -- internals -----------------------------------------------------------------
+
+    def _task(self, key: Key) -> _Task:
+        return self._jobs[key[0]].tasks[key[1]]
+
+    def _set(self, task: _Task, state: str) -> None:
+        if state not in TASK_TRANSITIONS[task.state]:
+            raise IllegalTransition(f"task {task.job}/{task.stage}: {task.state} -> {state}")
+        task.state = state
+
+    def _set_job(self, j: _Job, state: str) -> None:
+        if state not in JOB_TRANSITIONS[j.state]:
+            raise IllegalTransition(f"job {j.id}: {j.state} -> {state}")
+        j.state = state
+
+    def _reported(self, message: str, worker_id: str, job: str, stage: str, now: float) -> _Task | Stale:
+        """The task a worker message is about, or why the message is stale."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            return Stale(message, worker_id, job, stage, "unknown worker")
+        w.last_seen = now
+        j = self._jobs.get(job)
+        if j is None:
+            return Stale(message, worker_id, job, stage, "unknown job")
+        if j.state in TERMINAL:
+            return Stale(message, worker_id, job, stage, f"job {j.state}")
+        task = j.tasks.get(stage)
+        if task is None:
+            return Stale(message, worker_id, job, stage, "no such stage in the job")
+        if task.state not in _BOUND or task.worker != worker_id:
+            return Stale(message, worker_id, job, stage, f"task is {task.state} on {task.worker}")
+        return task
+
+    def _start(self, task: _Task, at: float, out: list[Command]) -> None:
+        self._set(task, RUNNING)
+        task.started = at
+        out.append(JobEvent(task.job, "stage_started", {
+            "stage": task.stage, "worker": task.worker, "attempt": task.attempt,
+        }))
+
+    def _enqueue(self, task: _Task, now: float) -> None:
+        self._set(task, QUEUED)
+        task.worker = None
+        task.queued = now
+        task.assigned = task.started = task.finished = None
+        task.token = next(self._seq)
+        # oldest job first, then order of arrival: FIFO across jobs, and a retry
+        # does not lose its place to jobs submitted after it
+        heapq.heappush(self._heaps[task.stage], (self._jobs[task.job].seq, task.token, task.key))
+        self._queued[task.stage][task.key] = task
+        self._signals[task.stage].arrivals += 1
+
+    def _dequeue(self, task: _Task) -> None:
+        del self._queued[task.stage][task.key]  # its heap entry goes stale
+
+    def _peek(self, stage: str) -> _Task | None:
+        """The next queued task of a stage, skipping heap entries gone stale."""
+        heap, queued = self._heaps[stage], self._queued[stage]
+        while heap:
+            _, token, key = heap[0]
+            task = queued.get(key)
+            if task is not None and task.token == token:
+                return task
+            heapq.heappop(heap)
+        return None
+
+    def _pick(self, stage: str, now: float, avoid: str | None) -> _Worker | None:
+        """Least-loaded live, non-draining worker with room; ties go to the earliest
+        registered; the worker a retry failed on only if no other has room."""
+        best: _Worker | None = None
+        best_rank: tuple[bool, int] | None = None
+        for w in self._workers.values():  # registration order
+            if (
+                w.stage == stage and not w.draining and w.load < w.capacity
+                and now - w.last_seen <= self.liveness
+            ):
+                rank = (w.id == avoid, w.load)
+                if best_rank is None or rank < best_rank:
+                    best, best_rank = w, rank
+        return best
+
+    def _dispatch(self, now: float, out: list[Command]) -> None:
+        """Bind queued tasks to workers with room, oldest job first, stage by stage."""
+        for stage in self._stage_order:
+            while (task := self._peek(stage)) is not None:
+                w = self._pick(stage, now, task.avoid)
+                if w is None:
+                    break
+                heapq.heappop(self._heaps[stage])
+                del self._queued[stage][task.key]
+                self._bind(task, w, now, out)
+
+    def _bind(self, task: _Task, w: _Worker, now: float, out: list[Command]) -> None:
+        j = self._jobs[task.job]
+        self._set(task, ASSIGNED)
+        task.worker = w.id
+        task.assigned = now
+        w.tasks[task.key] = None
+        if j.state == QUEUED:
+            self._set_job(j, RUNNING)
+        wf = j.workflow
+        body: dict[str, Any] = {
+            "job": j.id,
+            "workflow": wf.name,
+            "stage": task.stage,
+            "attempt": task.attempt,
+            "params": j.params,
+            "inputs": [{"stage": up, "names": list(wf.stages[up].outputs)} for up in task.spec.after],
+        }
+        if not task.spec.after and j.payload is not None:
+            body["payload"] = j.payload
+        out.append(ToWorker(w.id, "TASK", body))
+        out.append(JobEvent(j.id, "stage_assigned", {
+            "stage": task.stage, "worker": w.id, "attempt": task.attempt,
+        }))
+        for up in task.spec.after:
+            producer = j.tasks[up]
+            if producer.held:
+                out.append(self._send(producer, task))
+
+    def _send(self, producer: _Task, consumer: _Task) -> ToWorker:
+        to = self._workers[consumer.worker]
+        return ToWorker(producer.worker, "SEND", {
+            "job": producer.job,
+            "stage": producer.stage,
+            "to": to.id,
+            "to_stage": consumer.stage,
+            "descriptor": to.descriptor,
+            "names": list(producer.spec.outputs),
+        })
+
+    def _unbind(self, task: _Task) -> None:
+        w = self._workers.get(task.worker) if task.worker is not None else None
+        if w is not None:
+            w.tasks.pop(task.key, None)
+
+    def _release(self, task: _Task, out: list[Command]) -> None:
+        """Tell the holder to drop its outputs; a lost holder has nothing to drop."""
+        w = self._workers.get(task.worker)
+        if w is not None and task.key in w.holding:
+            del w.holding[task.key]
+            out.append(ToWorker(w.id, "RELEASE", {"job": task.job, "stage": task.stage}))
+        task.held = False
+
+    def _settle(self, producer: _Task, now: float, out: list[Command]) -> None:
+        """Once every consumer of ``producer`` is done, its outputs are not needed:
+        release them, or stop a re-run that was started to replace lost ones."""
+        j = self._jobs[producer.job]
+        if not all(j.tasks[c].state == DONE for c in j.workflow.downstream(producer.stage)):
+            return
+        if producer.held:
+            self._release(producer, out)
+        elif producer.state == QUEUED:
+            self._dequeue(producer)
+            self._set(producer, DONE)
+            producer.finished = now
+        elif producer.state in _BOUND:
+            out.append(ToWorker(producer.worker, "CANCEL", {"job": producer.job, "stage": producer.stage}))
+            self._unbind(producer)
+            self._set(producer, DONE)
+            producer.finished = now
+
+    def _retry(self, task: _Task, why: str, now: float, out: list[Command], count: bool = True) -> None:
+        """Put a bound task (or a finished one whose outputs were lost) back in its
+        queue, or fail the job if that would exceed max_attempts."""
+        j = self._jobs[task.job]
+        self._unbind(task)
+        task.avoid = task.worker
+        if count:
+            if task.attempt >= self.max_attempts:
+                self._fail(j, task, f"stage {task.stage} failed after {task.attempt} attempts: {why}", now, out)
+                return
+            task.attempt += 1
+        task.error = why
+        self._enqueue(task, now)
+        self._signals[task.stage].retries += 1
+        out.append(JobEvent(j.id, "stage_retry", {"stage": task.stage, "attempt": task.attempt, "reason": why}))
+
+    def _fail(self, j: _Job, culprit: _Task, reason: str, now: float, out: list[Command]) -> None:
+        self._unbind(culprit)
+        if culprit.held:
+            self._release(culprit, out)
+        self._set(culprit, FAILED)
+        culprit.error = reason
+        culprit.finished = now
+        self._end(j, FAILED, now, out, {"reason": reason, "stage": culprit.stage})
+
+    def _end(self, j: _Job, state: str, now: float, out: list[Command], data: dict) -> None:
+        """Terminal state: drop queued tasks, cancel bound ones, release held outputs."""
+        self._set_job(j, state)
+        j.finished = now
+        j.reason = data.get("reason")
+        for t in j.tasks.values():
+            if t.state == QUEUED:
+                self._dequeue(t)
+                self._set(t, CANCELLED)
+            elif t.state == PENDING:
+                self._set(t, CANCELLED)
+            elif t.state in _BOUND:
+                if t.worker in self._workers:  # a lost worker needs no CANCEL
+                    out.append(ToWorker(t.worker, "CANCEL", {"job": j.id, "stage": t.stage}))
+                self._unbind(t)
+                self._set(t, CANCELLED)
+                t.finished = now
+            if t.held:
+                self._release(t, out)
+        j.payload = None  # no re-run can need it any more
+        out.append(JobEvent(j.id, state, data))
+
+    def _lose(self, w: _Worker, why: str, now: float, out: list[Command], graceful: bool = False) -> None:
+        """Remove a worker. Its bound tasks go back to the queue; outputs it held
+        for consumers that are not done are re-made by re-running their task.
+        A graceful leave counts no attempt for tasks that had not started."""
+        del self._workers[w.id]
+        bound, held = list(w.tasks), list(w.holding)
+        w.tasks.clear()
+        w.holding.clear()
+        for key in bound:
+            t = self._task(key)
+            if t.state in _BOUND and t.worker == w.id:  # an earlier retry may have ended the job
+                self._retry(t, why, now, out, count=not graceful or t.state == RUNNING)
+        for key in held:
+            t = self._task(key)
+            if t.held and t.worker == w.id:
+                t.held = False
+                self._retry(t, f"{why}; it held the outputs of {t.stage}", now, out, count=not graceful)
