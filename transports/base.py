@@ -92,9 +92,13 @@ class Sender(abc.ABC):
     ) -> None:
         """Send one message; wait (up to ``timeout``) while the peer has no room.
 
-        Messages on one sender arrive in the order they were sent. Raises
-        PeerGone when the peer is gone, TransportTimeout when it had no room
-        in time, TransportClosed after :meth:`aclose`.
+        Messages on one sender arrive in the order they were sent. When it
+        returns, the bytes have left the caller's tensors (the caller may
+        reuse them). Raises PeerGone when the peer is gone,
+        TransportTimeout when it had no room in time, TransportClosed after
+        :meth:`aclose`. A send interrupted mid-message (timeout,
+        cancellation) closes the sender, since the peer holds half a
+        message; one interrupted before it wrote anything leaves it usable.
         """
 
     @abc.abstractmethod

@@ -95,6 +95,10 @@ def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -
     return Encoded(meta, tuple(parts), offset)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def decode_meta(meta: bytes | memoryview) -> dict:
     """Parse and validate a meta block (bytes from a peer: trust nothing)."""
     if len(meta) > MAX_META_BYTES:
@@ -106,23 +110,27 @@ def decode_meta(meta: bytes | memoryview) -> dict:
     if not isinstance(m, dict) or m.get("v") != VERSION:
         raise CodecError("meta block has no supported version")
     h, n, table = m.get("h"), m.get("n"), m.get("t")
-    if not isinstance(h, dict) or not isinstance(n, int) or n < 0 or not isinstance(table, list):
+    if not isinstance(h, dict) or not _is_int(n) or n < 0 or not isinstance(table, list):
         raise CodecError("meta block is missing header, size or tensor table")
+    names = set()
     for row in table:
         if not (isinstance(row, list) and len(row) == 5):
-            raise CodecError(f"bad tensor table row {row!r}")
+            raise CodecError(f"bad tensor table row {row!r:.80}")
         name, dtype, shape, off, nbytes = row
-        if dtype not in DTYPES:
-            raise CodecError(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise CodecError(f"tensor {name!r}: bad shape {shape!r}")
+        if not isinstance(name, str) or name in names:
+            raise CodecError(f"tensor name {name!r:.40} is not a string or repeats")
+        names.add(name)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CodecError(f"tensor {name!r}: unsupported dtype {dtype!r:.40}")
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise CodecError(f"tensor {name!r}: bad shape {shape!r:.80}")
         numel = 1
         for s in shape:
             numel *= s
         itemsize = DTYPES[dtype].itemsize
-        if not (isinstance(off, int) and isinstance(nbytes, int)) or nbytes != numel * itemsize:
+        if not (_is_int(off) and _is_int(nbytes)) or nbytes != numel * itemsize:
             raise CodecError(f"tensor {name!r}: {nbytes} bytes do not match shape {shape} of {dtype}")
-        if off < 0 or off + nbytes > n:
+        if off < 0 or off % itemsize or off + nbytes > n:
             raise CodecError(f"tensor {name!r}: bytes [{off}, {off + nbytes}) outside payload of {n}")
     return m
 
