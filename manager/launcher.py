@@ -1,0 +1,119 @@
+"""Launchers: how workers are started and drained, behind one small interface.
+
+``local`` (worker processes on this host) is implemented here; the
+interface is what a ``compose`` or ``kubernetes`` launcher implements too:
+start a worker of a stage, drain one (it finishes in-flight work,
+deregisters and exits), kill one, close all.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import os
+import signal
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+log = logging.getLogger("onepiece.launcher")
+
+
+@dataclass
+class WorkerHandle:
+    id: str
+    workflow: str
+    stage: str
+    process: asyncio.subprocess.Process | None = None
+    draining: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+class Launcher(abc.ABC):
+    """Starts and stops stage workers."""
+
+    @abc.abstractmethod
+    async def start(self, workflow: str, stage: str) -> WorkerHandle:
+        """Start one worker of ``stage``; it registers with the broker by itself."""
+
+    @abc.abstractmethod
+    async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:
+        """Ask a worker to finish its work and leave; wait for it (kill after ``timeout``)."""
+
+    @abc.abstractmethod
+    async def kill(self, handle: WorkerHandle) -> None:
+        """Stop a worker at once (SIGKILL): its tasks are re-dispatched by the broker."""
+
+    @abc.abstractmethod
+    def workers(self) -> list[WorkerHandle]:
+        """The workers this launcher started that are still running."""
+
+    async def aclose(self, timeout: float = 20.0) -> None:
+        """Drain every worker (kill what does not leave in time)."""
+        await asyncio.gather(*(self.drain(h, timeout) for h in self.workers()))
+
+
+class LocalLauncher(Launcher):
+    """Worker processes on this host: ``python -m onepiece.cli worker ...``."""
+
+    def __init__(self, settings, *, extra_args: list[str] | None = None, env: dict | None = None):
+        self.settings = settings
+        self.extra_args = extra_args or []
+        self.env = env
+        self._handles: dict[str, WorkerHandle] = {}
+
+    def command(self, workflow: str, stage: str, worker_id: str) -> list[str]:
+        s = self.settings
+        cmd = [sys.executable, "-m", "onepiece.cli", "worker", "--workflow", workflow, "--stage", stage,
+               "--worker-id", worker_id, "--control", s.control, "--transport", s.transport,
+               "--model", s.model, "--data-dir", str(s.data_dir), "--heartbeat-s", str(s.heartbeat_s),
+               "--liveness", str(s.liveness), "--data-host", s.data_host, "--ring-bytes", str(s.ring_bytes),
+               "--capacity", str(s.capacity)]
+        if s.device:
+            cmd += ["--device", s.device]
+        if s.dtype:
+            cmd += ["--dtype", s.dtype]
+        return cmd + self.extra_args
+
+    async def start(self, workflow: str, stage: str) -> WorkerHandle:
+        worker_id = f"{stage}-{uuid.uuid4().hex[:8]}"
+        env = {**os.environ, **(self.env or {})}
+        process = await asyncio.create_subprocess_exec(*self.command(workflow, stage, worker_id), env=env,
+                                                       stdin=asyncio.subprocess.DEVNULL)
+        handle = WorkerHandle(worker_id, workflow, stage, process)
+        self._handles[worker_id] = handle
+        log.info("started worker %s (pid %d)", worker_id, process.pid)
+        return handle
+
+    async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:
+        if not handle.alive:
+            self._handles.pop(handle.id, None)
+            return handle.process.returncode if handle.process else None
+        handle.draining = True
+        handle.process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                code = await handle.process.wait()
+        except TimeoutError:
+            log.warning("worker %s did not drain in %.0f s: killing it", handle.id, timeout)
+            await self.kill(handle)
+            code = handle.process.returncode
+        self._handles.pop(handle.id, None)
+        return code
+
+    async def kill(self, handle: WorkerHandle) -> None:
+        if handle.alive:
+            handle.process.kill()
+            await handle.process.wait()
+        self._handles.pop(handle.id, None)
+
+    def workers(self) -> list[WorkerHandle]:
+        for wid in [w for w, h in self._handles.items() if not h.alive]:
+            log.warning("worker %s exited with %s", wid, self._handles[wid].process.returncode)
+            del self._handles[wid]
+        return list(self._handles.values())

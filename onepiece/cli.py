@@ -1,0 +1,242 @@
+"""The ``onepiece`` command.
+
+    onepiece up        broker + REST API + one worker per stage, on this machine
+    onepiece broker    the broker and its REST API alone (compose, Kubernetes)
+    onepiece worker    one stage worker
+    onepiece submit    submit an image over REST, follow it, save the video
+    onepiece status    stages, workers and recent jobs of a running broker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .config import load_settings
+
+log = logging.getLogger("onepiece")
+
+
+def _settings_args(p: argparse.ArgumentParser, *names: str) -> None:
+    """Flags that override Settings fields (default None = keep the file/env/default value)."""
+    flags = {
+        "control": ("--control", str, "ZeroMQ endpoint of the broker (default tcp://127.0.0.1:5555)"),
+        "data_dir": ("--data-dir", Path, "job store and results folder (default .onepiece)"),
+        "transport": ("--transport", str, "data plane: shm, tcp, rdma or auto (default shm)"),
+        "model": ("--model", str, "'tiny' (default) or a local diffusers directory"),
+        "device": ("--device", str, "torch device (default: cuda when present)"),
+        "dtype": ("--dtype", str, "torch dtype of the model, e.g. bfloat16"),
+        "heartbeat_s": ("--heartbeat-s", float, "heartbeat interval in seconds (default 2.5)"),
+        "liveness": ("--liveness", int, "missed heartbeats before a peer is dead (default 3)"),
+        "rest_host": ("--rest-host", str, "REST API address (default 127.0.0.1)"),
+        "rest_port": ("--rest-port", int, "REST API port (default 8000)"),
+        "data_host": ("--data-host", str, "address the data-plane endpoint listens on"),
+        "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
+        "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
+        "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
+        "max_attempts": ("--max-attempts", int, "attempts per stage before a job fails (default 3)"),
+    }
+    for name in names:
+        flag, typ, help_ = flags[name]
+        p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+
+
+def _settings(args):
+    fields = ("control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s", "liveness",
+              "rest_host", "rest_port", "data_host", "advertise_host", "ring_bytes", "capacity", "max_attempts")
+    overrides = {k: getattr(args, k, None) for k in fields}
+    if getattr(args, "workflows", None):
+        overrides["workflows"] = args.workflows
+    return load_settings(args.config, **overrides)
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)  # a second Ctrl-C now interrupts the shutdown
+
+
+# -- commands --------------------------------------------------------------------------
+async def cmd_up(args) -> int:
+    from .stack import Stack
+
+    settings = _settings(args)
+    stack = Stack(settings, workers_per_stage=args.workers)
+    try:
+        await stack.start(ready_timeout=args.ready_timeout)
+    except BaseException:
+        await stack.stop()
+        raise
+    print(f"OnePiece is up: REST API on {stack.url} (transport {settings.transport}, model {settings.model}). "
+          f"Ctrl-C stops it.", flush=True)
+    try:
+        await _until_signal()
+    finally:
+        print("stopping: draining workers...", flush=True)
+        await stack.stop()
+    return 0
+
+
+async def cmd_broker(args) -> int:
+    from broker.api import start_api
+    from broker.service import Broker
+
+    settings = _settings(args)
+    broker = Broker(settings)
+    await broker.start()
+    runner, port = await start_api(broker, settings.rest_host, settings.rest_port)
+    log.info("REST API on http://%s:%d", settings.rest_host, port)
+    try:
+        await _until_signal()
+    finally:
+        await runner.cleanup()
+        await broker.stop()
+    return 0
+
+
+async def cmd_worker(args) -> int:
+    from stages.workflow import load_workflow
+    from stages.worker import Worker
+
+    settings = _settings(args)
+    workflow = load_workflow(args.workflow)
+    return await Worker(settings, workflow, args.stage, worker_id=args.worker_id).run()
+
+
+async def cmd_submit(args) -> int:
+    import aiohttp
+
+    from . import client
+
+    image = Path(args.image).read_bytes() if args.image else None
+    params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                  width=args.width, num_frames=args.frames, steps=args.steps,
+                  guidance_scale=args.guidance_scale, seed=args.seed, workflow=args.workflow)
+    async with aiohttp.ClientSession() as session:
+        try:
+            job_id = await client.submit(session, args.url, image, **params)
+            print(f"job {job_id} submitted", file=sys.stderr)
+            bar = client.ProgressBar() if not args.quiet else (lambda e: None)
+            await client.wait(session, args.url, job_id, bar)
+            if args.out:
+                n = await client.download(session, args.url, job_id, Path(args.out))
+                print(f"saved {args.out} ({n} bytes)")
+        except client.JobFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except aiohttp.ClientConnectorError as exc:
+            print(f"error: cannot reach the broker at {args.url}: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+async def cmd_status(args) -> int:
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{args.url}/v1/stages") as resp:
+                stages = await resp.json()
+            async with session.get(f"{args.url}/v1/jobs", params={"limit": str(args.jobs)}) as resp:
+                jobs = (await resp.json()) if resp.status == 200 else {"jobs": []}
+    except aiohttp.ClientConnectorError as exc:
+        print(f"error: cannot reach the broker at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'stage':<16}{'workers':>8}{'busy':>6}{'queued':>8}  workers (load/capacity)")
+    for name, s in stages.items():
+        if not isinstance(s, dict) or "workers" not in s:
+            continue
+        ws = " ".join(f"{w['id']}({w['load']}/{w['capacity']}{',draining' if w['draining'] else ''})"
+                      for w in s["workers"])
+        print(f"{name:<16}{len(s['workers']):>8}{s['busy']:>6}{s['queued']:>8}  {ws}")
+    if stages.get("missing"):
+        print(f"stages without workers: {', '.join(stages['missing'])}")
+    if stages.get("allocation"):
+        print("allocation:", ", ".join(f"{k}={v}" for k, v in stages["allocation"].items()))
+    rows = jobs.get("jobs", jobs if isinstance(jobs, list) else [])
+    if rows:
+        print(f"\n{'job':<34}{'workflow':<12}{'state':<11}reason")
+        for j in rows:
+            print(f"{j['id']:<34}{j['workflow']:<12}{j['state']:<11}{j.get('reason') or ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onepiece", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML settings file (also ONEPIECE_CONFIG)")
+    p.add_argument("--log-level", default=os.environ.get("ONEPIECE_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run broker, REST API and one worker per stage here")
+    _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
+                   "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts")
+    up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
+    up.add_argument("--workers", type=int, default=1, help="workers per stage (default 1)")
+    up.add_argument("--ready-timeout", type=float, default=300.0)
+    up.set_defaults(func=cmd_up)
+
+    br = sub.add_parser("broker", help="run the broker and its REST API")
+    _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts")
+    br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
+    br.set_defaults(func=cmd_broker)
+
+    wk = sub.add_parser("worker", help="run one stage worker")
+    wk.add_argument("--workflow", default="wan_i2v", help="workflow name or TOML path")
+    wk.add_argument("--stage", required=True)
+    wk.add_argument("--worker-id", default=None)
+    _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
+                   "liveness", "data_host", "advertise_host", "ring_bytes", "capacity")
+    wk.set_defaults(func=cmd_worker)
+
+    sb = sub.add_parser("submit", help="submit an image and save the video")
+    sb.add_argument("image", nargs="?", help="input image (PNG/JPEG/WebP)")
+    sb.add_argument("--prompt", required=True)
+    sb.add_argument("--negative-prompt", default=None)
+    sb.add_argument("--height", type=int, default=None)
+    sb.add_argument("--width", type=int, default=None)
+    sb.add_argument("--frames", type=int, default=None, help="number of frames (4k+1)")
+    sb.add_argument("--steps", type=int, default=None)
+    sb.add_argument("--guidance-scale", type=float, default=None)
+    sb.add_argument("--seed", type=int, default=None)
+    sb.add_argument("--workflow", default=None)
+    sb.add_argument("--out", default="video.mp4")
+    sb.add_argument("--url", default="http://127.0.0.1:8000")
+    sb.add_argument("--quiet", action="store_true")
+    sb.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="stages, workers and recent jobs")
+    st.add_argument("--url", default="http://127.0.0.1:8000")
+    st.add_argument("--jobs", type=int, default=10)
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        return _run(args.func(args))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

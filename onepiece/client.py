@@ -1,0 +1,105 @@
+"""A small REST client: submit a job, follow its events, save its result."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+
+
+class JobFailed(Exception):
+    """The job ended failed or cancelled; the message is the broker's reason."""
+
+
+async def _error(resp: aiohttp.ClientResponse) -> str:
+    try:
+        body = await resp.json()
+        return body.get("error", str(body))
+    except (aiohttp.ContentTypeError, json.JSONDecodeError):
+        return (await resp.text())[:200]
+
+
+async def submit(session: aiohttp.ClientSession, url: str, image: bytes | None, **params) -> str:
+    body = {k: v for k, v in params.items() if v is not None}
+    if image is not None:
+        body["image"] = base64.b64encode(image).decode()
+    async with session.post(f"{url}/v1/jobs", json=body) as resp:
+        if resp.status != 201:
+            raise JobFailed(f"submission refused ({resp.status}): {await _error(resp)}")
+        return (await resp.json())["id"]
+
+
+async def events(session: aiohttp.ClientSession, url: str, job_id: str) -> AsyncIterator[dict]:
+    """Server-sent events of a job until it ends."""
+    async with session.get(f"{url}/v1/jobs/{job_id}/events", timeout=aiohttp.ClientTimeout(total=None)) as resp:
+        if resp.status != 200:
+            raise JobFailed(f"events unavailable ({resp.status}): {await _error(resp)}")
+        event: dict = {}
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if "data" in event:
+                    # The data line is the stored event: {seq, ts, type, data}.
+                    body = json.loads(event["data"])
+                    yield {"type": event.get("event", body.get("type", "message")), "data": body.get("data", {})}
+                event = {}
+            elif not line.startswith(":"):
+                key, _, value = line.partition(":")
+                event[key] = value.lstrip(" ")
+
+
+async def wait(session, url: str, job_id: str, on_event: Callable[[dict], None] = lambda e: None) -> dict:
+    async for e in events(session, url, job_id):
+        on_event(e)
+        if e["type"] in ("succeeded", "failed", "cancelled"):
+            if e["type"] != "succeeded":
+                raise JobFailed(f"job {job_id} {e['type']}: {e['data'].get('reason', 'no reason given')}")
+            return e["data"]
+    raise JobFailed(f"event stream of job {job_id} ended before the job did")
+
+
+async def download(session, url: str, job_id: str, out: Path) -> int:
+    async with session.get(f"{url}/v1/jobs/{job_id}/result") as resp:
+        if resp.status != 200:
+            raise JobFailed(f"result unavailable ({resp.status}): {await _error(resp)}")
+        data = await resp.read()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return len(data)
+
+
+class ProgressBar:
+    """One status line on stderr fed by job events (stages, then denoising steps)."""
+
+    def __init__(self, stream=sys.stderr, width: int = 30):
+        self.stream, self.width = stream, width
+        self.tty = stream.isatty()
+        self.stage = "queued"
+
+    def __call__(self, e: dict) -> None:
+        t, d = e["type"], e["data"]
+        if t == "stage_started":
+            self.stage = d.get("stage", "?")
+            self._line(f"{self.stage}: running")
+        elif t == "progress":
+            step, total = d.get("step", 0), max(1, d.get("total", 1))
+            filled = int(self.width * step / total)
+            self._line(f"{d.get('stage', self.stage)} [{'#' * filled}{'.' * (self.width - filled)}] {step}/{total}")
+        elif t == "stage_finished":
+            run_s = (d.get("timings") or {}).get("run_s")
+            self._line(f"{d.get('stage')}: done" + (f" in {run_s:.2f} s" if run_s is not None else ""), end=True)
+        elif t == "stage_retry":
+            self._line(f"{d.get('stage')}: retrying ({d.get('reason')})", end=True)
+        elif t in ("succeeded", "failed", "cancelled"):
+            self._line(t, end=True)
+
+    def _line(self, text: str, end: bool = False) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text + ("\n" if end else ""))
+        elif end or "[" not in text:
+            self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,97 @@
+"""One typed configuration object for every OnePiece process.
+
+Defaults run on a laptop. Values come, later ones winning, from the
+dataclass defaults, a TOML file (``--config`` or ``ONEPIECE_CONFIG``),
+environment variables ``ONEPIECE_<FIELD>`` (e.g. ``ONEPIECE_REST_PORT=9000``)
+and command-line flags. Components receive the values they need, never a
+global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Settings:
+    # broker
+    control: str = "tcp://127.0.0.1:5555"  # ROUTER endpoint (workers connect here)
+    rest_host: str = "127.0.0.1"
+    rest_port: int = 8000
+    data_dir: Path = Path(".onepiece")  # SQLite job store and results
+    heartbeat_s: float = 2.5  # Majordomo's defaults: 2.5 s x 3
+    liveness: int = 3
+    max_attempts: int = 3
+    max_request_bytes: int = 16 << 20
+    job_retention_s: float = 7 * 24 * 3600
+    # workers
+    transport: str = "shm"  # shm | tcp | rdma | auto
+    data_host: str = "127.0.0.1"  # where a worker's data-plane endpoint listens
+    advertise_host: str | None = None
+    model: str = "tiny"  # "tiny" or a local diffusers directory
+    device: str | None = None  # default: cuda when present
+    dtype: str | None = None
+    capacity: int = 1
+    ring_bytes: int = 32 << 20
+    workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.data_dir) / "jobs.sqlite3"
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.data_dir) / "results"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.rest_host}:{self.rest_port}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if isinstance(raw, str):
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+        if kind.startswith("Path"):
+            return Path(raw)
+        if kind.startswith("list"):
+            return [s.strip() for s in raw.split(",") if s.strip()]
+    if kind.startswith("Path") and raw is not None:
+        return Path(raw)
+    return raw
+
+
+def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                  **overrides: Any) -> Settings:
+    """Defaults, then the TOML file, then ``ONEPIECE_*`` variables, then ``overrides`` (None = unset)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(Settings)}
+    path = path or env.get("ONEPIECE_CONFIG")
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+        values.update({k: _coerce(known[k], v) for k, v in data.items()})
+    for name, f in known.items():
+        raw = env.get(f"ONEPIECE_{name.upper()}")
+        if raw is not None:
+            try:
+                values[name] = _coerce(f, raw)
+            except ValueError as exc:
+                raise ValueError(f"ONEPIECE_{name.upper()}={raw!r}: {exc}") from None
+    values.update({k: _coerce(known[k], v) for k, v in overrides.items() if v is not None})
+    return Settings(**values)

@@ -1,0 +1,208 @@
+"""Stage kinds: what a worker runs for one task, chosen by the workflow's ``kind``.
+
+A kind loads its model once (:meth:`StageKind.load`) and then runs tasks
+(:meth:`StageKind.run`) in a worker thread, so the event loop keeps serving
+heartbeats and the data plane while a GPU computes. The Wan kinds are thin
+wrappers over :mod:`stages.wan.compute`, the same arithmetic as diffusers'
+``WanImageToVideoPipeline``; ``synthetic`` spends a sampled time and emits
+filler tensors, for capacity tests on machines without GPUs.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .workflow import StageSpec
+
+
+class StageCancelled(Exception):
+    """The task was cancelled while it ran."""
+
+
+class StageFailed(Exception):
+    """The task cannot succeed with these inputs (not worth retrying elsewhere)."""
+
+
+@dataclass
+class TaskContext:
+    job: str
+    stage: str
+    params: dict
+    payload: dict | None
+    results_dir: Path
+    on_progress: Callable[[int, int], None] = lambda step, total: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class StageOutput:
+    tensors: dict[str, torch.Tensor]
+    result: dict | None = None  # the job's result, from the workflow's result stage
+
+
+class StageKind(abc.ABC):
+    """One stage implementation, loaded once per worker process."""
+
+    def __init__(self, spec: StageSpec, *, model: str = "tiny", device: str | None = None,
+                 dtype: str | None = None):
+        self.spec, self.model, self.device, self.dtype = spec, model, device, dtype
+        self.load_s = 0.0
+
+    def load(self) -> None:
+        """Load the model (timed; the Node Manager counts it as cold-start cost)."""
+
+    @abc.abstractmethod
+    def run(self, inputs: dict[str, torch.Tensor], ctx: TaskContext) -> StageOutput:
+        """Run one task; called in a worker thread."""
+
+    def info(self) -> dict:
+        return {"kind": self.spec.kind, "model": self.model, "load_s": round(self.load_s, 3)}
+
+
+class _Wan(StageKind):
+    """Shared loading for the Wan2.1 image-to-video kinds."""
+
+    def load(self) -> None:
+        from .wan.models import STAGE_PARTS, load_components
+
+        t0 = time.perf_counter()
+        self.components = load_components(self.model, parts=STAGE_PARTS[self.spec.kind],
+                                           device=self.device, dtype=self.dtype)
+        self.load_s = time.perf_counter() - t0
+
+    def params(self, ctx: TaskContext):
+        from .wan.compute import WanParams
+
+        try:
+            return WanParams.from_dict(ctx.params)
+        except (TypeError, ValueError) as exc:
+            raise StageFailed(f"bad parameters: {exc}") from exc
+
+    def image(self, ctx: TaskContext):
+        from .wan.compute import decode_image
+
+        data = (ctx.payload or {}).get("image")
+        if not isinstance(data, bytes):
+            raise StageFailed("this stage needs the job's input image and got none")
+        try:
+            return decode_image(data)
+        except ValueError as exc:
+            raise StageFailed(str(exc)) from exc
+
+
+class TextEncode(_Wan):
+    def run(self, inputs, ctx):
+        from .wan.compute import text_encode
+
+        return StageOutput(text_encode(self.components, self.params(ctx)))
+
+
+class ImageEncode(_Wan):
+    def run(self, inputs, ctx):
+        from .wan.compute import image_encode
+
+        return StageOutput(image_encode(self.components, self.image(ctx), self.params(ctx)))
+
+
+class VaeEncode(_Wan):
+    def run(self, inputs, ctx):
+        from .wan.compute import vae_encode
+
+        return StageOutput(vae_encode(self.components, self.image(ctx), self.params(ctx)))
+
+
+class Denoise(_Wan):
+    def run(self, inputs, ctx):
+        from .wan.compute import Cancelled, denoise
+
+        try:
+            out = denoise(self.components, inputs, self.params(ctx), on_step=ctx.on_progress,
+                          should_stop=ctx.cancelled.is_set)
+        except Cancelled as exc:
+            raise StageCancelled(str(exc)) from exc
+        return StageOutput(out)
+
+
+class VaeDecode(_Wan):
+    def run(self, inputs, ctx):
+        from .wan.compute import vae_decode
+
+        return StageOutput(vae_decode(self.components, inputs, self.params(ctx)))
+
+
+class VideoEncode(StageKind):
+    """Frames to mp4 on the CPU, stored as the job's result; holds no GPU."""
+
+    def run(self, inputs, ctx):
+        from .wan.compute import video_encode
+
+        video = inputs.get("video")
+        if video is None:
+            raise StageFailed("video_encode needs a 'video' input")
+        data = video_encode(video, fps=int(ctx.params.get("fps", 16)))
+        ctx.results_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.results_dir / f"{ctx.job}.mp4"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # a reader never sees half a file
+        _, _, frames, height, width = video.shape
+        return StageOutput({}, {"path": str(path.resolve()), "bytes": len(data), "frames": int(frames),
+                                "height": int(height), "width": int(width), "content_type": "video/mp4"})
+
+
+class Synthetic(StageKind):
+    """Spends a time drawn from the workflow's distribution, emits filler of the configured size."""
+
+    def __init__(self, spec, **kw):
+        super().__init__(spec, **kw)
+        self.synthetic = spec.synthetic
+        if self.synthetic is None:
+            raise ValueError(f"stage {spec.name} is synthetic but has no [stages.{spec.name}.synthetic] table")
+        self.rng = random.Random(os.getpid() ^ time.time_ns())
+        scale = float(os.environ.get("ONEPIECE_TIME_SCALE", "1") or 1)
+        self.time_scale = scale
+
+    def run(self, inputs, ctx):
+        seconds = self.synthetic.sample(self.rng) * self.time_scale
+        steps = max(1, int(ctx.params.get("steps", 1))) if self.spec.progress else 1
+        for step in range(steps):
+            if ctx.cancelled.wait(seconds / steps):
+                raise StageCancelled("cancelled")
+            if self.spec.progress:
+                ctx.on_progress(step + 1, steps)
+        n = self.synthetic.output_bytes
+        tensors = {name: torch.full((n,), 7, dtype=torch.uint8) for name in self.spec.outputs}
+        result = None if self.spec.outputs else {"synthetic": True, "seconds": seconds}
+        return StageOutput(tensors, result)
+
+
+KINDS: dict[str, str] = {
+    "text_encode": "stages.kinds:TextEncode",
+    "image_encode": "stages.kinds:ImageEncode",
+    "vae_encode": "stages.kinds:VaeEncode",
+    "denoise": "stages.kinds:Denoise",
+    "vae_decode": "stages.kinds:VaeDecode",
+    "video_encode": "stages.kinds:VideoEncode",
+    "synthetic": "stages.kinds:Synthetic",
+}
+
+
+def make_stage(spec: StageSpec, **options: Any) -> StageKind:
+    """Instantiate the kind a workflow names for ``spec`` (import on demand)."""
+    try:
+        target = KINDS[spec.kind]
+    except KeyError:
+        raise ValueError(f"stage {spec.name}: unknown kind {spec.kind!r}; known: {', '.join(KINDS)}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)(spec, **options)
