@@ -83,6 +83,7 @@ class Broker:
         for queues in self._subscribers.values():
             for q in queues:
                 q.put_nowait(None)
+        self._subscribers.clear()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._ctx.term()
@@ -136,11 +137,13 @@ class Broker:
         return bool(cmds)
 
     def subscribe(self, job_id: str) -> tuple[list[dict], asyncio.Queue]:
-        """Past events and a queue of the live ones (None ends the stream)."""
+        """Past events and a queue of the live ones (None ends the stream); UnknownJob if none."""
+        job = self.store.job(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
         q: asyncio.Queue = asyncio.Queue()
         history = self.store.events(job_id)
-        job = self.store.job(job_id)
-        if job is not None and job["state"] in TERMINAL and self.core.job(job_id) is None:
+        if job["state"] in TERMINAL and self.core.job(job_id) is None:
             q.put_nowait(None)
         else:
             self._subscribers[job_id].add(q)
@@ -271,7 +274,7 @@ class Broker:
 
     def _on_event(self, e: JobEvent) -> None:
         seq = self.store.add_event(e.job_id, e.type, e.data)
-        if e.type == "stage_started":
+        if e.type == "stage_assigned":  # the core calls a job running once a task is bound
             self.store.set_state(e.job_id, "running")
         elif e.type == "stage_finished":
             self.metrics.observe_stage(e.data)

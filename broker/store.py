@@ -90,6 +90,7 @@ class JobStore:
             (state, finished, reason, json.dumps(result) if result else None,
              json.dumps(stages, default=str) if stages else None, job_id),
         )
+        self.commit()  # the terminal event must be on disk before its counter is forgotten
         self._seq.pop(job_id, None)
 
     def commit(self) -> None:
