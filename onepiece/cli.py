@@ -154,23 +154,21 @@ async def cmd_status(args) -> int:
     try:
         async with aiohttp.ClientSession() as session:
             async with session.get(f"{args.url}/v1/stages") as resp:
-                stages = await resp.json()
+                overview = await resp.json()
             async with session.get(f"{args.url}/v1/jobs", params={"limit": str(args.jobs)}) as resp:
                 jobs = (await resp.json()) if resp.status == 200 else {"jobs": []}
     except aiohttp.ClientConnectorError as exc:
         print(f"error: cannot reach the broker at {args.url}: {exc}", file=sys.stderr)
         return 2
     print(f"{'stage':<16}{'workers':>8}{'busy':>6}{'queued':>8}  workers (load/capacity)")
-    for name, s in stages.items():
-        if not isinstance(s, dict) or "workers" not in s:
-            continue
+    for name, s in overview.get("stages", {}).items():
         ws = " ".join(f"{w['id']}({w['load']}/{w['capacity']}{',draining' if w['draining'] else ''})"
                       for w in s["workers"])
         print(f"{name:<16}{len(s['workers']):>8}{s['busy']:>6}{s['queued']:>8}  {ws}")
-    if stages.get("missing"):
-        print(f"stages without workers: {', '.join(stages['missing'])}")
-    if stages.get("allocation"):
-        print("allocation:", ", ".join(f"{k}={v}" for k, v in stages["allocation"].items()))
+    if overview.get("missing"):
+        print(f"stages without workers: {', '.join(overview['missing'])}")
+    if overview.get("allocation"):
+        print("allocation:", ", ".join(f"{k}={v}" for k, v in overview["allocation"].items()))
     rows = jobs.get("jobs", jobs if isinstance(jobs, list) else [])
     if rows:
         print(f"\n{'job':<34}{'workflow':<12}{'state':<11}reason")
