@@ -12,6 +12,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt scripts/setup.sh
 	sh scripts/setup.sh $(VENV) test
+	sh scripts/setup-system.sh
 	touch $@
 
 test: setup

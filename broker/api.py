@@ -8,7 +8,8 @@ Routes::
     GET    /v1/jobs/{id}/events     server-sent events: history, then live until the job ends
     GET    /v1/jobs/{id}/result     the mp4 once the job succeeded
     DELETE /v1/jobs/{id}            cancel
-    GET    /v1/stages               workers per stage, queue lengths, missing stages
+    GET    /v1/stages               workers per stage, queue lengths, missing stages, and with a
+                                    node manager its allocation, slots and recent decisions
     GET    /v1/openapi.json         OpenAPI 3.1 description of all of this
     GET    /healthz                 the process is up
     GET    /readyz                  every served stage has a live worker
@@ -505,8 +506,31 @@ async def stages(request: web.Request) -> web.Response:
     workflows = {name: {"description": wf.description, "result": wf.result,
                         "stages": {s: spec.kind for s, spec in wf.stages.items()}}
                  for name, wf in broker.workflows.items()}
-    return web.json_response({"stages": broker.stages(), "missing": broker.missing_stages(), "workflows": workflows},
-                             dumps=lambda o: json.dumps(o, default=str))
+    body = {"stages": broker.stages(), "missing": broker.missing_stages(), "workflows": workflows}
+    manager = broker.extensions.get("manager")
+    if manager is not None:
+        body.update(allocation=manager.allocation(), slots=manager.slots(), decisions=manager.decisions(50))
+    return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
+
+
+async def signals(request: web.Request) -> web.Response:
+    """Cumulative per-stage counters for a node manager running in another process."""
+    import time
+
+    broker = request.app[BROKER]
+    gpu = {s: spec.gpu for wf in broker.workflows.values() for s, spec in wf.stages.items()}
+    return web.json_response({"now": time.time(), "signals": broker.core.stage_signals(time.time()),
+                              "stages": broker.stages(), "gpu": gpu})
+
+
+async def drain_worker(request: web.Request) -> web.Response:
+    """Bind nothing new to a worker and tell it to finish its work and leave."""
+    broker, worker_id = request.app[BROKER], request.match_info["id"]
+    try:
+        broker.drain(worker_id)
+    except CoreError:
+        raise Invalid("id", f"no registered worker {_show(worker_id)}", status=404, reason="unknown_worker") from None
+    return web.json_response({"id": worker_id, "state": "draining"}, status=202)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -589,6 +613,8 @@ def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S) -> web.Applicatio
     app.router.add_get("/v1/jobs/{id}/events", job_events, allow_head=False)  # a stream has no HEAD
     app.router.add_get("/v1/jobs/{id}/result", get_result)
     app.router.add_get("/v1/stages", stages)
+    app.router.add_get("/v1/signals", signals)
+    app.router.add_post("/v1/workers/{id}/drain", drain_worker)
     app.router.add_get("/v1/openapi.json", openapi_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

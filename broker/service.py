@@ -53,6 +53,8 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._worker_stats: dict[str, dict] = {}
         self.started_at = time.time()
+        # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
+        self.extensions: dict[str, object] = {}
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -167,11 +169,20 @@ class Broker:
         return self.core.stages()
 
     def missing_stages(self) -> list[str]:
-        """Stages of the served workflows that have no live, non-draining worker."""
+        """Stages of the served workflows that have no live, non-draining worker, less those
+        a node manager starts on demand (scaled to zero on purpose)."""
         have = {name for name, s in self.core.stages().items()
                 if any(not w["draining"] for w in s["workers"])}
         needed = {s for wf in self.workflows.values() for s in wf.stages}
+        manager = self.extensions.get("manager")
+        if manager is not None:
+            needed -= manager.on_demand_stages()
         return sorted(needed - have)
+
+    def drain(self, worker_id: str) -> None:
+        """Bind nothing new to the worker and tell it to finish its tasks and leave
+        (UnknownWorker if it is not registered)."""
+        self._apply(self.core.drain(worker_id, time.time()))
 
     def worker_stats(self) -> dict[str, dict]:
         return self._worker_stats

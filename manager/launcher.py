@@ -38,8 +38,9 @@ class Launcher(abc.ABC):
     """Starts and stops stage workers."""
 
     @abc.abstractmethod
-    async def start(self, workflow: str, stage: str) -> WorkerHandle:
-        """Start one worker of ``stage``; it registers with the broker by itself."""
+    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:
+        """Start one worker of ``stage``; it registers with the broker by itself. ``env`` adds
+        environment variables (the node manager pins a GPU with CUDA_VISIBLE_DEVICES)."""
 
     @abc.abstractmethod
     async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:
@@ -80,9 +81,9 @@ class LocalLauncher(Launcher):
             cmd += ["--dtype", s.dtype]
         return cmd + self.extra_args
 
-    async def start(self, workflow: str, stage: str) -> WorkerHandle:
+    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:
         worker_id = f"{stage}-{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, **(self.env or {})}
+        env = {**os.environ, **(self.env or {}), **(env or {})}
         process = await asyncio.create_subprocess_exec(*self.command(workflow, stage, worker_id), env=env,
                                                        stdin=asyncio.subprocess.DEVNULL)
         handle = WorkerHandle(worker_id, workflow, stage, process)

@@ -1,7 +1,8 @@
 """The ``onepiece`` command.
 
-    onepiece up        broker + REST API + one worker per stage, on this machine
+    onepiece up        broker + REST API + node manager + stage workers, on this machine
     onepiece broker    the broker and its REST API alone (compose, Kubernetes)
+    onepiece manager   the node manager alone, next to a broker reached over REST
     onepiece worker    one stage worker
     onepiece submit    submit an image over REST, follow it, save the video
     onepiece status    stages, workers and recent jobs of a running broker
@@ -15,7 +16,9 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 from .config import load_settings
@@ -74,12 +77,41 @@ async def _until_signal() -> None:
         loop.remove_signal_handler(sig)  # a second Ctrl-C now interrupts the shutdown
 
 
+def _floors(items: list[str] | None) -> dict[str, int]:
+    floors = {}
+    for item in items or []:
+        stage, _, n = item.partition("=")
+        if not stage or not n.isdigit():
+            raise SystemExit(f"error: --floor takes STAGE=N with N >= 0, not {item!r}")
+        floors[stage] = int(n)
+    return floors
+
+
+def _policy(args, settings):
+    """The node manager's policy from --policy, --floor and --workers."""
+    from manager.policy import NoScaling, PolicyConfig, ProportionalPolicy, StaticPolicy
+    from stages.workflow import load_workflow
+
+    floors = _floors(args.floor)
+    stages = {s for w in settings.workflows for s in load_workflow(w).stages}
+    unknown = set(floors) - stages
+    if unknown:
+        raise SystemExit(f"error: --floor names unknown stage(s) {', '.join(sorted(unknown))}; "
+                         f"stages: {', '.join(sorted(stages))}")
+    if args.policy == "none":
+        return NoScaling()
+    if args.policy == "static":
+        return StaticPolicy({s: floors.get(s, args.workers) for s in sorted(stages)})
+    return ProportionalPolicy(PolicyConfig(floors=floors, default_floor=args.workers, period_s=args.period))
+
+
 # -- commands --------------------------------------------------------------------------
 async def cmd_up(args) -> int:
     from .stack import Stack
 
     settings = _settings(args)
-    stack = Stack(settings, workers_per_stage=args.workers)
+    stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
+                  cpu_slots=args.cpu_slots, period_s=args.period)
     try:
         await stack.start(ready_timeout=args.ready_timeout)
     except BaseException:
@@ -112,13 +144,48 @@ async def cmd_broker(args) -> int:
     return 0
 
 
+async def cmd_manager(args) -> int:
+    from manager.remote import RemoteBroker, start_manager_api
+    from manager.service import Manager, default_cpu_slots, default_gpu_slots
+
+    settings = _settings(args)
+    remote = RemoteBroker(args.broker_url, settings.workflows)
+    if args.launcher == "compose":
+        from manager.compose import ComposeLauncher
+
+        launcher = ComposeLauncher(args.compose_file, project=args.compose_project, service=lambda stage: stage)
+    else:
+        from manager.launcher import LocalLauncher
+
+        launcher = LocalLauncher(settings)
+    gpu_slots, pinned = (args.slots, False) if args.slots else default_gpu_slots()
+    manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
+                      cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned)
+    await remote.start()
+    runner = None
+    try:
+        await manager.start()
+        runner = await start_manager_api(manager, settings.rest_host, args.port)
+        log.info("node manager for %s: %s launcher, metrics on http://%s:%d/metrics", args.broker_url,
+                 args.launcher, settings.rest_host, args.port)
+        await _until_signal()
+    finally:
+        await manager.stop()
+        if runner is not None:
+            await runner.cleanup()
+        await remote.stop()
+    return 0
+
+
 async def cmd_worker(args) -> int:
     from stages.workflow import load_workflow
     from stages.worker import Worker
 
     settings = _settings(args)
     workflow = load_workflow(args.workflow)
-    return await Worker(settings, workflow, args.stage, worker_id=args.worker_id).run()
+    # "{host}" lets a container name itself after its hostname (the compose launcher matches on it).
+    worker_id = args.worker_id.format(host=socket.gethostname(), pid=os.getpid()) if args.worker_id else None
+    return await Worker(settings, workflow, args.stage, worker_id=worker_id).run()
 
 
 async def cmd_submit(args) -> int:
@@ -168,13 +235,36 @@ async def cmd_status(args) -> int:
     if overview.get("missing"):
         print(f"stages without workers: {', '.join(overview['missing'])}")
     if overview.get("allocation"):
-        print("allocation:", ", ".join(f"{k}={v}" for k, v in overview["allocation"].items()))
+        pools = ", ".join(f"{p} {v['used']}/{v['total']}" for p, v in (overview.get("slots") or {}).items())
+        print(f"\nallocation (slots used: {pools})")
+        print(f"{'stage':<16}{'pool':>5}{'workers':>8}{'starting':>9}{'draining':>9}{'target':>7}")
+        for name, a in overview["allocation"].items():
+            print(f"{name:<16}{a['pool']:>5}{a['workers']:>8}{a['starting']:>9}{a['draining']:>9}{a['target']:>7}")
+        for d in (overview.get("decisions") or [])[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(d["ts"]))
+            print(f"  {when} {d['stage']} {d['delta']:+d}: {d['reason']}")
     rows = jobs.get("jobs", jobs if isinstance(jobs, list) else [])
     if rows:
         print(f"\n{'job':<34}{'workflow':<12}{'state':<11}reason")
         for j in rows:
             print(f"{j['id']:<34}{j['workflow']:<12}{j['state']:<11}{j.get('reason') or ''}")
     return 0
+
+
+def _manager_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                    help="workers per stage: the floor of each stage (proportional), or its fixed count "
+                         "(static, none) (default 1)")
+    p.add_argument("--policy", choices=("proportional", "static", "none"), default="proportional",
+                    help="node manager policy: workers in proportion to load (default), fixed targets, "
+                         "or start --workers per stage and never change")
+    p.add_argument("--floor", action="append", metavar="STAGE=N",
+                    help="workers a stage always keeps (0: scale to zero, started when a job needs it); "
+                         "the target with --policy static; repeatable")
+    p.add_argument("--slots", type=int, default=None,
+                    help="GPU slots the manager allocates (default: CUDA devices found, else CPU cores)")
+    p.add_argument("--cpu-slots", type=int, default=None, help="slots for CPU-only stages (default: CPU cores)")
+    p.add_argument("--period", type=float, default=5.0, help="node manager control period, s (default 5)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,11 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("ONEPIECE_LOG_LEVEL", "INFO"))
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="run broker, REST API and one worker per stage here")
+    up = sub.add_parser("up", help="run broker, REST API, node manager and stage workers here")
     _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts")
     up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
-    up.add_argument("--workers", type=int, default=1, help="workers per stage (default 1)")
+    _manager_args(up)
     up.add_argument("--ready-timeout", type=float, default=300.0)
     up.set_defaults(func=cmd_up)
 
@@ -196,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts")
     br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     br.set_defaults(func=cmd_broker)
+
+    mg = sub.add_parser("manager", help="run the node manager next to a broker reached over REST")
+    mg.add_argument("--broker-url", default="http://127.0.0.1:8000")
+    _settings_args(mg, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
+                   "liveness", "data_host", "ring_bytes", "rest_host")
+    mg.add_argument("--workflows", nargs="+", help="workflows the broker serves (default wan_i2v)")
+    mg.add_argument("--launcher", choices=("local", "compose"), default="local",
+                    help="start workers as local processes or as docker compose replicas")
+    mg.add_argument("--compose-file", default="docker/compose.yaml")
+    mg.add_argument("--compose-project", default="onepiece")
+    mg.add_argument("--port", type=int, default=8001, help="port of the manager's /metrics (default 8001)")
+    _manager_args(mg)
+    mg.set_defaults(func=cmd_manager)
 
     wk = sub.add_parser("worker", help="run one stage worker")
     wk.add_argument("--workflow", default="wan_i2v", help="workflow name or TOML path")

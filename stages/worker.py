@@ -61,9 +61,23 @@ class _Task:
     running: bool = False
 
 
+def advertised_host(settings) -> str | None:
+    """The address peers should use; "auto" = this host's address on the route to the broker.
+
+    "auto" is what scaled containers need: the service name would resolve to
+    any replica, the container's own address only to itself.
+    """
+    if settings.advertise_host != "auto":
+        return settings.advertise_host
+    broker_host = settings.control.split("://", 1)[-1].rsplit(":", 1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(broker_host), 9))  # no packet is sent: this only picks a route
+        return s.getsockname()[0]
+
+
 def transport_options(settings, name: str) -> dict:
     """Options of the chosen transport from the settings (each medium takes its own)."""
-    opts = {"host": settings.data_host, "advertise_host": settings.advertise_host}
+    opts = {"host": settings.data_host, "advertise_host": advertised_host(settings)}
     if name in ("shm", "rdma", "auto"):
         opts["ring_bytes"] = settings.ring_bytes
     return opts
@@ -98,6 +112,7 @@ class Worker:
         self._last_broker = time.monotonic()
         self._registered = asyncio.Event()
         self._draining = False
+        self._left = False  # DISCONNECT sent: no heartbeat or re-registration after it
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._signals = 0
@@ -112,6 +127,10 @@ class Worker:
                 pass
         log.info("worker %s loading %s (%s, model %s)", self.id, self.stage, self.spec.kind, self.settings.model)
         await loop.run_in_executor(self._executor, self.kind.load)
+        if self._draining:  # told to leave while loading: it never registered, nothing to hand back
+            await self._stopped.wait()
+            await self._close()
+            return 0
         self.transport = await open_transport(self.settings.transport,
                                               **transport_options(self.settings, self.settings.transport))
         self._connect()
@@ -148,6 +167,7 @@ class Worker:
             await asyncio.sleep(0.05)
         if self.tasks or self.held:
             log.warning("drain timed out with tasks %s and held outputs %s", list(self.tasks), list(self.held))
+        self._left = True
         self._send("DISCONNECT")
         await asyncio.sleep(0.05)  # let the DISCONNECT leave before the socket closes
         self._stopped.set()
@@ -185,6 +205,8 @@ class Worker:
                          "gpu": self.spec.gpu})
 
     def _send(self, kind: str, **fields) -> None:
+        if self._sock is None:  # not connected yet (a signal while the model loads)
+            return
         try:
             self._sock.send(protocol.pack(kind, **fields), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -193,6 +215,8 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
+            if self._left:
+                return
             silent = time.monotonic() - self._last_broker
             if silent > self.settings.heartbeat_s * self.settings.liveness:
                 log.warning("broker silent for %.1f s: reconnecting", silent)
@@ -236,7 +260,7 @@ class Worker:
                 log.info("worker %s registered with the broker for %s", self.id, self.stage)
             elif kind == "ERROR":
                 log.warning("broker: %s", m["reason"])
-                if m.get("reregister"):
+                if m.get("reregister") and not self._left:  # a late heartbeat after DISCONNECT
                     self._reset()
                     self._connect()
 

@@ -1,0 +1,623 @@
+"""Allocation policies of the Node Manager: signals in, changes out, no I/O.
+
+A policy is asked once per control period (and early, when a stage with no
+worker gets a queued task) how many workers each stage should gain or
+lose. It reads :class:`StageSignals`, returns :class:`Change` objects, and
+never sleeps, reads a clock or touches a process: ``now`` is passed in, so
+the tests replay recorded signals back to back. The manager around it does
+the starting and draining (``manager.service``).
+
+Pools. A *slot* is one GPU (or, on a machine without GPUs, one CPU worker);
+stages with ``gpu = false`` draw from a separate pool of CPU slots. A
+worker holds its slot from launch until its process has exited, so a
+draining worker still counts: ``used = workers + starting + draining``.
+
+What :class:`ProportionalPolicy` does each period, per pool:
+
+1. *Demand* of a stage, in workers: ``max(rho / target_utilization, rho +
+   backlog)`` with ``rho = rate * service_time`` the offered load and
+   ``backlog = queue_len * service_time / max(backlog_drain_s, load_time)``
+   the capacity that drains the present queue within that horizon: the
+   headroom under the target absorbs a small queue, a large one adds
+   workers. ``rate`` counts arrivals over the shortest recent window that
+   holds ``rate_min_arrivals`` (quick to follow a change); the policy scales
+   *up* on the lower Poisson bound of the rate and *down* on the upper
+   bound, each taken over that window and the whole ``rate_window_s``, so
+   a move in either direction needs evidence, and noise alone moves
+   nothing. Until a stage has finished a task its service time is unknown;
+   then the demand is ``busy + 1`` if it has a queue, ``busy`` otherwise:
+   one step at a time.
+2. *Fair shares*. If the rounded-up demands fit in the pool, each stage's
+   target is its demand. If not, every stage keeps its floor and the rest of
+   the pool is split in proportion to demand above the floor (largest
+   remainders), so a short pool slows every stage alike instead of starving
+   the last one asked.
+3. *Floors first*: a stage below its floor (at start-up, or after a worker
+   died) gets workers at once, from free slots, else from the stage with
+   the most surplus. A stage with floor 0 and a queued task has a floor of
+   1 for that decision (scale from zero is a cold start, never a wait for
+   a confirmation that would only add to it). Restoring a floor is not
+   subject to the delays or the change cap: it restores an invariant, it is
+   not a reaction to noisy load.
+4. *Up*: a stage below its target that has wanted more for
+   ``up_delay_periods`` gets a free slot; with none free, a slot is *moved*
+   from a stage above its fair share, if that stage has been above it for
+   ``down_delay_periods`` and the move's gain outweighs the model-load cost
+   (below).
+5. *Down*: one worker at a time, only once the survivors could absorb the
+   load at ``scale_down_utilization`` or less, sustained for
+   ``down_delay_periods``; to zero (floor 0) only after the stage has been
+   idle (no arrivals, nothing queued or running) for that long *and* for
+   ``idle_to_zero_load_times`` times its load time.
+6. At most ``max_changes_per_period`` workers started or drained per
+   decision (a move counts two), ups first.
+
+Move gain. Moving one slot from stage X to stage Y over a horizon of
+``move_horizon_s`` serves ``min(1, f_Y - n_Y) * H`` worker-seconds more at Y
+and ``min(1, max(0, f_X - (n_X - 1))) * H`` less at X (``f`` the continuous
+fair share, ``n`` the present count). The slot is dark while Y's model
+loads, ``load_time_Y`` seconds. The move happens only if the net gain is
+above ``move_gain_factor * load_time_Y``. A move and its reversal cannot
+both pass this test on the same signals, so moves do not flap.
+
+Defaults, and why:
+
+- ``target_utilization = 0.8``: a multi-server queue's waiting time climbs
+  steeply past 80-85% busy, and the headroom absorbs a burst for the time a
+  new worker takes to load (tens of seconds for a 14B model).
+- ``scale_down_utilization = 0.6``: a dead band below the 0.8 at which the
+  policy scales up. Without it, a load that sits near a boundary, measured
+  with Poisson noise, adds and removes a worker every few periods.
+- ``rate_min_arrivals = 20``, ``rate_window_s = 120``, ``rate_sigmas = 1``:
+  a video workload sees few arrivals per period (a count of 5 is +-45%
+  noise). Twenty arrivals (+-22%) is the least a rate is read from; the
+  two-minute window tightens the bounds of a steady load. Scaling on the
+  bounds instead of the estimate widens the dead band by the noise that is
+  really there, so replayed Poisson traffic settles instead of flapping
+  (``tests/manager/test_policy.py``); a spike does not wait for the window,
+  because the backlog term sees the queue at once.
+- ``backlog_drain_s = 30``: a queue should be gone in about the time a
+  small worker takes to start; never sooner than this stage's load time,
+  since a worker started for a queue helps only once it has loaded.
+- ``period_s = 5``: the manager's control period (``--period``); the delays
+  below are counted in it.
+- ``up_delay_periods = 1``, ``down_delay_periods = 3``: asymmetric, as in
+  Kubernetes' HPA and Ray Serve. Under-provisioning costs latency that grows
+  every second; over-provisioning costs an idle slot. Giving a worker back
+  too early costs a model load if the load returns, so the way down waits
+  three times as long. One period of confirmation on the way up keeps a
+  single burst from starting a worker whose load outlasts the burst. Ray
+  Serve and Dynamo both oscillated without such delays.
+- ``max_changes_per_period = 2``: bounds churn (and the disk and PCIe
+  traffic of many models loading at once); one move or two starts per
+  period. Raise it for large pools.
+- ``move_gain_factor = 2``, ``move_horizon_s = 300``: a move is assumed to
+  pay off over five minutes, a time over which a traffic mix is stable, and
+  must earn twice its load cost to allow for estimation error: a full
+  worker of imbalance justifies a move whose load takes up to 150 s.
+- ``idle_to_zero_load_times = 1``: keep an idle worker warm until the idle
+  time equals one cold start (the ski-rental break-even: never worse than
+  twice the better of "always warm" and "always cold").
+- floors default to 1 per stage: every stage can take a job without a cold
+  start; set 0 to allow scale to zero.
+
+:class:`NoScaling` keeps what it is given, :class:`StaticPolicy` holds fixed
+targets: the null and the simplest policies, for tests and fixed setups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "Change",
+    "NoScaling",
+    "Policy",
+    "PolicyConfig",
+    "PolicyError",
+    "ProportionalPolicy",
+    "StageSignals",
+    "StaticPolicy",
+]
+
+_EPS = 1e-6
+_JITTER = 0.1  # fraction of a period a reading may come early and still count
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be carried out on this pool (e.g. its floors do not fit)."""
+
+
+@dataclass(frozen=True)
+class StageSignals:
+    """What a policy knows about one stage at one decision."""
+
+    stage: str
+    gpu: bool = False
+    arrival_rate: float = 0.0  # tasks/s over the interval since the last reading
+    service_time: float = 0.0  # mean seconds per task (smoothed); 0 = unknown yet
+    queue_len: int = 0
+    queue_wait: float = 0.0  # seconds the oldest queued task has waited
+    busy: int = 0  # workers with a task
+    workers: int = 0  # registered, not draining
+    starting: int = 0  # launched (or waiting for a slot), not registered yet
+    draining: int = 0  # draining, still holding their slot until they exit
+    load_time: float = 0.0  # seconds from launch to a registered worker
+
+    @property
+    def current(self) -> int:
+        """Workers the stage has or will have: live plus starting."""
+        return self.workers + self.starting
+
+    @property
+    def held(self) -> int:
+        """Slots the stage holds, draining workers included."""
+        return self.workers + self.starting + self.draining
+
+    def brief(self) -> dict:
+        """The numbers a decision log line shows."""
+        return {"rate": round(self.arrival_rate, 3), "service_s": round(self.service_time, 3),
+                "queued": self.queue_len, "wait_s": round(self.queue_wait, 1), "busy": self.busy,
+                "workers": self.workers, "starting": self.starting, "draining": self.draining,
+                "load_s": round(self.load_time, 1)}
+
+
+@dataclass(frozen=True)
+class Change:
+    """Start (``delta > 0``) or drain (``delta < 0``) workers of ``stage``."""
+
+    stage: str
+    delta: int
+    reason: str  # human-readable, with the numbers that led to it
+
+
+@runtime_checkable
+class Policy(Protocol):
+    def decide(self, now: float, signals: Mapping[str, StageSignals], gpu_slots: int,
+               cpu_slots: int) -> list[Change]:
+        """The changes to make now. ``now`` is monotonic seconds; only differences matter."""
+
+    @property
+    def targets(self) -> Mapping[str, int]:
+        """What the policy is steering each stage towards (empty if it has no aim)."""
+
+    def on_demand(self, stage: str) -> bool:
+        """True if the stage may sit at zero workers because a queued task makes the policy start one."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of :class:`ProportionalPolicy`; the module docstring explains the defaults."""
+
+    floors: Mapping[str, int] = field(default_factory=dict)
+    default_floor: int = 1
+    ceilings: Mapping[str, int] = field(default_factory=dict)  # default: no ceiling but the pool
+    period_s: float = 5.0
+    target_utilization: float = 0.8
+    scale_down_utilization: float = 0.6
+    rate_window_s: float = 120.0
+    rate_min_arrivals: int = 20
+    rate_sigmas: float = 1.0
+    backlog_drain_s: float = 30.0
+    up_delay_periods: int = 1
+    down_delay_periods: int = 3
+    max_changes_per_period: int = 2
+    move_gain_factor: float = 2.0
+    move_horizon_s: float = 300.0
+    idle_to_zero_load_times: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> PolicyError:
+            return PolicyError(f"{name} must be {rule}, not {getattr(self, name)!r}")
+
+        for stage, n in {**self.floors, **self.ceilings}.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise PolicyError(f"floor/ceiling of stage {stage!r} must be an integer >= 0, not {n!r}")
+        for stage, ceiling in self.ceilings.items():
+            if ceiling < self.floor(stage):
+                raise PolicyError(f"stage {stage!r}: ceiling {ceiling} is below its floor {self.floor(stage)}")
+        if self.default_floor < 0:
+            raise bad("default_floor", ">= 0")
+        if self.period_s <= 0:
+            raise bad("period_s", "> 0")
+        if not 0 < self.target_utilization <= 1:
+            raise bad("target_utilization", "in (0, 1]")
+        if not 0 < self.scale_down_utilization <= self.target_utilization:
+            raise bad("scale_down_utilization", f"in (0, target_utilization={self.target_utilization}]")
+        if self.rate_window_s < 0:
+            raise bad("rate_window_s", ">= 0")
+        if self.rate_min_arrivals < 1:
+            raise bad("rate_min_arrivals", ">= 1")
+        if self.rate_sigmas < 0:
+            raise bad("rate_sigmas", ">= 0")
+        if self.backlog_drain_s <= 0:
+            raise bad("backlog_drain_s", "> 0")
+        if self.up_delay_periods < 0:
+            raise bad("up_delay_periods", ">= 0")
+        if self.down_delay_periods < 0:
+            raise bad("down_delay_periods", ">= 0")
+        if self.max_changes_per_period < 1:
+            raise bad("max_changes_per_period", ">= 1")
+        if self.move_gain_factor < 0:
+            raise bad("move_gain_factor", ">= 0")
+        if self.move_horizon_s <= 0:
+            raise bad("move_horizon_s", "> 0")
+        if self.idle_to_zero_load_times < 0:
+            raise bad("idle_to_zero_load_times", ">= 0")
+
+    def floor(self, stage: str) -> int:
+        return self.floors.get(stage, self.default_floor)
+
+    def ceiling(self, stage: str, pool: int) -> int:
+        return min(self.ceilings.get(stage, pool), pool)
+
+
+def _pools(signals: Mapping[str, StageSignals]) -> dict[bool, list[str]]:
+    pools: dict[bool, list[str]] = {True: [], False: []}
+    for name, s in signals.items():
+        pools[s.gpu].append(name)
+    return pools
+
+
+def _free(signals: Mapping[str, StageSignals], names: list[str], slots: int) -> int:
+    return max(0, slots - sum(signals[s].held for s in names))
+
+
+def _largest_remainder(shares: Mapping[str, float], total: int, caps: Mapping[str, int]) -> dict[str, int]:
+    """Integers that sum to ``total`` (or less if capped), close to ``shares``; ties in order."""
+    out = {s: min(caps[s], math.floor(v + _EPS)) for s, v in shares.items()}
+    left = total - sum(out.values())
+    order = sorted(shares, key=lambda s: -(shares[s] - math.floor(shares[s] + _EPS)))
+    while left > 0:
+        grown = False
+        for s in order:
+            if left > 0 and out[s] < caps[s]:
+                out[s] += 1
+                left -= 1
+                grown = True
+        if not grown:
+            break
+    return out
+
+
+# -- the null and the simplest policies ---------------------------------------------------
+
+
+class NoScaling:
+    """Keeps what it is given: never starts or drains anything."""
+
+    targets: Mapping[str, int] = MappingProxyType({})
+
+    def decide(self, now: float, signals: Mapping[str, StageSignals], gpu_slots: int,
+               cpu_slots: int) -> list[Change]:
+        return []
+
+    def on_demand(self, stage: str) -> bool:
+        return False
+
+
+class StaticPolicy:
+    """Hold each named stage at a fixed number of workers (others are left alone).
+
+    ``targets`` is a plain dict: change an entry and the next decision
+    follows it. Starts go only into free slots; a lowered target drains
+    live workers at once.
+    """
+
+    def __init__(self, targets: Mapping[str, int]):
+        for stage, n in targets.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise PolicyError(f"target of stage {stage!r} must be an integer >= 0, not {n!r}")
+        self.targets: dict[str, int] = dict(targets)
+
+    def on_demand(self, stage: str) -> bool:
+        return False
+
+    def decide(self, now: float, signals: Mapping[str, StageSignals], gpu_slots: int,
+               cpu_slots: int) -> list[Change]:
+        out: list[Change] = []
+        for gpu, names in _pools(signals).items():
+            slots = gpu_slots if gpu else cpu_slots
+            named = [s for s in names if s in self.targets]
+            need = sum(self.targets[s] for s in named)
+            if need > slots:
+                detail = ", ".join(f"{s}={self.targets[s]}" for s in named)
+                raise PolicyError(f"static targets need {need} {'GPU' if gpu else 'CPU'} slots ({detail}) "
+                                  f"but the pool has {slots}")
+            free = _free(signals, names, slots)
+            for s in named:
+                sig, want = signals[s], self.targets[s]
+                if want < sig.current:
+                    n = min(sig.current - want, sig.workers)
+                    if n:
+                        out.append(Change(s, -n, f"static target {want}, has {sig.current}"))
+                elif want > sig.current and free:
+                    n = min(want - sig.current, free)
+                    free -= n
+                    out.append(Change(s, n, f"static target {want}, has {sig.current}"))
+        return out
+
+
+# -- the proportional policy ------------------------------------------------------------
+
+
+@dataclass
+class _Memory:
+    """What the policy remembers of a stage between decisions (plain data)."""
+
+    readings: list[tuple[float, float]] = field(default_factory=list)  # (seconds, arrivals), oldest first
+    rate: float = 0.0  # estimated arrival rate, and its bounds
+    rate_lo: float = 0.0
+    rate_hi: float = 0.0
+    up_since: float | None = None  # first reading of the present run of "wants more"
+    down_since: float | None = None  # ... of "survivors could absorb the load"
+    over_since: float | None = None  # ... of "above its fair share"
+
+
+@dataclass
+class _View:
+    """One stage, assessed at one decision."""
+
+    sig: StageSignals
+    floor: int  # effective: 1 for a floor-0 stage with a queue, if the pool allows
+    ceiling: int
+    demand: float  # workers, continuous
+    desired: int
+    fair: float = 0.0  # continuous share of the pool
+    target: int = 0  # integer share
+    want_up: bool = False
+    want_down: bool = False
+    donor_ok: bool = False  # over its share long enough to give a slot away
+    why_down: str = ""
+    n: int = 0  # count as decided so far this period
+    removable: int = 0  # live workers not yet chosen for draining this period
+    touched: bool = False
+
+
+class ProportionalPolicy:
+    """Workers in proportion to offered load, within a fixed pool (see the module docstring)."""
+
+    def __init__(self, config: PolicyConfig | None = None):
+        self.config = config or PolicyConfig()
+        self.memory: dict[str, _Memory] = {}
+        self.last_now: float | None = None
+        self.targets: dict[str, int] = {}
+
+    def on_demand(self, stage: str) -> bool:
+        return self.config.floor(stage) == 0
+
+    # -- the decision ---------------------------------------------------------------
+    def decide(self, now: float, signals: Mapping[str, StageSignals], gpu_slots: int,
+               cpu_slots: int) -> list[Change]:
+        cfg = self.config
+        dt = None if self.last_now is None else now - self.last_now
+        self.last_now = now
+        changes: list[Change] = []
+        budget = cfg.max_changes_per_period
+        for gpu, names in _pools(signals).items():
+            if not names:
+                continue
+            slots = gpu_slots if gpu else cpu_slots
+            self._check_floors(names, slots, gpu)
+            views = {s: self._assess(signals[s], now, dt, slots) for s in names}
+            self._share(views, slots)
+            for s, v in views.items():
+                m = self.memory[s]
+                over = v.sig.current > v.target
+                m.over_since = (m.over_since if m.over_since is not None else now) if over else None
+                v.donor_ok = over and self._held(m.over_since, now, cfg.down_delay_periods * cfg.period_s)
+                self.targets[s] = v.target
+            free = _free(signals, names, slots)
+            free = self._restore_floors(views, free, changes)
+            budget, free = self._scale_up(views, free, budget, changes)
+            budget = self._scale_down(views, budget, changes)
+        return changes
+
+    # -- per stage ------------------------------------------------------------------
+    def _assess(self, sig: StageSignals, now: float, dt: float | None, slots: int) -> _View:
+        cfg = self.config
+        m = self.memory.setdefault(sig.stage, _Memory())
+        raw = max(0.0, sig.arrival_rate)
+        self._estimate_rate(m, raw, dt)
+        floor, ceiling = cfg.floor(sig.stage), cfg.ceiling(sig.stage, slots)
+        S = sig.service_time
+        if S > 0:
+            # the headroom under target_utilization absorbs a small queue; a larger one adds
+            # the capacity that drains it within the horizon (no sooner than a worker can load)
+            backlog = sig.queue_len * S / max(cfg.backlog_drain_s, sig.load_time)
+
+            def need(rate: float) -> float:
+                return max(rate * S / cfg.target_utilization, rate * S + backlog)
+
+            demand, demand_lo = need(m.rate), need(m.rate_lo)
+            work_hi = m.rate_hi * S + backlog
+        else:  # nothing finished yet: all we know is who is busy and whether tasks wait
+            demand = demand_lo = sig.busy + (1.0 if sig.queue_len else 0.0)
+            work_hi = float(sig.busy) + (1.0 if sig.queue_len else 0.0)
+        # scale up on what the load surely is (the lower bound), down on what it may be (the upper)
+        desired = max(floor, min(ceiling, math.ceil(demand_lo - _EPS)))
+        if sig.current == 0 and not sig.queue_len:
+            desired = floor  # from zero, only a queued task starts a worker: past rates are stale there
+        elif sig.queue_len and desired == 0 and ceiling > 0:
+            desired = 1
+        v = _View(sig, floor, ceiling, demand, desired, n=sig.current, removable=sig.workers)
+        cur = sig.current
+        if desired > cur:
+            m.up_since = m.up_since if m.up_since is not None else now
+            v.want_up = self._held(m.up_since, now, cfg.up_delay_periods * cfg.period_s)
+        else:
+            m.up_since = None
+        absorb, hold = False, cfg.down_delay_periods * cfg.period_s
+        if cur > floor and sig.workers >= 1:
+            survivors = cur - 1
+            if survivors == 0:  # to zero: on the idle clock alone, whatever the long-run rate says
+                absorb = sig.queue_len == 0 and sig.busy == 0 and raw == 0
+                hold = max(hold, cfg.idle_to_zero_load_times * sig.load_time)
+                v.why_down = (f"idle for {max(hold, cfg.period_s):.0f} s, floor {floor}; "
+                              f"a cold start costs {sig.load_time:.1f} s")
+            elif desired < cur:
+                util = work_hi / survivors
+                absorb = util <= cfg.scale_down_utilization
+                v.why_down = (f"{survivors} survivor(s) would be {util:.0%} busy at most "
+                              f"(<= {cfg.scale_down_utilization:.0%}; rate <= {m.rate_hi:.3f}/s x {S:.2f} s, "
+                              f"{sig.queue_len} queued)")
+        if absorb:
+            m.down_since = m.down_since if m.down_since is not None else now
+            v.want_down = self._held(m.down_since, now, hold)
+        else:
+            m.down_since = None
+        return v
+
+    def _estimate_rate(self, m: _Memory, raw: float, dt: float | None) -> None:
+        """The arrival rate over the shortest recent window holding ``rate_min_arrivals`` (at least a
+        period: quick to follow a change), and bounds at ``rate_sigmas`` Poisson deviations that
+        hold over both that window and the whole ``rate_window_s`` (slow to believe a change)."""
+        cfg = self.config
+        if dt is None or dt <= 0:  # first reading: no interval to count over
+            if not m.readings:
+                m.rate = m.rate_lo = m.rate_hi = raw
+            return
+        m.readings.append((dt, raw * dt))
+        span = sum(d for d, _ in m.readings)
+        while len(m.readings) > 1 and span - m.readings[0][0] >= cfg.rate_window_s:
+            span -= m.readings.pop(0)[0]
+        n = t = 0.0
+        for d, k in reversed(m.readings):
+            n, t = n + k, t + d
+            if n >= cfg.rate_min_arrivals and t >= cfg.period_s * (1 - _JITTER):
+                break
+        total = sum(k for _, k in m.readings)
+        k_short, k_long = cfg.rate_sigmas * math.sqrt(n), cfg.rate_sigmas * math.sqrt(total)
+        m.rate = n / t
+        m.rate_lo = max(0.0, (n - k_short) / t, (total - k_long) / span)
+        m.rate_hi = max((n + k_short) / t, (total + k_long) / span)
+
+    def _held(self, since: float | None, now: float, seconds: float) -> bool:
+        return since is not None and now - since >= seconds - _JITTER * self.config.period_s
+
+    # -- per pool -------------------------------------------------------------------
+    def _check_floors(self, names: list[str], slots: int, gpu: bool) -> None:
+        floors = {s: self.config.floor(s) for s in names}
+        kind = "GPU" if gpu else "CPU"
+        if sum(floors.values()) > slots:
+            detail = ", ".join(f"{s}={n}" for s, n in floors.items() if n)
+            raise PolicyError(f"the floors need {sum(floors.values())} {kind} slots ({detail}) but the pool has "
+                              f"{slots}: lower a floor or add slots")
+        zero = [s for s, n in floors.items() if n == 0]
+        if zero and sum(floors.values()) == slots:
+            raise PolicyError(f"stage(s) {', '.join(zero)} have floor 0 but the other floors fill all {slots} "
+                              f"{kind} slots: they could never run")
+
+    def _share(self, views: dict[str, _View], slots: int) -> None:
+        """Continuous and integer fair shares; floor-0 stages with a queue get a floor of 1 while room lasts."""
+        room = slots - sum(v.floor for v in views.values())
+        for v in sorted(views.values(), key=lambda v: -v.sig.queue_wait):
+            if room > 0 and v.floor == 0 and v.sig.queue_len and v.ceiling > 0:
+                v.floor, room = 1, room - 1
+        for v in views.values():
+            v.desired = max(v.desired, v.floor)
+        if sum(v.desired for v in views.values()) <= slots:
+            for v in views.values():
+                v.fair = min(v.ceiling, max(float(v.floor), v.demand))
+                v.target = v.desired
+            return
+        weights = {s: max(0.0, min(v.demand, v.ceiling) - v.floor) for s, v in views.items()}
+        total = sum(weights.values())
+        for s, v in views.items():
+            extra = room * weights[s] / total if total > 0 else room / len(views)
+            v.fair = min(float(v.ceiling), v.floor + extra)
+        shares = _largest_remainder({s: v.fair for s, v in views.items()}, slots,
+                                    {s: v.ceiling for s, v in views.items()})
+        for s, v in views.items():
+            v.target = max(v.floor, min(shares[s], v.desired))
+
+    def _donor(self, views: dict[str, _View], taker: str, *, for_floor: bool) -> _View | None:
+        """The stage to take a slot from: most surplus over its share, above its floor."""
+        best, key = None, None
+        for s, v in views.items():
+            if s == taker or v.n <= v.floor or v.removable < 1:
+                continue
+            if not for_floor and (not v.donor_ok or v.n <= v.target):
+                continue
+            k = (v.n - v.target, v.n - v.floor)
+            if key is None or k > key:
+                best, key = v, k
+        return best
+
+    def _take(self, donor: _View, taker: _View, reason: str, changes: list[Change]) -> None:
+        donor.n -= 1
+        donor.removable -= 1
+        donor.touched = True
+        self.memory[donor.sig.stage].down_since = None
+        changes.append(Change(donor.sig.stage, -1, f"slot moves to {taker.sig.stage}: {reason}"))
+
+    def _restore_floors(self, views: dict[str, _View], free: int, changes: list[Change]) -> int:
+        for s, v in sorted(views.items(), key=lambda kv: -kv[1].sig.queue_wait):
+            short = v.floor - v.n
+            if short <= 0:
+                continue
+            sig = v.sig
+            reason = (f"cold start: {sig.queue_len} queued, oldest {sig.queue_wait:.1f} s, no worker"
+                      if v.n == 0 and sig.queue_len and self.config.floor(s) == 0
+                      else f"below its floor {v.floor}: has {v.n}")
+            got = min(short, free)
+            free -= got
+            while got < short and (donor := self._donor(views, s, for_floor=True)) is not None:
+                self._take(donor, v, reason, changes)
+                got += 1
+            if got:
+                v.n += got
+                v.touched = True
+                changes.append(Change(s, got, reason))
+        return free
+
+    def _scale_up(self, views: dict[str, _View], free: int, budget: int,
+                  changes: list[Change]) -> tuple[int, int]:
+        cfg = self.config
+        order = sorted(views.items(), key=lambda kv: (-(kv[1].target - kv[1].n), -kv[1].sig.queue_wait))
+        for s, v in order:
+            if not v.want_up or v.n >= v.target:
+                continue
+            sig = v.sig
+            m = self.memory[s]
+            why = (f"demand {v.demand:.2f} workers (rate {m.rate:.3f}/s, >= {m.rate_lo:.3f}, x "
+                   f"{sig.service_time:.2f} s; {sig.queue_len} queued, oldest {sig.queue_wait:.1f} s) > {v.n}; "
+                   f"target {v.target}")
+            started = 0
+            while v.n < v.target and budget > 0 and free > 0:
+                v.n, free, budget, started = v.n + 1, free - 1, budget - 1, started + 1
+            if started:
+                changes.append(Change(s, started, why))
+            while v.n < v.target and budget >= 2:
+                donor = self._donor(views, s, for_floor=False)
+                if donor is None:
+                    break
+                gain_w = min(1.0, v.fair - v.n) - min(1.0, max(0.0, donor.fair - (donor.n - 1)))
+                gain = gain_w * cfg.move_horizon_s
+                cost = cfg.move_gain_factor * sig.load_time
+                if gain <= cost:
+                    break
+                reason = (f"{why}; gain {gain:.0f} worker-s over {cfg.move_horizon_s:.0f} s > "
+                          f"{cfg.move_gain_factor:g} x load {sig.load_time:.1f} s")
+                self._take(donor, v, reason, changes)
+                v.n += 1
+                budget -= 2
+                changes.append(Change(s, 1, f"slot from {donor.sig.stage}: {reason}"))
+            v.touched = v.touched or v.n > sig.current
+        return budget, free
+
+    def _scale_down(self, views: dict[str, _View], budget: int, changes: list[Change]) -> int:
+        for s, v in views.items():
+            if budget <= 0:
+                break
+            if not v.want_down or v.touched or v.removable < 1 or v.n <= v.floor:
+                continue
+            v.n -= 1
+            budget -= 1
+            self.memory[s].down_since = None  # the next step down waits its own delay
+            changes.append(Change(s, -1, v.why_down))
+        return budget

@@ -1,0 +1,132 @@
+"""The broker seen from a node manager in another process (compose, Kubernetes).
+
+:class:`manager.service.Manager` reads the broker synchronously
+(``core.stage_signals``, ``core.stages``, ``drain``). :class:`RemoteBroker`
+offers the same surface over the REST API: a background task refreshes a
+snapshot of ``GET /v1/signals`` a few times a second, and drains are sent as
+``POST /v1/workers/{id}/drain``. The manager's own metrics live in this
+process's registry, served by :func:`start_manager_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from stages.workflow import load_workflow
+
+log = logging.getLogger("onepiece.manager.remote")
+
+
+class _Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+
+
+class _Core:
+    def __init__(self, remote: RemoteBroker):
+        self._remote = remote
+
+    def stage_signals(self, now: float) -> dict:
+        return self._remote.snapshot["signals"]
+
+    def stages(self) -> dict:
+        return self._remote.snapshot["stages"]
+
+
+class RemoteBroker:
+    """A read-mostly proxy of a broker's REST API (see the module docstring)."""
+
+    def __init__(self, url: str, workflows: list[str], *, refresh_s: float = 0.25):
+        self.url = url.rstrip("/")
+        self.workflows = {wf.name: wf for wf in map(load_workflow, workflows)}
+        self.refresh_s = refresh_s
+        self.core = _Core(self)
+        self.metrics = _Metrics()
+        self.extensions: dict[str, object] = {}
+        self.snapshot: dict = {"signals": {}, "stages": {}}
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Connect and take a first snapshot (retrying while the broker starts)."""
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self._refresh()
+                break
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"broker at {self.url} unreachable for {timeout:.0f} s: {exc}") from exc
+                log.info("waiting for the broker at %s: %s", self.url, exc)
+                await asyncio.sleep(1.0)
+        self._task = asyncio.get_running_loop().create_task(self._refreshing())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, *self._pending, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    async def _refresh(self) -> None:
+        async with self._session.get(f"{self.url}/v1/signals") as resp:
+            resp.raise_for_status()
+            body = await resp.json()
+        self.snapshot = {"signals": body["signals"], "stages": body["stages"]}
+
+    async def _refreshing(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self._refresh()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.warning("broker at %s: %s (keeping the last snapshot)", self.url, exc)
+
+    def stages(self) -> dict:
+        return self.snapshot["stages"]
+
+    def drain(self, worker_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain(worker_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _drain(self, worker_id: str) -> None:
+        try:
+            async with self._session.post(f"{self.url}/v1/workers/{worker_id}/drain") as resp:
+                if resp.status != 202:
+                    log.warning("drain of %s refused (%d): %s", worker_id, resp.status, await resp.text())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("drain of %s not delivered: %s", worker_id, exc)
+
+
+async def start_manager_api(manager, host: str, port: int) -> web.AppRunner:
+    """``/metrics``, ``/v1/allocation`` and ``/healthz`` of a stand-alone manager."""
+
+    async def metrics(request):
+        return web.Response(body=generate_latest(manager.broker.metrics.registry),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def allocation(request):
+        body = {"allocation": manager.allocation(), "slots": manager.slots(), "decisions": manager.decisions(50)}
+        return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
+
+    async def healthz(request):
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/allocation", allocation)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

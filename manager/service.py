@@ -1,0 +1,500 @@
+"""The Node Manager: reads the broker's signals, asks a policy, starts and drains workers.
+
+It runs in the broker's process, beside it. One control-loop task wakes
+every ``poll_s`` (a fraction of a second) to notice exits and
+registrations, and decides every ``period_s``, or at once when a stage with
+no worker gets a queued task (scale from zero should cost one cold start,
+not a cold start plus a period). Each decision is logged with its inputs,
+kept in a bounded history (:meth:`Manager.decisions`) and counted in the
+broker's ``/metrics``.
+
+Slots. Each launch takes a slot of its pool (GPU or CPU) and holds it until
+its process has exited, so re-purposing a slot is a drain plus a start,
+and the start waits until the drained worker is gone. A start that finds
+no free slot (a move) waits for one, in order.
+
+Scale-down. The least-loaded live worker of the stage that this manager
+started is drained: the broker binds nothing new to it and sends DRAIN, and
+the launcher waits for the process to exit (SIGTERM for a local one; a
+worker that does not leave within ``drain_timeout_s`` is killed and its
+tasks are re-run by the broker). A draining worker finishes its in-flight
+task and keeps its outputs until the consumer has them, so no task is lost
+or run twice.
+
+Lifecycle: :meth:`start` makes the first decision at once (floors, i.e. the
+initial allocation; a policy that cannot fit the pool raises
+``PolicyError`` here), then runs the loop. :meth:`stop` stops deciding,
+then drains every worker it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+
+from .launcher import Launcher, WorkerHandle
+from .policy import Change, Policy, StageSignals
+from .signals import LoadTimes, SignalReader
+
+__all__ = ["Manager", "default_cpu_slots", "default_gpu_slots"]
+
+log = logging.getLogger("onepiece.manager")
+
+
+def default_gpu_slots() -> tuple[int, bool]:
+    """(slots, real GPUs): the number of CUDA devices, else one slot per CPU core."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001 - no torch or a broken driver: a CPU machine for our purpose
+        n = 0
+    return (n, True) if n else (os.cpu_count() or 1, False)
+
+
+def default_cpu_slots() -> int:
+    return os.cpu_count() or 1
+
+
+def _workflow_ref(wf) -> str:
+    """What a worker is told to load: the workflow's file, so custom files work too."""
+    return wf.source if Path(wf.source).is_file() else wf.name
+
+
+class _Pool:
+    """Numbered slots; a waiter is handed a released slot first come, first served."""
+
+    def __init__(self, name: str, size: int):
+        self.name = name
+        self.size = size
+        self._free = list(range(size))
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def used(self) -> int:
+        return self.size - len(self._free)
+
+    async def acquire(self) -> int:
+        if self._free and not self._waiters:
+            return self._free.pop(0)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())
+            raise
+
+    def release(self, slot: int) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(slot)
+                return
+        self._free.append(slot)
+        self._free.sort()
+
+
+@dataclass(eq=False)
+class _Record:
+    """One worker this manager asked for, from the decision to its exit."""
+
+    stage: str
+    pool: _Pool
+    slot: int | None = None  # None while waiting for one
+    handle: WorkerHandle | None = None  # None until launched
+    launched_at: float | None = None  # wall clock, as the broker's registration time
+    registered: bool = False
+    draining: bool = False
+    launch: asyncio.Task | None = None
+
+    @property
+    def starting(self) -> bool:
+        return not self.registered and not self.draining
+
+
+class Manager:
+    """Node Manager of one broker (see the module docstring)."""
+
+    def __init__(
+        self,
+        broker,
+        launcher: Launcher,
+        policy: Policy,
+        *,
+        gpu_slots: int,
+        cpu_slots: int,
+        period_s: float = 5.0,
+        workflows: Mapping | None = None,  # default: the broker's
+        drain_timeout_s: float = 600.0,
+        poll_s: float = 0.2,
+        history: int = 500,
+        pin_gpus: bool = False,
+        load_times: LoadTimes | None = None,
+    ):
+        if gpu_slots < 0 or cpu_slots < 0:
+            raise ValueError(f"slots must be >= 0, not gpu={gpu_slots} cpu={cpu_slots}")
+        if period_s <= 0:
+            raise ValueError(f"period_s must be > 0, not {period_s}")
+        self.broker = broker
+        self.launcher = launcher
+        self.policy = policy
+        self.period_s = period_s
+        self.poll_s = min(poll_s, period_s)
+        self.drain_timeout_s = drain_timeout_s
+        self.pools = {True: _Pool("gpu", gpu_slots), False: _Pool("cpu", cpu_slots)}
+        self.pin_gpus = pin_gpus and "env" in inspect.signature(launcher.start).parameters
+        # GPU slot i is the i-th device this process may use
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        self._devices = [d.strip() for d in visible.split(",") if d.strip()]
+        if pin_gpus and not self.pin_gpus:
+            log.warning("launcher %s cannot set CUDA_VISIBLE_DEVICES: GPU workers are not pinned to their slot",
+                        type(launcher).__name__)
+        self.ref: dict[str, str] = {}
+        self.gpu: dict[str, bool] = {}
+        # workflows: name -> Workflow, or name -> the reference workers load for the broker's workflow
+        for wname, wf in (workflows if workflows is not None else broker.workflows).items():
+            ref = wf if isinstance(wf, (str, os.PathLike)) else None
+            if ref is not None:
+                wf = broker.workflows[wname]
+            for name, spec in wf.stages.items():
+                self.ref.setdefault(name, str(ref) if ref is not None else _workflow_ref(wf))
+                self.gpu.setdefault(name, spec.gpu)
+        self.reader = SignalReader(self.gpu)
+        self.load_times = load_times or LoadTimes()
+        self._records: list[_Record] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._history: collections.deque[dict] = collections.deque(maxlen=history)
+        self._exits: collections.OrderedDict[str, dict] = collections.OrderedDict()
+        self._target: dict[str, int] = {}
+        self._early: dict[str, float] = {}
+        self._last_signals: dict[str, StageSignals] = {}
+        self._decisions_metric: Counter | None = None
+        self._collector = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        """First decision now (the initial allocation, launched when this returns), then the control loop."""
+        self._register_metrics()
+        try:
+            self.tick()
+        except BaseException:
+            self._unregister_metrics()
+            raise
+        extensions = getattr(self.broker, "extensions", None)
+        if extensions is not None:  # the broker's API shows the allocation, readiness skips on-demand stages
+            extensions["manager"] = self
+        # the initial workers are launched (not yet registered) when start() returns
+        await asyncio.gather(*(r.launch for r in self._records if r.launch is not None), return_exceptions=True)
+        self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="manager")
+        log.info("node manager: %d GPU slot(s)%s, %d CPU slot(s), period %.1f s, policy %s",
+                 self.pools[True].size, " (pinned)" if self.pin_gpus else "", self.pools[False].size,
+                 self.period_s, type(self.policy).__name__)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop deciding, then drain every worker this manager started (kill what stays past ``timeout``)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        launching = [r for r in self._records if r.handle is None and r.launch is not None]
+        for r in launching:
+            if r.slot is None:  # still waiting for a slot: nothing was launched
+                r.launch.cancel()
+        await asyncio.gather(*(r.launch for r in launching), return_exceptions=True)
+        for rec in list(self._records):
+            if rec.handle is not None and not rec.draining:
+                self._drain(rec, "manager stopping", timeout)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._unregister_metrics()
+        extensions = getattr(self.broker, "extensions", None)
+        if extensions is not None and extensions.get("manager") is self:
+            del extensions["manager"]
+
+    def wake(self) -> None:
+        """Decide now instead of at the end of the period."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        next_at = time.monotonic() + self.period_s
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except TimeoutError:
+                pass
+            try:
+                self._observe()
+                now = time.monotonic()
+                if self._wake.is_set() or now >= next_at or self._cold_stage(now):
+                    self._wake.clear()
+                    self.tick()
+                    next_at = time.monotonic() + self.period_s
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad decision
+                log.exception("node manager: decision failed; trying again next period")
+                next_at = time.monotonic() + self.period_s
+
+    # -- one decision -----------------------------------------------------------------
+    def tick(self) -> list[Change]:
+        """Read the signals, ask the policy, carry the changes out. Returns them."""
+        self._observe()
+        signals = self.signals()
+        changes = self.policy.decide(time.monotonic(), signals, self.pools[True].size, self.pools[False].size)
+        self._target = {s: sig.current for s, sig in signals.items()}
+        # drains first: a start that re-purposes a slot waits for the drained worker's exit
+        for c in sorted(changes, key=lambda c: c.delta):
+            self._apply(c, signals.get(c.stage))
+        return changes
+
+    def signals(self) -> dict[str, StageSignals]:
+        raw = self.broker.core.stage_signals(time.time())
+        starting: dict[str, int] = collections.Counter()
+        draining: dict[str, int] = collections.Counter()
+        for rec in self._records:
+            if rec.draining:
+                draining[rec.stage] += 1
+            elif rec.starting:
+                starting[rec.stage] += 1
+        sig = self.reader.read(time.monotonic(), raw, starting=starting, draining=draining,
+                               load_time=self.load_times.as_dict(self.gpu))
+        self._last_signals = sig
+        return sig
+
+    def scale(self, stage: str, delta: int, reason: str = "asked by an operator") -> None:
+        """Start (``delta > 0``) or drain workers of ``stage`` outside the policy; logged as a decision."""
+        if stage not in self.gpu:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(self.gpu)}")
+        self._observe()
+        a = self.allocation()[stage]  # not self.signals(): a reading here would hide arrivals from the policy
+        self._target[stage] = a["workers"] + a["starting"]
+        self._apply(Change(stage, delta, reason), self._last_signals.get(stage))
+
+    def _apply(self, change: Change, sig: StageSignals | None) -> None:
+        if change.stage not in self.gpu or change.delta == 0:
+            log.warning("node manager: ignored %s", change)
+            return
+        done = 0
+        for _ in range(abs(change.delta)):
+            if change.delta > 0:
+                self._launch(change.stage)
+                done += 1
+            elif self._drain_one(change.stage, change.reason):
+                done += 1
+        if not done:
+            return
+        delta = done if change.delta > 0 else -done
+        self._target[change.stage] = self._target.get(change.stage, 0) + delta
+        inputs = sig.brief() if sig is not None else {}
+        log.info("scale %s %+d: %s | %s", change.stage, delta, change.reason,
+                 " ".join(f"{k}={v}" for k, v in inputs.items()))
+        self._history.append({"ts": time.time(), "stage": change.stage, "delta": delta,
+                              "reason": change.reason, "signals": inputs})
+        if self._decisions_metric is not None:
+            self._decisions_metric.labels(change.stage, "up" if delta > 0 else "down").inc(abs(delta))
+
+    # -- starting ---------------------------------------------------------------------
+    def _launch(self, stage: str) -> None:
+        rec = _Record(stage, self.pools[self.gpu[stage]])
+        self._records.append(rec)
+        rec.launch = self._spawn(self._start_worker(rec), f"launch-{stage}")
+
+    async def _start_worker(self, rec: _Record) -> None:
+        try:
+            rec.slot = await rec.pool.acquire()
+            kwargs = {}
+            if self.pin_gpus and rec.pool.name == "gpu":
+                device = self._devices[rec.slot] if rec.slot < len(self._devices) else str(rec.slot)
+                kwargs["env"] = {"CUDA_VISIBLE_DEVICES": device}
+            rec.launched_at = time.time()
+            rec.handle = await self.launcher.start(self.ref[rec.stage], rec.stage, **kwargs)
+        except asyncio.CancelledError:
+            self._forget(rec)
+            raise
+        except Exception:  # noqa: BLE001 - a failed launch frees its slot; the policy asks again
+            log.exception("node manager: could not start a worker of %s", rec.stage)
+            self._forget(rec)
+            return
+        log.info("node manager: launched %s on %s slot %d", rec.handle.id, rec.pool.name, rec.slot)
+
+    # -- draining ---------------------------------------------------------------------
+    def _drain_one(self, stage: str, reason: str) -> bool:
+        """Drain the least-loaded live worker of ``stage`` that we started."""
+        ours = {r.handle.id: r for r in self._records
+                if r.stage == stage and r.handle is not None and r.registered and not r.draining}
+        live = [w for w in self.broker.core.stages().get(stage, {}).get("workers", [])
+                if w["id"] in ours and not w["draining"]]
+        if not live:
+            log.warning("node manager: no worker of %s that it started is live to drain (%s)", stage, reason)
+            return False
+        w = min(live, key=lambda w: (w["load"], w["holding"], -w["registered"]))
+        self._drain(ours[w["id"]], reason, self.drain_timeout_s)
+        return True
+
+    def _drain(self, rec: _Record, reason: str, timeout: float) -> None:
+        rec.draining = True
+        wid = rec.handle.id
+        try:
+            drain = getattr(self.broker, "drain", None)
+            if drain is not None:
+                drain(wid)
+            else:  # until Broker grows drain(): the same thing through its command path
+                self.broker._apply(self.broker.core.drain(wid, time.time()))
+        except Exception as exc:  # noqa: BLE001 - UnknownWorker: it already left; the launcher still waits for it
+            log.info("node manager: broker could not drain %s (%s); stopping it anyway", wid, exc)
+        log.info("node manager: draining %s (%s)", wid, reason)
+        self._spawn(self._retire(rec, timeout), f"drain-{wid}")
+
+    async def _retire(self, rec: _Record, timeout: float) -> None:
+        code = None
+        try:
+            code = await self.launcher.drain(rec.handle, timeout)
+        finally:
+            self._exited(rec, code, "drained")
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _observe(self) -> None:
+        """Notice registrations (measuring start-up time) and exits that nobody asked for."""
+        if not self._records:
+            return
+        registered = {w["id"]: (stage, w) for stage, s in self.broker.core.stages().items() for w in s["workers"]}
+        for stage, w in registered.values():
+            load_s = (w.get("info") or {}).get("load_s")
+            if load_s is not None:
+                self.load_times.report(stage, load_s)
+        alive = {h.id for h in self.launcher.workers()}
+        for rec in list(self._records):
+            if rec.handle is None:
+                continue
+            if not rec.registered and rec.handle.id in registered:
+                rec.registered = True
+                took = registered[rec.handle.id][1]["registered"] - rec.launched_at
+                self.load_times.record(rec.stage, took)
+                log.info("node manager: %s registered %.1f s after launch", rec.handle.id, took)
+            if not rec.draining and rec.handle.id not in alive:
+                code = rec.handle.process.returncode if rec.handle.process is not None else None
+                log.warning("node manager: worker %s of %s exited on its own (code %s)", rec.handle.id,
+                            rec.stage, code)
+                self._exited(rec, code, "exited")
+
+    def _exited(self, rec: _Record, code: int | None, how: str) -> None:
+        if rec.handle is not None:
+            self._exits[rec.handle.id] = {"stage": rec.stage, "code": code, "how": how, "at": time.time()}
+            while len(self._exits) > self._history.maxlen:
+                self._exits.popitem(last=False)
+            if how == "drained":
+                log.info("node manager: %s left (code %s); %s slot %s is free", rec.handle.id, code,
+                         rec.pool.name, rec.slot)
+        self._forget(rec)
+
+    def _forget(self, rec: _Record) -> None:
+        if rec in self._records:
+            self._records.remove(rec)
+            if rec.slot is not None:
+                rec.pool.release(rec.slot)
+                rec.slot = None
+
+    def _cold_stage(self, now: float) -> bool:
+        """A stage with no worker, none starting, and a queued task: decide now (once per period)."""
+        raw = self.broker.core.stage_signals(time.time())
+        starting = {r.stage for r in self._records if not r.draining}
+        for stage, r in raw.items():
+            if (r["queue_len"] and r["workers"] - r["draining"] == 0 and stage not in starting
+                    and now - self._early.get(stage, -1e18) >= self.period_s):
+                self._early[stage] = now
+                log.info("node manager: %s has %d queued task(s) and no worker: deciding now", stage,
+                         r["queue_len"])
+                return True
+        return False
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- views ------------------------------------------------------------------------
+    def allocation(self) -> dict[str, dict]:
+        """Per stage: live workers (registered, not draining), starting, draining, and the target."""
+        stages = self.broker.core.stages()
+        aims = getattr(self.policy, "targets", None) or {}
+        out: dict[str, dict] = {}
+        for stage in self.gpu:
+            live = sum(1 for w in stages.get(stage, {}).get("workers", []) if not w["draining"])
+            recs = [r for r in self._records if r.stage == stage]
+            starting = sum(1 for r in recs if r.starting)
+            draining = sum(1 for r in recs if r.draining)
+            out[stage] = {"workers": live, "starting": starting, "draining": draining,
+                          "target": aims.get(stage, self._target.get(stage, live + starting)),
+                          "pool": "gpu" if self.gpu[stage] else "cpu"}
+        return out
+
+    def on_demand_stages(self) -> set[str]:
+        """Stages that may sit at zero workers: a queued task starts one (not 'missing' for readiness)."""
+        on_demand = getattr(self.policy, "on_demand", None)
+        return {s for s in self.gpu if on_demand is not None and on_demand(s)}
+
+    def slots(self) -> dict[str, dict]:
+        return {p.name: {"total": p.size, "used": p.used} for p in self.pools.values()}
+
+    def decisions(self, limit: int | None = None) -> list[dict]:
+        """Recent decisions, oldest first: ts, stage, delta, reason, and the signals they read."""
+        items = list(self._history)
+        return items[-limit:] if limit else items
+
+    def exits(self) -> dict[str, dict]:
+        """Workers this manager started that have exited: stage, code, how (drained/exited), at."""
+        return dict(self._exits)
+
+    # -- metrics ----------------------------------------------------------------------
+    def _register_metrics(self) -> None:
+        registry = getattr(getattr(self.broker, "metrics", None), "registry", None)
+        if registry is None:
+            return
+        self._decisions_metric = Counter("onepiece_manager_decisions", "Workers started (up) or drained (down)",
+                                         ["stage", "direction"], registry=registry)
+        self._collector = _ManagerCollector(self)
+        registry.register(self._collector)
+
+    def _unregister_metrics(self) -> None:
+        registry = getattr(getattr(self.broker, "metrics", None), "registry", None)
+        for m in (self._decisions_metric, self._collector):
+            if registry is not None and m is not None:
+                registry.unregister(m)
+        self._decisions_metric = self._collector = None
+
+
+class _ManagerCollector:
+    """Scrape-time gauges of the allocation."""
+
+    def __init__(self, manager: Manager):
+        self.manager = manager
+
+    def collect(self):
+        alloc = self.manager.allocation()
+        fams = {k: GaugeMetricFamily(f"onepiece_manager_{name}", text, labels=["stage"]) for k, name, text in (
+            ("workers", "workers", "Live workers per stage (registered, not draining)"),
+            ("starting", "starting_workers", "Workers launched and not registered yet"),
+            ("draining", "draining_workers", "Workers draining, still holding their slot"),
+            ("target", "target_workers", "Workers the policy is steering each stage towards"))}
+        for stage, a in alloc.items():
+            for k, fam in fams.items():
+                fam.add_metric([stage], a[k])
+        yield from fams.values()
+        slots = GaugeMetricFamily("onepiece_manager_slots", "Slots of each pool", labels=["pool", "state"])
+        for name, s in self.manager.slots().items():
+            slots.add_metric([name, "total"], s["total"])
+            slots.add_metric([name, "used"], s["used"])
+        yield slots

@@ -1,0 +1,365 @@
+"""The allocation policies on recorded and simulated signals, back to back: no processes, no sleeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from manager.policy import (Change, NoScaling, PolicyConfig, PolicyError, ProportionalPolicy, StageSignals,
+                            StaticPolicy)
+
+from .sim import StageState, World
+
+P = 5.0  # period
+
+
+def ideal(rate: float, service: float, util: float = 0.8) -> int:
+    return max(1, math.ceil(rate * service / util - 1e-9))
+
+
+def churn(log: list[list[Change]]) -> int:
+    return sum(abs(c.delta) for changes in log for c in changes)
+
+
+def per_stage(log: list[list[Change]], stage: str) -> list[int]:
+    """Net change of ``stage`` at each decision."""
+    return [sum(c.delta for c in changes if c.stage == stage) for changes in log]
+
+
+def reversals(deltas: list[int]) -> int:
+    signs = [1 if d > 0 else -1 for d in deltas if d]
+    return sum(1 for a, b in zip(signs, signs[1:]) if a != b)
+
+
+def sig(stage: str, **kw) -> StageSignals:
+    kw.setdefault("gpu", True)
+    return StageSignals(stage, **kw)
+
+
+# -- steady load ----------------------------------------------------------------------------
+
+
+def test_steady_recorded_load_settles_then_changes_nothing():
+    world = World({"a": StageState(1.0, 2.0), "b": StageState(0.5, 1.0),
+                   "c": StageState(2.0, 0.2, gpu=False)}, gpu_slots=8, cpu_slots=2, noise=False)
+    policy = ProportionalPolicy()
+    log = world.run(policy, 120)
+    assert churn(log[12:]) == 0, [c for cs in log[12:] for c in cs]
+    assert world.counts() == {"a": ideal(1.0, 2.0), "b": 1, "c": 1}
+    assert policy.targets == world.counts()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("rate,service", [(1.0, 2.0), (0.2, 10.0), (4.0, 0.5)])
+def test_steady_poisson_load_does_not_flap(seed, rate, service):
+    world = World({"a": StageState(rate, service), "b": StageState(1.0, 0.5)}, gpu_slots=12, seed=seed)
+    log = world.run(ProportionalPolicy(), 220)
+    late = log[20:]
+    assert churn(late) <= 4, [c for cs in late for c in cs]
+    # a reversal (up then down, or down then up) never follows within ten periods
+    for stage in ("a", "b"):
+        moves = [(i, d) for i, d in enumerate(per_stage(late, stage)) if d]
+        for (i, d), (j, e) in zip(moves, moves[1:]):
+            assert d * e > 0 or j - i > 10, f"{stage} flapped: {moves}"
+    assert ideal(rate, service) <= world.counts()["a"] <= ideal(rate, service) + 1
+
+
+# -- spikes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("up_delay", [1, 2])
+def test_a_spike_scales_up_after_the_up_delay_capped_per_period(up_delay):
+    cfg = PolicyConfig(up_delay_periods=up_delay, max_changes_per_period=2)
+    world = World({"a": StageState(0.2, 2.0), "b": StageState(0.2, 1.0)}, gpu_slots=16, noise=False)
+    policy = ProportionalPolicy(cfg)
+    assert churn(world.run(policy, 30)[5:]) == 0
+    world.stages["a"].rate = 2.0  # ten times the load: about 5 workers
+    log, wanting = [], []
+    for _ in range(20):
+        log.append(world.step(policy)[1])
+        wanting.append(policy.memory["a"].up_since is not None or bool(log[-1]))
+    wanted_from = wanting.index(True)
+    first = next(i for i, changes in enumerate(log) if changes)
+    assert first == wanted_from + up_delay, log[: first + 1]
+    assert all(churn([changes]) <= cfg.max_changes_per_period for changes in log)
+    assert all(d >= 0 for d in per_stage(log, "a")), "scaled down during a spike"
+    assert world.counts()["a"] >= ideal(2.0, 2.0)
+    assert world.counts()["b"] == 1
+
+
+def test_a_spike_that_ends_is_given_back_only_after_the_down_delay():
+    cfg = PolicyConfig(down_delay_periods=3)
+    world = World({"a": StageState(2.0, 2.0)}, gpu_slots=16, noise=False)
+    policy = ProportionalPolicy(cfg)
+    world.run(policy, 40)
+    peak = world.counts()["a"]
+    world.stages["a"].rate = 0.2
+    log = world.run(policy, 80)
+    downs = [i for i, d in enumerate(per_stage(log, "a")) if d < 0]
+    assert downs and downs[0] >= cfg.down_delay_periods
+    assert all(b - a >= cfg.down_delay_periods for a, b in zip(downs, downs[1:])), downs
+    assert all(d <= 0 for d in per_stage(log, "a")) and reversals(per_stage(log, "a")) == 0
+    assert world.counts()["a"] == 1 < peak
+
+
+# -- a change in the mix --------------------------------------------------------------------
+
+
+def test_a_step_change_in_the_mix_moves_capacity_and_settles():
+    world = World({"a": StageState(1.6, 2.0), "b": StageState(0.4, 2.0)}, gpu_slots=4, noise=False)
+    policy = ProportionalPolicy()
+    world.run(policy, 40)
+    assert world.counts() == {"a": 3, "b": 1}  # demand 4 + 1 > 4 slots: floors, then 3:0 of the rest
+    world.stages["a"].rate, world.stages["b"].rate = 0.4, 1.6  # the mix flips
+    log = world.run(policy, 60)
+    changed = [i for i, changes in enumerate(log) if changes]
+    assert changed, "nothing moved"
+    assert changed[-1] - changed[0] <= 3, [(i, log[i]) for i in changed]
+    assert world.counts() == {"a": 1, "b": 3}
+    for stage in ("a", "b"):
+        assert reversals(per_stage(log, stage)) <= 1
+    moves = [c for changes in log for c in changes]
+    assert all("slot moves to b" in c.reason for c in moves if c.stage == "a")
+    assert all(churn([changes]) <= policy.config.max_changes_per_period for changes in log)
+
+
+def test_with_free_slots_a_new_mix_is_served_at_once_and_the_old_one_given_back_slowly():
+    world = World({"a": StageState(1.6, 2.0), "b": StageState(0.4, 2.0)}, gpu_slots=8, noise=False)
+    policy = ProportionalPolicy()
+    world.run(policy, 40)
+    world.stages["a"].rate, world.stages["b"].rate = 0.4, 1.6
+    log = world.run(policy, 60)
+    b_ups = [i for i, d in enumerate(per_stage(log, "b")) if d]
+    assert b_ups and b_ups[-1] - b_ups[0] <= 3 and world.counts()["b"] == ideal(1.6, 2.0)
+    a = per_stage(log, "a")
+    assert all(d <= 0 for d in a) and a.index(-1) > b_ups[-1]  # a gives back only once sure
+    assert 1 <= world.counts()["a"] <= 2
+
+
+def test_a_move_happens_only_when_its_gain_outweighs_the_load_cost():
+    def signals(load_time: float) -> dict[str, StageSignals]:
+        # 4 slots, none free. a has 3 workers for a demand of 2.75; b has 1 for a demand of 5:
+        # the fair split is 2 and 2, and a's survivors could not absorb its load by scaling down
+        return {"a": sig("a", arrival_rate=1.1, service_time=2.0, workers=3, busy=3),
+                "b": sig("b", arrival_rate=2.0, service_time=2.0, workers=1, busy=1, queue_len=4,
+                         queue_wait=6.0, load_time=load_time)}
+
+    def moves(load_time: float) -> list[Change]:
+        policy = ProportionalPolicy(PolicyConfig(default_floor=1))
+        out = []
+        for k in range(8):  # the same signals, period after period
+            out += policy.decide(k * P, signals(load_time), 4, 0)
+        return out
+
+    cheap = moves(load_time=20.0)
+    assert [c.delta for c in cheap if c.stage == "b"][:1] == [1]
+    assert any(c.stage == "a" and c.delta == -1 and "moves to b" in c.reason for c in cheap)
+    assert "gain" in next(c.reason for c in cheap if c.stage == "b")
+    # a worker that takes 20 minutes to load is not worth moving for a few minutes' imbalance
+    assert moves(load_time=1200.0) == []
+
+
+# -- going idle ------------------------------------------------------------------------------
+
+
+def test_an_idle_stage_scales_down_only_while_the_survivors_absorb_its_load():
+    cfg = PolicyConfig(down_delay_periods=3)
+    world = World({"a": StageState(2.0, 2.0), "b": StageState(0.5, 1.0)}, gpu_slots=12, noise=False)
+    policy = ProportionalPolicy(cfg)
+    world.run(policy, 30)
+    world.stages["a"].rate = 0.6  # 1.2 busy workers: two survivors are the least that stay under 60%
+    log = world.run(policy, 100)
+    n = world.counts()["a"]
+    assert n == 3, n  # at 2: 1.2 / 1 survivor would be 120% busy; at 3, 1.2 (+ noise bound) / 2 > 60%
+    for i, changes in enumerate(log):
+        for c in changes:
+            assert c.stage != "a" or c.delta < 0
+    assert per_stage(log, "b") == [0] * len(log)
+
+
+@pytest.mark.parametrize("floor", [0, 1])
+def test_a_stage_that_goes_idle_goes_to_its_floor_to_zero_only_after_a_cold_start_worth(floor):
+    load_time = 40.0  # 8 periods: longer than the down delay
+    cfg = PolicyConfig(floors={"a": floor}, down_delay_periods=3)
+    world = World({"a": StageState(0.3, 2.0, load_time=load_time), "b": StageState(0.3, 1.0)}, gpu_slots=4,
+                  noise=False)
+    policy = ProportionalPolicy(cfg)
+    world.run(policy, 30)
+    assert world.counts()["a"] == 1
+    world.stages["a"].rate = 0.0
+    log = world.run(policy, 30)
+    downs = [i for i, d in enumerate(per_stage(log, "a")) if d]
+    if floor == 1:
+        assert downs == [] and world.counts()["a"] == 1
+    else:
+        # the first idle reading starts the clock; it must run for max(down delay, load time)
+        assert downs == [math.ceil(load_time / P)], downs
+        assert "idle" in next(c.reason for cs in log for c in cs if c.stage == "a")
+        assert world.counts()["a"] == 0
+
+
+def test_a_job_for_a_stage_at_zero_starts_a_worker_at_once():
+    cfg = PolicyConfig(floors={"a": 0}, up_delay_periods=3)
+    policy = ProportionalPolicy(cfg)
+    quiet = {"a": sig("a", load_time=30.0), "b": sig("b", workers=1)}
+    assert policy.decide(0.0, quiet, 2, 0) == []
+    queued = {"a": sig("a", queue_len=1, queue_wait=0.2, arrival_rate=0.2, load_time=30.0),
+              "b": sig("b", workers=1)}
+    (change,) = policy.decide(1.0, queued, 2, 0)  # early, not a whole period later: no delay either
+    assert change.stage == "a" and change.delta == 1 and "cold start" in change.reason
+
+
+def test_a_cold_start_takes_a_slot_from_a_stage_above_its_floor_when_the_pool_is_full():
+    policy = ProportionalPolicy(PolicyConfig(floors={"a": 0}))
+    full = {"a": sig("a", queue_len=2, queue_wait=1.0), "b": sig("b", workers=3, busy=1, service_time=1.0,
+                                                                   arrival_rate=0.5)}
+    changes = policy.decide(0.0, full, 3, 0)
+    assert sorted((c.stage, c.delta) for c in changes) == [("a", 1), ("b", -1)]
+
+
+# -- failures ------------------------------------------------------------------------------
+
+
+def test_a_dead_worker_is_replaced():
+    world = World({"a": StageState(1.0, 2.0), "b": StageState(0.5, 1.0)}, gpu_slots=8, noise=False)
+    policy = ProportionalPolicy()
+    world.run(policy, 20)
+    have = world.counts()
+    world.stages["a"].workers -= 1  # it died: the broker no longer lists it
+    log = world.run(policy, 5)
+    assert world.counts() == have
+    assert sum(per_stage(log, "a")) == 1
+    world.stages["b"].workers -= 1  # below its floor: replaced at the next decision, no delay
+    (changes,) = world.run(policy, 1)
+    assert [(c.stage, c.delta) for c in changes] == [("b", 1)] and "floor" in changes[0].reason
+
+
+def test_floor_restoration_is_not_capped():
+    policy = ProportionalPolicy(PolicyConfig(max_changes_per_period=1))
+    empty = {s: sig(s) for s in "abcd"}
+    changes = policy.decide(0.0, empty, 4, 0)
+    assert sorted((c.stage, c.delta) for c in changes) == [(s, 1) for s in "abcd"]
+
+
+# -- a short pool ---------------------------------------------------------------------------
+
+
+def test_a_short_pool_is_split_in_proportion_to_demand_and_floors_are_kept():
+    world = World({"a": StageState(3.2, 2.0), "b": StageState(1.6, 2.0), "c": StageState(0.0, 1.0),
+                   "d": StageState(3.0, 1.0, gpu=False)}, gpu_slots=6, cpu_slots=2, noise=False)
+    policy = ProportionalPolicy()
+    world.run(policy, 60)
+    got = world.counts()
+    # demand a=8, b=4 workers; c keeps its floor; 6 - 3 floors = 3 split 7:3 -> a 1+2, b 1+1
+    assert (got["a"], got["b"], got["c"]) == (3, 2, 1)
+    assert got["d"] == 2  # the CPU pool is separate
+    assert policy.targets["a"] == 3
+
+
+def test_floors_that_do_not_fit_are_refused_clearly():
+    policy = ProportionalPolicy(PolicyConfig(floors={"a": 2, "b": 2}))
+    with pytest.raises(PolicyError, match=r"floors need 4 GPU slots \(a=2, b=2\) but the pool has 3"):
+        policy.decide(0.0, {"a": sig("a"), "b": sig("b")}, 3, 0)
+    starved = ProportionalPolicy(PolicyConfig(floors={"a": 0, "b": 2}))
+    with pytest.raises(PolicyError, match="a have floor 0 but the other floors fill all 2 GPU slots"):
+        starved.decide(0.0, {"a": sig("a"), "b": sig("b")}, 2, 0)
+    with pytest.raises(PolicyError, match="target_utilization"):
+        PolicyConfig(target_utilization=1.5)
+    with pytest.raises(PolicyError, match="ceiling 1 is below its floor 2"):
+        PolicyConfig(floors={"a": 2}, ceilings={"a": 1})
+
+
+def test_ceilings_are_kept():
+    world = World({"a": StageState(4.0, 2.0)}, gpu_slots=16, noise=False)
+    policy = ProportionalPolicy(PolicyConfig(ceilings={"a": 3}))
+    world.run(policy, 30)
+    assert world.counts()["a"] == 3
+
+
+# -- the null and static policies ----------------------------------------------------------------
+
+
+def test_no_scaling_keeps_what_it_is_given():
+    policy = NoScaling()
+    assert policy.decide(0.0, {"a": sig("a", queue_len=9), "b": sig("b", workers=5)}, 2, 0) == []
+    assert dict(policy.targets) == {}
+
+
+def test_static_policy_holds_its_targets_within_free_slots():
+    policy = StaticPolicy({"a": 2, "b": 1})
+    changes = policy.decide(0.0, {"a": sig("a"), "b": sig("b", workers=3), "c": sig("c", workers=1)}, 4, 0)
+    # b drains 2 (their slots free only when they exit), a gets the one free slot now
+    assert [(c.stage, c.delta) for c in changes] == [("b", -2)]
+    after = {"a": sig("a"), "b": sig("b", workers=1), "c": sig("c", workers=1)}
+    assert [(c.stage, c.delta) for c in policy.decide(1.0, after, 4, 0)] == [("a", 2)]
+    policy.targets["a"] = 1
+    settled = {"a": sig("a", workers=2), "b": sig("b", workers=1), "c": sig("c", workers=1)}
+    assert [(c.stage, c.delta) for c in policy.decide(2.0, settled, 4, 0)] == [("a", -1)]
+    with pytest.raises(PolicyError, match="static targets need 5 GPU slots"):
+        StaticPolicy({"a": 3, "b": 2}).decide(0.0, after, 4, 0)
+
+
+# -- properties --------------------------------------------------------------------------------
+
+stage_load = st.tuples(st.floats(0.0, 3.0), st.sampled_from([0.0, 0.5, 2.0, 8.0]), st.integers(0, 1))
+floors = st.dictionaries(st.sampled_from("abcd"), st.integers(0, 2), max_size=4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(loads=st.lists(st.dictionaries(st.sampled_from("abcd"), stage_load, min_size=4, max_size=4), min_size=1,
+                      max_size=12),
+       floors=floors, gpu_slots=st.integers(3, 9), cpu_slots=st.integers(3, 6),
+       deaths=st.lists(st.sampled_from("abcd"), max_size=6), seed=st.integers(0, 1000))
+def test_decisions_never_exceed_slots_never_go_below_floors_and_respect_the_cap(loads, floors, gpu_slots,
+                                                                                  cpu_slots, deaths, seed):
+    gpu = {"a": True, "b": True, "c": False, "d": True}
+    world = World({s: StageState(0.0, 1.0, gpu=gpu[s], load_time=10.0) for s in "abcd"}, gpu_slots=gpu_slots,
+                  cpu_slots=cpu_slots, seed=seed, load_periods=2)
+    cfg = PolicyConfig(floors=floors, max_changes_per_period=2, down_delay_periods=1)
+    policy = ProportionalPolicy(cfg)
+    for period, load in enumerate(loads * 3):
+        for s, (rate, service, _) in load.items():
+            world.stages[s].rate, world.stages[s].service = rate, service
+        if deaths and period % 3 == 1:
+            victim = world.stages[deaths.pop()]
+            victim.workers = max(0, victim.workers - 1)
+        signals = world.signals()
+        try:
+            changes = policy.decide(world.t, signals, gpu_slots, cpu_slots)
+        except PolicyError:
+            # only floors that cannot fit are refused
+            for pool, slots in ((True, gpu_slots), (False, cpu_slots)):
+                names = [s for s in "abcd" if gpu[s] == pool]
+                fl = [cfg.floor(s) for s in names]
+                if sum(fl) > slots or (0 in fl and sum(fl) == slots):
+                    return
+            raise
+        world.apply(changes)
+        world.t += P
+        deficit = 0
+        for pool, slots in ((True, gpu_slots), (False, cpu_slots)):
+            names = [s for s in "abcd" if gpu[s] == pool]
+            after = {s: signals[s].current + sum(c.delta for c in changes if c.stage == s) for s in names}
+            ups = sum(c.delta for c in changes if c.stage in names and c.delta > 0)
+            downs = -sum(c.delta for c in changes if c.stage in names and c.delta < 0)
+            free = max(0, slots - sum(signals[s].held for s in names))
+            assert ups <= free + downs, (signals, changes)  # every start has a slot, now or once one drains
+            assert sum(after.values()) <= slots
+            for s in names:
+                floor = cfg.floor(s) or (1 if signals[s].queue_len else 0)
+                assert after[s] >= min(cfg.floor(s), signals[s].current), (s, signals[s], changes)
+                deficit += max(0, floor - signals[s].current)
+        for c in changes:
+            assert c.delta != 0 and c.reason
+            if c.delta < 0:
+                assert -c.delta <= signals[c.stage].workers  # only live workers are drained
+        assert churn([changes]) <= cfg.max_changes_per_period + 2 * deficit, (signals, changes)
+
+
+def test_which_stages_start_on_demand():
+    assert ProportionalPolicy(PolicyConfig(floors={"a": 0})).on_demand("a")
+    assert not ProportionalPolicy(PolicyConfig(floors={"a": 0})).on_demand("b")
+    assert not NoScaling().on_demand("a") and not StaticPolicy({"a": 0}).on_demand("a")

@@ -1,0 +1,103 @@
+"""The docker/ dev stack, checked as far as a machine without a Docker engine allows.
+
+The compose files must parse (with Debian's docker-compose 1.29 where it is
+installed, and as YAML always), every service's command must be a real
+``onepiece`` command with real flags, and the Dockerfiles must install with
+the same script ``make test`` runs. Building images and starting containers
+needs an engine and cannot be tested here.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from onepiece.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+RDMA = DOCKER / "compose.rdma.yaml"
+STAGES = {"text_encode", "image_encode", "vae_encode", "denoise", "vae_decode", "video_encode"}
+
+
+def services(*files: Path) -> dict[str, dict]:
+    """Services after compose's merge of override files (a shallow, per-key merge)."""
+    merged: dict[str, dict] = {}
+    for f in files:
+        for name, svc in (yaml.safe_load(f.read_text())["services"] or {}).items():
+            merged.setdefault(name, {}).update(svc)
+    return merged
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, RDMA]], ids=["base", "rdma"])
+def test_every_service_command_is_a_real_onepiece_command(files):
+    svcs = services(*files)
+    assert {"broker", "manager"} | STAGES <= set(svcs)
+    parser = build_parser()
+    for name, svc in svcs.items():
+        cmd = svc["command"]
+        try:
+            args = parser.parse_args(cmd)
+        except SystemExit as exc:  # argparse exits on an unknown flag or a missing value
+            pytest.fail(f"service {name}: `onepiece {' '.join(cmd)}` is not a valid command ({exc})")
+        if name in STAGES:
+            assert args.command == "worker" and args.stage == name
+
+
+@pytest.mark.parametrize("sub", ["broker", "manager", "worker", "up", "submit", "status"])
+def test_each_subcommand_answers_help(sub):
+    out = subprocess.run([sys.executable, "-m", "onepiece.cli", sub, "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "usage: onepiece" in out.stdout
+
+
+def test_base_stack_shares_shm_health_checks_and_ordering():
+    svcs = services(COMPOSE)
+    broker = svcs["broker"]
+    assert broker["ipc"] == "shareable" and "healthz" in " ".join(broker["healthcheck"]["test"])
+    assert any(p.startswith("8000:") for p in broker["ports"])
+    for stage in STAGES | {"manager"}:
+        assert svcs[stage]["depends_on"]["broker"]["condition"] == "service_healthy"
+    for stage in STAGES:
+        assert svcs[stage]["ipc"] == "service:broker"  # one /dev/shm for the shm transport
+    doc = yaml.safe_load(COMPOSE.read_text())
+    assert "results" in doc["volumes"]
+    assert any(v.startswith("./models:/models") for v in broker["volumes"])
+
+
+def test_rdma_override_brings_devices_memlock_and_the_rdma_transport():
+    svcs = services(COMPOSE, RDMA)
+    for name in STAGES:
+        s = svcs[name]
+        assert s["network_mode"] == "host" and "IPC_LOCK" in s["cap_add"]
+        assert s["ulimits"]["memlock"] == {"soft": -1, "hard": -1}
+        assert any(d.startswith("/dev/infiniband") for d in s["devices"])
+        assert s["command"][s["command"].index("--transport") + 1] == "rdma"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_dockerfiles_install_with_the_script_make_test_runs(dockerfile):
+    text = (DOCKER / dockerfile).read_text()
+    assert "scripts/setup.sh" in text
+    assert "sh scripts/setup.sh $(VENV)" in (ROOT / "Makefile").read_text()
+    assert "\nUSER onepiece" in text  # not root
+    for folder in ("broker", "transports", "stages", "manager", "onepiece"):
+        assert f"COPY {folder} {folder}" in text
+    if dockerfile.endswith("cuda"):
+        assert "python3-pyverbs" in text and "rdma-core" in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="Debian's docker-compose is not installed (scripts/setup-system.sh installs it as root)")
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, RDMA]], ids=["base", "rdma"])
+def test_docker_compose_parses_the_files(files):
+    cmd = ["docker-compose", "-p", "onepiece"] + [a for f in files for a in ("-f", str(f))] + ["config", "-q"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=DOCKER)
+    assert out.returncode == 0, out.stderr
