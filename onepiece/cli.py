@@ -43,6 +43,9 @@ def _settings_args(p: argparse.ArgumentParser, *names: str) -> None:
         "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
         "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
         "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
+        "rdma_device": ("--rdma-device", str, "RDMA device, e.g. mlx5_0 (default: first with an active port)"),
+        "rdma_port": ("--rdma-port", int, "RDMA port number (default 1)"),
+        "rdma_gid_index": ("--rdma-gid-index", int, "GID index (default: RoCEv2 IPv4-mapped, else 0)"),
         "max_attempts": ("--max-attempts", int, "attempts per stage before a job fails (default 3)"),
     }
     for name in names:
@@ -52,7 +55,8 @@ def _settings_args(p: argparse.ArgumentParser, *names: str) -> None:
 
 def _settings(args):
     fields = ("control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s", "liveness",
-              "rest_host", "rest_port", "data_host", "advertise_host", "ring_bytes", "capacity", "max_attempts")
+              "rest_host", "rest_port", "data_host", "advertise_host", "ring_bytes", "capacity", "max_attempts",
+              "rdma_device", "rdma_port", "rdma_gid_index")
     overrides = {k: getattr(args, k, None) for k in fields}
     if getattr(args, "workflows", None):
         overrides["workflows"] = args.workflows
@@ -305,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--stage", required=True)
     wk.add_argument("--worker-id", default=None)
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
-                   "liveness", "data_host", "advertise_host", "ring_bytes", "capacity")
+                   "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
+                   "rdma_port", "rdma_gid_index")
     wk.set_defaults(func=cmd_worker)
 
     sb = sub.add_parser("submit", help="submit an image and save the video")

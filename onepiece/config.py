@@ -38,6 +38,9 @@ class Settings:
     dtype: str | None = None
     capacity: int = 1
     ring_bytes: int = 32 << 20
+    rdma_device: str | None = None  # default: the first device with an ACTIVE port
+    rdma_port: int = 1
+    rdma_gid_index: int | None = None  # default: a RoCEv2 IPv4-mapped GID, else 0
     workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
 
     @property

@@ -80,6 +80,11 @@ def transport_options(settings, name: str) -> dict:
     opts = {"host": settings.data_host, "advertise_host": advertised_host(settings)}
     if name in ("shm", "rdma", "auto"):
         opts["ring_bytes"] = settings.ring_bytes
+    rdma = {"device": settings.rdma_device, "port": settings.rdma_port, "gid_index": settings.rdma_gid_index}
+    if name == "rdma":
+        opts.update(rdma)
+    elif name == "auto":
+        opts["rdma"] = rdma
     return opts
 
 

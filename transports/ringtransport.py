@@ -75,6 +75,9 @@ class Writer(abc.ABC):
     @abc.abstractmethod
     def write(self, offset: int, parts) -> None: ...
 
+    async def flush(self, timeout: float) -> None:
+        """Wait until every write so far has landed (media that post writes asynchronously)."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -255,6 +258,12 @@ class RingSender(Sender):
             return
         self._closed = True
         async with self._lock:
+            if self._broken is None and self._channel.alive:
+                try:
+                    # The peer must not see the side channel end before the data has landed.
+                    await self._data.flush(self._endpoint.send_timeout)
+                except (TransportError, TimeoutError) as exc:
+                    log.debug("%s: closing sender to %s without a flush: %s", self._endpoint.name, self.peer, exc)
             await self._shutdown()
 
 
@@ -331,6 +340,18 @@ class RingTransport(Transport):
 
     def _descriptor_extra(self) -> dict:
         return {}
+
+    def _medium_failed(self, memory: Region | Writer, exc: TransportError) -> None:
+        """A medium reports that a connection's memory failed (say, a verbs error): end that connection."""
+        for sender in list(self._senders):
+            if memory in (sender._data, sender._credit) and sender._broken is None:
+                sender._broken = exc
+                sender._channel.bell.set()
+        for conn in self._inbound:
+            if memory in (conn.data, conn.credit) and conn.channel.alive:
+                conn.channel.alive = False
+                conn.channel.writer.close()
+                self._bell.set()
 
     # -- lifecycle ----------------------------------------------------------
     async def _start(self) -> None:

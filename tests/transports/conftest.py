@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -16,15 +17,23 @@ from pathlib import Path
 import pytest
 
 from transports import open_transport
+from transports.rdma import unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Options per transport; a 16 MiB ring makes large messages stream through it.
-OPTIONS: dict[str, dict] = {"shm": {"ring_bytes": 16 << 20}, "tcp": {}}
+OPTIONS: dict[str, dict] = {"shm": {"ring_bytes": 16 << 20}, "tcp": {}, "auto": {"ring_bytes": 16 << 20},
+                            "rdma": {"ring_bytes": 16 << 20}}
+
+#: Why a transport cannot run here (None: it can), asked once per session.
+UNAVAILABLE = {"rdma": functools.cache(unavailable_reason)}
 
 
 @pytest.fixture(params=list(OPTIONS))
 def transport_name(request) -> str:
+    """Every transport; one that cannot run on this machine skips with the reason (no RDMA port here)."""
+    if request.param in UNAVAILABLE and (reason := UNAVAILABLE[request.param]()) is not None:
+        pytest.skip(f"{request.param}: {reason}")
     return request.param
 
 
