@@ -994,7 +994,7 @@ class RdmaTransport(RingTransport):
                 # Its credit can no longer reach the producer: end the connection now, so the
                 # producer gets PeerGone instead of waiting for credit until its timeout.
                 conn.channel.alive = False
-                conn.channel.writer.close()
+                conn.channel.writer.transport.close()
                 self._bell.set()
 
     async def aclose(self) -> None:

@@ -68,6 +68,7 @@ I8  Every wait in the I/O layer has a timeout, and a dead peer is noticed
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ from typing import Protocol
 
 import torch
 
-from .codec import Encoded, align, decode_meta, decode_tensors
+from .codec import Encoded, align, decode_meta, decode_tensors, payload_buffer
 from .errors import ProtocolError
 
 MAGIC = 0x3152504F  # b"OPR1" little-endian
@@ -365,7 +366,7 @@ class Assembler:
 
     consumer: RingConsumer
     _meta: dict | None = None
-    _buffer: torch.Tensor | None = None
+    _buffer: bytearray | mmap.mmap | None = None
     _filled: int = 0
     _expected: int = 0
     received: int = field(default=0)
@@ -391,7 +392,7 @@ class Assembler:
                 raise ProtocolError(f"record {rec.seq}: START announces {rec.aux} bytes, meta {meta['n']}")
             self.consumer.release(rec.start, rec.end)
             self._meta, self._expected, self._filled = meta, rec.aux, 0
-            self._buffer = torch.empty(rec.aux, dtype=torch.uint8)
+            self._buffer = payload_buffer(rec.aux)
             return self._finish_if_complete()
         if rec.kind == CHUNK:
             if self._meta is None:
@@ -399,8 +400,7 @@ class Assembler:
             n = rec.payload.nbytes
             if self._filled + n > self._expected:
                 raise ProtocolError(f"record {rec.seq}: CHUNK overruns the message")
-            dst = self._buffer[self._filled : self._filled + n]
-            dst.copy_(torch.frombuffer(rec.payload, dtype=torch.uint8))
+            memoryview(self._buffer)[self._filled : self._filled + n] = rec.payload
             self.consumer.release(rec.start, rec.end)
             self._filled += n
             self.received += n
@@ -412,8 +412,7 @@ class Assembler:
             return None
         meta, buf = self._meta, self._buffer
         self._meta, self._buffer = None, None
-        data = memoryview(buf.numpy()) if buf.numel() else bytearray()
-        return Assembled(meta, decode_tensors(meta, data), None)
+        return Assembled(meta, decode_tensors(meta, buf), None)
 
 
 def _split_head(payload: memoryview, expect_payload: bool = True) -> tuple[dict, memoryview]:

@@ -6,7 +6,7 @@ a hello (meta = msgpack {"hello": sender id}, no payload) so the receiver can
 name its peer. A sender writes a message's parts without joining them and
 waits until the kernel holds all of them: it buffers one message at most, and
 the caller may reuse its tensors once ``send`` returns. A receiver validates
-sizes before allocating, reads each payload straight into its own bytearray,
+sizes before allocating, reads each payload straight into memory of its own,
 and stops reading a connection while its undelivered messages exceed
 ``max_buffered_bytes``.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import mmap
 import socket
 import struct
 import uuid
@@ -49,7 +50,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._header = bytearray(FRAME.size)
         self._meta_len = self._payload_len = 0
         self._meta: dict | None = None
-        self._payload: bytearray | None = None
+        self._payload: bytearray | mmap.mmap | None = None
         self._end_frame()
 
     def _next(self, buf: memoryview, stage: str) -> None:
@@ -105,7 +106,7 @@ class _Connection(asyncio.BufferedProtocol):
             return self._drop(f"bad meta block: {exc}")
         if self._meta["n"] != self._payload_len:
             return self._drop(f"meta says {self._meta['n']} payload bytes, frame says {self._payload_len}")
-        self._payload = bytearray(self._payload_len)
+        self._payload = codec.payload_buffer(self._payload_len)
         if self._payload_len:
             self._next(memoryview(self._payload), "payload")
         else:
