@@ -30,7 +30,7 @@ from .store import JobStore
 
 log = logging.getLogger("onepiece.broker")
 
-DRAIN_BATCH = 2000
+DRAIN_BATCH = 256  # a batch is one transaction; keep it short so the loop stays fair
 
 
 class Broker:
@@ -52,6 +52,8 @@ class Broker:
         self._tx = None
         self._tasks: list[asyncio.Task] = []
         self._worker_stats: dict[str, dict] = {}
+        self._replies: list[tuple[str, bytes]] = []  # SUBMITTED, sent once the batch is committed
+        self._running: set[str] = set()  # jobs already marked 'running' in the store
         self.started_at = time.time()
         # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
         self.extensions: dict[str, object] = {}
@@ -107,6 +109,13 @@ class Broker:
     # -- facade for the REST API ----------------------------------------------
     def submit(self, workflow: str, params: dict, payload: dict | None = None) -> str:
         """Accept a job; it is durable in the store when this returns. CoreError if refused."""
+        job_id = self._accept(workflow, params, payload)
+        self.store.commit()
+        self._rearm()
+        return job_id
+
+    def _accept(self, workflow: str, params: dict, payload: dict | None = None) -> str:
+        """Accept a job into the core and the store's open transaction (durable at the next commit)."""
         if workflow not in self.workflows:
             raise CoreError(f"unknown workflow {workflow!r}; available: {', '.join(sorted(self.workflows))}")
         job_id = uuid.uuid4().hex
@@ -114,7 +123,6 @@ class Broker:
         self.store.add_job(job_id, workflow, params, payload, now)
         self.metrics.submitted.inc()
         self._apply(self.core.submit(job_id, workflow, params, payload, now))
-        self.store.commit()
         return job_id
 
     def job(self, job_id: str) -> dict | None:
@@ -136,6 +144,7 @@ class Broker:
             return False
         self._apply(cmds)
         self.store.commit()
+        self._rearm()
         return bool(cmds)
 
     def subscribe(self, job_id: str) -> tuple[list[dict], asyncio.Queue]:
@@ -183,6 +192,7 @@ class Broker:
         """Bind nothing new to the worker and tell it to finish its tasks and leave
         (UnknownWorker if it is not registered)."""
         self._apply(self.core.drain(worker_id, time.time()))
+        self._rearm()
 
     def worker_stats(self) -> dict[str, dict]:
         return self._worker_stats
@@ -199,7 +209,13 @@ class Broker:
                 except zmq.Again:
                     break
                 self._on_frames(frames)
-            self.store.commit()
+            self.store.commit()  # one transaction for the whole batch
+            for wid, body in self._replies:  # a client hears its job id only once the job is durable
+                self._send(wid, body)
+            self._replies.clear()
+            # Awaiting a recv that is already satisfied does not yield: while messages keep coming
+            # this loop would starve the tick (heartbeats, expiry) and the REST API for seconds.
+            await asyncio.sleep(0)
 
     async def _tick(self) -> None:
         hb = protocol.pack("HEARTBEAT")
@@ -210,10 +226,23 @@ class Broker:
                 for w in stage["workers"]:
                     self._send(w["id"], hb)
             self.store.commit()
+            self._rearm()
+
+    def _rearm(self) -> None:
+        """Call after sending from outside ``_receive`` (the tick, REST and manager calls).
+
+        ``_send`` goes through the shadow socket ``_tx``; libzmq processes the socket's
+        command mailbox on every send and can consume the ZMQ_FD edge that the pending
+        asyncio ``recv_multipart`` in ``_receive`` waits for. The messages then sit unread
+        until an unrelated edge comes (a worker reconnecting): the broker goes deaf.
+        EVENTS read through the asyncio socket re-checks and wakes the receive.
+        """
+        if self._sock is not None:
+            self._sock.get(zmq.EVENTS)
 
     def _send(self, worker_id: str, body: bytes) -> None:
         try:
-            self._tx.send_multipart([worker_id.encode(), body], zmq.NOBLOCK)
+            self._tx.send_multipart([worker_id.encode("utf-8", "surrogateescape"), body], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.warning("could not send to %s: %s", worker_id, exc)
 
@@ -229,7 +258,9 @@ class Broker:
             self.metrics.bad_messages.inc()
             log.warning("dropped a bad control message from %r: %s", ident[:32], exc)
             return
-        wid = ident.decode("utf-8", "replace")
+        # surrogateescape round-trips any routing id: libzmq gives a DEALER without ROUTING_ID a
+        # binary one (0x00 + 4 bytes), which "replace" would mangle, so its replies went nowhere
+        wid = ident.decode("utf-8", "surrogateescape")
         try:
             self._apply(self._dispatch(wid, body))
         except UnknownWorker:
@@ -268,8 +299,8 @@ class Broker:
             return core.disconnect(wid, now)
         if kind == "SUBMIT":
             payload = m.get("payload") if isinstance(m.get("payload"), dict) else None
-            job_id = self.submit(m["workflow"], m["params"], payload)
-            self._send(wid, protocol.pack("SUBMITTED", job=job_id))
+            job_id = self._accept(m["workflow"], m["params"], payload)
+            self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))
             return []
         raise CoreError(f"{kind} is not a message a broker accepts")
 
@@ -285,7 +316,8 @@ class Broker:
 
     def _on_event(self, e: JobEvent) -> None:
         seq = self.store.add_event(e.job_id, e.type, e.data)
-        if e.type == "stage_assigned":  # the core calls a job running once a task is bound
+        if e.type == "stage_assigned" and e.job_id not in self._running:  # running once a task is bound
+            self._running.add(e.job_id)
             self.store.set_state(e.job_id, "running")
         elif e.type == "stage_finished":
             self.metrics.observe_stage(e.data)
@@ -297,6 +329,7 @@ class Broker:
                               job.get("stages"))
             self.metrics.finished.labels(e.type).inc()
             self.core.forget(e.job_id)
+            self._running.discard(e.job_id)
             log.info("job %s %s%s", e.job_id, e.type, f": {e.data['reason']}" if e.data.get("reason") else "")
         for q in self._subscribers.get(e.job_id, ()):
             q.put_nowait(event)

@@ -56,13 +56,22 @@ class JobStore:
         self._db.executescript(SCHEMA)
         self._events: list[tuple] = []
         self._seq: dict[str, int] = {}
+        self._txn = False  # a write transaction is open; commit() ends it
+
+    def _begin(self) -> None:
+        # isolation_level=None is autocommit: without an explicit BEGIN every statement,
+        # and every row of an executemany, is a transaction of its own (locks + WAL frames).
+        if not self._txn:
+            self._db.execute("BEGIN")
+            self._txn = True
 
     def close(self) -> None:
         self.commit()
         self._db.close()
 
     def add_job(self, job_id: str, workflow: str, params: dict, payload: dict | None, created: float) -> None:
-        """Insert and commit at once: the job is durable before its id is returned."""
+        """Insert; durable at the next commit(), which comes before the job's id is returned."""
+        self._begin()
         self._db.execute(
             "INSERT INTO jobs (id, workflow, state, params, payload, created) VALUES (?, ?, 'queued', ?, ?, ?)",
             (job_id, workflow, json.dumps(params), msgpack.packb(payload) if payload else None, created),
@@ -79,24 +88,35 @@ class JobStore:
         return seq
 
     def set_state(self, job_id: str, state: str) -> None:
+        self._begin()
         self._db.execute("UPDATE jobs SET state = ? WHERE id = ? AND state NOT IN (?, ?, ?)",
                          (state, job_id, *TERMINAL))
 
     def finish(self, job_id: str, state: str, finished: float, reason: str | None,
                result: dict | None, stages: dict | None) -> None:
+        self._begin()
         self._db.execute(
             "UPDATE jobs SET state = ?, finished = ?, reason = ?, result = ?, stages = ?, payload = NULL "
             "WHERE id = ?",
             (state, finished, reason, json.dumps(result) if result else None,
              json.dumps(stages, default=str) if stages else None, job_id),
         )
-        self.commit()  # the terminal event must be on disk before its counter is forgotten
+        self._flush()  # the terminal event must be in the table before its counter is forgotten
         self._seq.pop(job_id, None)
 
-    def commit(self) -> None:
+    def _flush(self) -> None:
+        """Write the buffered events into the open transaction."""
         if self._events:
+            self._begin()
             self._db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)", self._events)
             self._events.clear()
+
+    def commit(self) -> None:
+        """Write the buffered events and end the open transaction: one transaction per batch."""
+        self._flush()
+        if self._txn:
+            self._txn = False
+            self._db.execute("COMMIT")
 
     def job(self, job_id: str) -> dict | None:
         row = self._db.execute(

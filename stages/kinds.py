@@ -54,6 +54,9 @@ class StageOutput:
 class StageKind(abc.ABC):
     """One stage implementation, loaded once per worker process."""
 
+    #: run() takes microseconds and never blocks: the worker calls it on its event loop, not in a thread
+    inline = False
+
     def __init__(self, spec: StageSpec, *, model: str = "tiny", device: str | None = None,
                  dtype: str | None = None):
         self.spec, self.model, self.device, self.dtype = spec, model, device, dtype
@@ -172,9 +175,21 @@ class Synthetic(StageKind):
         self.rng = random.Random(os.getpid() ^ time.time_ns())
         scale = float(os.environ.get("ONEPIECE_TIME_SCALE", "1") or 1)
         self.time_scale = scale
+        st = self.synthetic
+        # zero service time and small filler: nothing to wait for, run on the event loop
+        self.inline = st.dist == "constant" and st.mean == 0.0 and not spec.progress and st.output_bytes <= 65536
+
+    def load(self) -> None:
+        """Stand in for a model load: the stage table's ``load_s``, scaled like the service times."""
+        t0 = time.perf_counter()
+        time.sleep(float(self.spec.options.get("load_s", 0.0) or 0.0) * self.time_scale)
+        self.load_s = time.perf_counter() - t0
 
     def run(self, inputs, ctx):
-        seconds = self.synthetic.sample(self.rng) * self.time_scale
+        # A job may scale a stage's work, e.g. {"work": {"denoise": 2}} for a video twice as long.
+        work = ctx.params.get("work")
+        factor = float(work.get(self.spec.name, 1.0)) if isinstance(work, dict) else 1.0
+        seconds = self.synthetic.sample(self.rng) * self.time_scale * factor
         steps = max(1, int(ctx.params.get("steps", 1))) if self.spec.progress else 1
         for step in range(steps):
             if ctx.cancelled.wait(seconds / steps):

@@ -242,7 +242,16 @@ class Worker:
 
     async def _control(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
+            sock = self._sock
+            try:
+                frames = await sock.recv_multipart()
+            except (asyncio.CancelledError, zmq.ZMQError):
+                # _connect() (a reconnect from the heartbeat) closed the socket under this await,
+                # which cancels the pending receive: go on with the new socket, or the worker
+                # never hears the broker again. A cancellation of this task itself still ends it.
+                if sock is not self._sock and not asyncio.current_task().cancelling():
+                    continue
+                raise
             self._last_broker = time.monotonic()
             try:
                 m = protocol.unpack(frames[-1])
@@ -349,8 +358,11 @@ class Worker:
         key = (task.job, task.stage)
         t0 = time.time()
         try:
-            out: StageOutput = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.kind.run, task.inputs, task.ctx)
+            if self.kind.inline:  # microseconds of work: a thread hand-off costs more than the task
+                out: StageOutput = self.kind.run(task.inputs, task.ctx)
+            else:
+                out = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.kind.run, task.inputs, task.ctx)
         except StageCancelled:
             log.info("job %s: %s cancelled", task.job, task.stage)
             self.tasks.pop(key, None)

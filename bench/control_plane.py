@@ -1,0 +1,849 @@
+#!/usr/bin/env python
+"""Control-plane capacity: how fast the broker moves zero-cost tasks, and what each hop adds.
+
+    python bench/control_plane.py [--quick] [--json PATH] [--transport shm|tcp]
+                                  [--workers N] [--capacity K] [--window W]
+
+Everything is real: a :class:`broker.service.Broker` runs in this process
+(temporary ``data_dir``, SQLite job store, ZeroMQ ROUTER on a free loopback
+port), stage workers are separate processes started by
+:class:`manager.launcher.LocalLauncher` (``python -m onepiece.cli worker``),
+tensors move worker to worker over the chosen transport, and jobs come from a
+client in a third process that sends ``SUBMIT`` over its own DEALER and reads
+``SUBMITTED``, exactly like a batch submitter would. The workflow is
+``bench/workflows/zero3.toml``: a chain a -> b -> c of ``synthetic`` stages
+with zero service time and 16-byte outputs, so nothing but the broker, the
+worker runtime and the hand-offs is measured.
+
+Phases, on one stack:
+
+1. *warm-up*: jobs with a bounded window in flight (connections open,
+   caches warm), then drained;
+2. *throughput*: for ``--seconds`` per round, the client keeps ``--window``
+   jobs in flight (a new SUBMIT for each job that ends, so the broker is
+   never idle and its queue never grows without bound). The broker process
+   counts the ``stage_finished`` events (completed stage tasks, 3 per job)
+   and the terminal ``succeeded`` events (jobs done) after a short ramp;
+   tasks/s = stage tasks / seconds. Several rounds give the median;
+3. *hop latency*: Poisson arrivals at ``--load`` (default 0.5) times the
+   measured jobs/s, then drained, and every measured job's per-stage
+   timestamps read back with ``Broker.job(id)``.
+
+Hop latency, the definition printed with the table: the time from the moment
+a stage *could* run (for ``a`` the client's send of the job, for ``b`` and
+``c`` the broker's receipt of the upstream's DONE) until the broker hears
+that it has started (its STARTED). That covers the broker's routing, the
+TASK and SEND messages, the 16-byte tensor crossing the data plane, the
+worker's start and the STARTED message back; stages cost nothing, so no
+compute is in it. Each job gives three samples; p50/p99 are over all of
+them (and per hop). As a cross-check the table also shows
+(end-to-end - sum of the workers' ``run_s``) / 3 per job, where end-to-end
+runs from the client's send to the broker's ``succeeded`` and so also holds
+c's DONE trip back; all timestamps are ``time.time()`` of one host.
+
+Defaults: one worker per stage with ``--capacity 32`` task slots, and a
+window of 128 jobs. On 2 cores more worker processes only add wake-ups
+(``--workers 2`` measured ~10% more CPU per job and no more throughput);
+more slots per worker let the broker pipeline tasks to a worker instead of
+waiting a round trip per task (capacity 1: ~1,200 tasks/s, 8: ~2,200,
+32: ~2,500 on this machine).
+
+Where the time goes: each round prints the share of a core each process
+used, the CPU milliseconds all our processes spent per job (a number that
+other users' load disturbs much less than tasks/s, and the ceiling it
+implies for this machine), and how long their threads were runnable but
+waiting for a CPU. ``--profile DIR`` runs cProfile on the broker process
+during the throughput rounds (DIR/broker.prof and a summary on stderr).
+
+The run also watches for stalls: the broker's event loop running late by
+more than 0.5 s (a thread prints the main thread's stack past 3 s), and
+zero-cost jobs in flight that make no progress for a second, in which case
+it says whether messages were waiting unread on the broker's socket. Such
+disturbances are listed under the targets. A run whose jobs do not end
+(``--quick``: within 15 s of a phase) stops with exit status 1; missed
+targets alone exit 0.
+
+Every process started here is stopped at the end, also on errors and
+Ctrl-C, and any /dev/shm name of our workers is removed (the table says how
+many there were: normally none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+WORKFLOW = ROOT / "bench" / "workflows" / "zero3.toml"
+STAGES = ("a", "b", "c")
+SHM_DIR = "/dev/shm"
+TARGET_TASKS_PER_S = 5000.0
+TARGET_HOP_P99_MS = 5.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup_s: float
+    seconds: float  # one throughput round
+    rounds: int
+    ramp_s: float  # not counted at the start of a round / latency phase
+    latency_s: float
+    drain_s: float  # how long jobs may take to end after a phase before the run is called stuck
+    load: float  # fraction of the measured max for the latency phase
+
+
+QUICK = dict(warmup_s=1.5, seconds=5.0, rounds=1, ramp_s=0.5, latency_s=6.0, drain_s=15.0)
+FULL = dict(warmup_s=3.0, seconds=10.0, rounds=3, ramp_s=1.0, latency_s=20.0, drain_s=60.0)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- the client process ----------------------------------------------------------------
+
+def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
+    """Submit jobs over ZeroMQ on command from the parent (a Pipe), until told to stop.
+
+    Commands: ("window", W, seconds): keep W jobs in flight; ("rate", jobs_per_s, seconds, seed):
+    Poisson arrivals; ("stop",). The parent publishes the cumulative count of ended jobs on
+    ``credit_ep``; jobs in flight = jobs submitted - jobs ended.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    import zmq
+
+    from broker import protocol
+
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.SNDHWM, 0)
+    dealer.setsockopt(zmq.RCVHWM, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, f"bench-client-{os.getpid()}".encode())
+    dealer.connect(endpoint)
+    credits = ctx.socket(zmq.PULL)
+    credits.setsockopt(zmq.LINGER, 0)
+    credits.connect(credit_ep)
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(credits, zmq.POLLIN)
+    state = {"submitted": 0, "replies": 0, "errors": 0, "error": None, "ended": 0}
+
+    def drain() -> None:
+        while True:
+            try:
+                raw = dealer.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            state["replies"] += 1
+            m = protocol.unpack(raw)
+            if m["k"] != "SUBMITTED":
+                state["errors"] += 1
+                state["error"] = m.get("reason")
+        while True:
+            try:
+                state["ended"] = max(state["ended"], int(credits.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                break
+
+    def submit() -> None:
+        n = state["submitted"]
+        dealer.send(protocol.pack("SUBMIT", workflow=workflow, params={"n": n, "t": time.time()}))
+        state["submitted"] = n + 1
+
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                break
+            drain()
+            first = state["submitted"]
+            t0 = time.time()
+            lateness: list[float] = []
+            if cmd[0] == "window":
+                _, window, seconds = cmd
+                t_end = t0 + seconds
+                while True:
+                    now = time.time()
+                    if now >= t_end:
+                        break
+                    while state["submitted"] - state["ended"] < window:
+                        submit()
+                    poller.poll(max(1, int((t_end - now) * 1000)))
+                    drain()
+            else:
+                _, rate, seconds, seed = cmd
+                rng = random.Random(seed)
+                t_end = t0 + seconds
+                due = t0 + rng.expovariate(rate)
+                while due < t_end:
+                    now = time.time()
+                    if now < due:
+                        if due - now > 0.002:  # wait on the sockets; poll() has 1 ms resolution
+                            poller.poll(int((due - now) * 1000) - 1)
+                            drain()
+                        else:
+                            time.sleep(due - now)  # no busy wait: the client must not steal a core
+                        continue
+                    lateness.append(now - due)
+                    submit()
+                    due += rng.expovariate(rate)
+                    drain()
+            t1 = time.time()
+            deadline = time.monotonic() + 30.0
+            while state["replies"] < state["submitted"] and time.monotonic() < deadline:
+                poller.poll(100)
+                drain()
+            lateness.sort()
+            conn.send({"t0": t0, "t1": t1, "first": first, "submitted": state["submitted"] - first,
+                       "total_submitted": state["submitted"], "errors": state["errors"], "error": state["error"],
+                       "missing_replies": state["submitted"] - state["replies"],
+                       "late_p99_ms": 1e3 * lateness[int(0.99 * (len(lateness) - 1))] if lateness else 0.0,
+                       "late_max_ms": 1e3 * lateness[-1] if lateness else 0.0})
+    finally:
+        dealer.close(0)
+        credits.close(0)
+        ctx.term()
+
+
+# -- the broker, observed ----------------------------------------------------------------
+
+def make_broker(settings, credit_sock, credit_batch: int):
+    """A real Broker whose job events are also recorded here (stage completions, terminal events).
+
+    The cumulative count of ended jobs goes to the client every ``credit_batch`` ended jobs or
+    1 ms after the first unsent one, whichever comes first: one small message per batch, so the
+    bookkeeping costs the broker little. Nothing else of the broker is changed.
+    """
+    from broker.core import TERMINAL
+    from broker.service import Broker
+
+    class BenchBroker(Broker):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.stage_done: list[float] = []
+            self.ended: list[tuple[float, str, str]] = []  # (time, job id, terminal type)
+            self._unsent = 0
+            self._timer = None
+
+        @property
+        def progress(self) -> int:
+            return len(self.stage_done) + len(self.ended)
+
+        @property
+        def busy(self) -> bool:
+            return bool(self.core.active_jobs())
+
+        def _on_event(self, e) -> None:
+            super()._on_event(e)
+            if e.type == "stage_finished":
+                self.stage_done.append(time.time())
+            elif e.type in TERMINAL:
+                self.ended.append((time.time(), e.job_id, e.type))
+                self._unsent += 1
+                if self._unsent >= credit_batch:
+                    self._flush()
+                elif self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(0.001, self._flush)
+
+        def _flush(self) -> None:
+            import zmq
+
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._unsent = 0
+            with contextlib.suppress(zmq.ZMQError):
+                credit_sock.send(str(len(self.ended)).encode(), zmq.NOBLOCK)
+
+    return BenchBroker(settings)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+class LoopWatch:
+    """How late the broker's event loop runs (a stalled broker makes workers reconnect).
+
+    A coroutine ticks every 50 ms and records how late it woke; a thread prints the main
+    thread's stack when the loop has not ticked for ``dump_after`` seconds, to show where it hangs.
+    """
+
+    def __init__(self, dump_after: float = 3.0):
+        self.broker = None  # when set, also watch for jobs that stop progressing
+        self.deaf: list[tuple[float, float, bool]] = []  # (time, seconds without progress, messages queued)
+        self._progress, self._progress_at, self._reported = -1, time.monotonic(), None
+        self.max_lag = 0.0
+        self.phase = "start-up"
+        self.stalls: list[tuple[float, float, str]] = []  # (time, seconds, phase) of lags over 0.5 s
+        self.dump_after = dump_after
+        self._last = time.monotonic()
+        self._task = None
+        self._stop = None
+        self._thread = None
+
+    def start(self) -> None:
+        import threading
+
+        self._task = asyncio.get_running_loop().create_task(self._tick(), name="bench-loopwatch")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(threading.main_thread().ident,),
+                                        name="bench-loopwatch", daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        self.max_lag = 0.0
+
+    async def _tick(self) -> None:
+        try:
+            await self._ticking()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a diagnostic must not end the run; say it stopped
+            log(f"(loop watch stopped: {type(exc).__name__}: {exc})")
+
+    async def _ticking(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.05)
+            self._last = now = time.monotonic()
+            lag = now - t - 0.05
+            self.max_lag = max(self.max_lag, lag)
+            if lag > 0.5:
+                self.stalls.append((time.time(), lag, self.phase))
+            b = self.broker
+            if b is None:
+                continue
+            if b.progress != self._progress:
+                self._progress, self._progress_at = b.progress, now
+            elif now - self._progress_at > 1.0 and self._reported != self._progress_at and b.busy:
+                # Zero-cost jobs are in flight, yet no stage finished for a second. Is a control
+                # message waiting unread? (Only read here, in a stall: reading EVENTS on the shadow
+                # socket does not wake the broker's receive, so this does not hide the stall.)
+                import zmq
+
+                self._reported = self._progress_at
+                queued = bool(b._tx.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                self.deaf.append((time.time(), now - self._progress_at, queued, self.phase))
+                log(f"no job progress for {now - self._progress_at:.1f} s with jobs in flight; the broker's "
+                    f"ZMQ socket {'HAS messages queued: its receive loop was not woken' if queued else 'has nothing queued'}")
+
+    def _watch(self, main_ident: int) -> None:
+        import traceback
+
+        dumped = 0.0
+        while not self._stop.wait(0.5):
+            silent = time.monotonic() - self._last
+            if silent > self.dump_after and self._last != dumped:
+                dumped = self._last
+                frame = sys._current_frames().get(main_ident)
+                stack = "".join(traceback.format_stack(frame)[-12:]) if frame else "?"
+                log(f"broker event loop stuck for {silent:.1f} s; main thread is at:\n{stack}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._stop.set()
+            self._thread.join(2)
+            self._task = None
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for role, pid in pids.items():
+        with contextlib.suppress(Exception):
+            t = psutil.Process(pid).cpu_times()
+            out[role] = t.user + t.system
+    return out
+
+
+def run_delay(pids: dict[str, int]) -> dict[str, float]:
+    """Seconds each process's threads spent runnable but waiting for a CPU (Linux schedstat)."""
+    out = {}
+    for role, pid in pids.items():
+        total = 0
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            out[role] = total / 1e9
+    return out
+
+
+def cpu_share(before: dict, after: dict, seconds: float) -> dict[str, float]:
+    """Percent of one core each process used over ``seconds``."""
+    return {role: 100.0 * (after[role] - before[role]) / seconds for role in after if role in before}
+
+
+def our_segments(pids) -> list[str]:
+    prefixes = tuple(f"onepiece-{pid}-" for pid in pids)
+    with contextlib.suppress(OSError):
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(prefixes)]
+    return []
+
+
+def sweep_segments(pids) -> list[str]:
+    removed = []
+    for name in our_segments(pids):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+    return removed
+
+
+def kill_pids(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- the benchmark --------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, plan: Plan):
+        self.args, self.plan = args, plan
+        self.tmp = Path(tempfile.mkdtemp(prefix="onepiece-cp-"))
+        self.broker = None
+        self.launcher = None
+        self.client = None
+        self.conn = None
+        self.worker_pids: list[int] = []  # every worker started, for the last-resort cleanup
+        self._zctx = None
+        self._credit = None
+        self.results: dict = {"rounds": []}
+        self.watch = LoopWatch()
+        self.ready_at = float("inf")
+
+    # -- stack ----------------------------------------------------------------
+    async def start(self) -> None:
+        import zmq
+
+        from manager.launcher import LocalLauncher
+        from onepiece.config import load_settings
+
+        a = self.args
+        settings = load_settings(env={}, data_dir=self.tmp / "data", control=a.control, transport=a.transport,
+                                 workflows=[str(WORKFLOW)], capacity=a.capacity)
+        self._zctx = zmq.Context()
+        self._credit = self._zctx.socket(zmq.PUSH)
+        self._credit.setsockopt(zmq.LINGER, 0)
+        self._credit.setsockopt(zmq.SNDHWM, 1000)
+        credit_ep = f"ipc://{self.tmp}/credits.ipc"
+        self._credit.bind(credit_ep)
+        self.broker = make_broker(settings, self._credit, max(1, a.window // 8))
+        await self.broker.start()
+        self.watch.broker = self.broker
+        self.watch.start()
+        self.settings = settings.replace(control=self.broker.endpoint)
+        # Workers log warnings only (INFO would log every registration and drain).
+        self.launcher = LocalLauncher(self.settings, env={"ONEPIECE_LOG_LEVEL": "WARNING"})
+        for stage in STAGES:
+            for _ in range(a.workers):
+                h = await self.launcher.start(str(WORKFLOW), stage)
+                self.worker_pids.append(h.process.pid)
+        want = len(STAGES) * a.workers
+        deadline = time.monotonic() + 120
+        while sum(len(s["workers"]) for s in self.broker.stages().values()) < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {sum(len(s['workers']) for s in self.broker.stages().values())} of "
+                                   f"{want} workers registered in 120 s")
+            if len(self.launcher.workers()) < want:
+                raise RuntimeError("a worker process exited during start-up; see its log above")
+            await asyncio.sleep(0.05)
+        self.ready_at = time.time()
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.client = ctx.Process(target=_client_main, name="cp-client",
+                                  args=(self.broker.endpoint, credit_ep, "zero3", child), daemon=True)
+        self.client.start()
+        child.close()
+
+    async def stop(self) -> None:
+        await self.watch.stop()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.conn.send(("stop",))  # heard between phases; mid-phase (interrupted) it is killed
+            await asyncio.to_thread(self.client.join, 2)
+            if self.client.is_alive():
+                self.client.kill()
+                await asyncio.to_thread(self.client.join, 5)
+            self.client = None
+        if self.launcher is not None:
+            # SIGTERM: a worker leaves once its held outputs are released, at once after a clean run;
+            # after an error or Ctrl-C some never will, so they are killed after a few seconds.
+            with contextlib.suppress(Exception):
+                await self.launcher.aclose(5.0)
+            self.launcher = None
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+            self.broker = None
+        if self._credit is not None:
+            self._credit.close(0)
+            self._zctx.term()
+            self._credit = None
+
+    def cleanup_sync(self) -> int:
+        """Last resort after stop(): kill what is left, unlink our shm names, remove the temp dir."""
+        kill_pids(self.worker_pids)
+        if self.client is not None and self.client.is_alive():
+            self.client.kill()
+        leftover = len(sweep_segments(self.worker_pids))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return leftover
+
+    # -- phases -----------------------------------------------------------------
+    async def command(self, *cmd) -> dict:
+        self.conn.send(cmd)
+        return await asyncio.to_thread(self.conn.recv)
+
+    async def drain(self, total_submitted: int) -> None:
+        timeout = self.plan.drain_s
+        deadline = time.monotonic() + timeout
+        while len(self.broker.ended) < total_submitted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{total_submitted - len(self.broker.ended)} jobs did not end within "
+                                   f"{timeout:.0f} s of the phase{self.disturbances()}")
+            await asyncio.sleep(0.01)
+
+    def reregistered(self) -> int:
+        """Workers whose current registration is newer than the start (they reconnected)."""
+        return sum(1 for s in self.broker.stages().values() for w in s["workers"]
+                   if w["registered"] > self.ready_at)
+
+    def disturbances(self) -> str:
+        out = []
+        if self.watch.stalls:
+            out.append("broker event loop ran late (timers, heartbeats and the REST API wait meanwhile) by " + ", ".join(
+                f"{lag:.1f} s at {time.strftime('%H:%M:%S', time.localtime(t))} ({phase})"
+                for t, lag, phase in self.watch.stalls))
+        if self.watch.deaf:
+            out.append("no progress with jobs in flight: " + ", ".join(
+                f"{quiet:.1f} s at {time.strftime('%H:%M:%S', time.localtime(t))} ({phase}; "
+                f"{'the broker had messages queued unread' if queued else 'nothing queued at the broker'})"
+                for t, quiet, queued, phase in self.watch.deaf))
+        n = self.reregistered()
+        if n:
+            out.append(f"{n} worker(s) re-registered after start-up")
+        return ("; " + "; ".join(out)) if out else ""
+
+    def pids(self) -> dict[str, int]:
+        out = {"broker (+bench)": os.getpid(), "client": self.client.pid}
+        per = {}
+        for h in self.launcher.workers():
+            per.setdefault(h.stage, []).append(h.process.pid)
+        for stage, pids in per.items():
+            for i, pid in enumerate(pids):
+                out[f"worker {stage}" + (f"#{i + 1}" if len(pids) > 1 else "")] = pid
+        return out
+
+    async def run(self) -> dict:
+        p, a = self.plan, self.args
+        log(f"warm-up: {p.warmup_s:.1f} s with {a.window} jobs in flight")
+        self.watch.phase = "warm-up"
+        r = await self.command("window", a.window, p.warmup_s)
+        self.check(r)
+        await self.drain(r["total_submitted"])
+
+        profiler = None
+        if a.profile:
+            import cProfile
+
+            profiler = cProfile.Profile()
+        for i in range(p.rounds):
+            log(f"throughput round {i + 1} of {p.rounds}: {p.seconds:.1f} s with {a.window} jobs in flight")
+            self.watch.phase = f"throughput round {i + 1}"
+            pids = self.pids()
+            c0, d0, w0 = cpu_seconds(pids), run_delay(pids), time.time()
+            self.watch.reset()
+            if profiler:
+                profiler.enable()
+            r = await self.command("window", a.window, p.seconds)
+            if profiler:
+                profiler.disable()
+            c1, d1, w1 = cpu_seconds(pids), run_delay(pids), time.time()
+            self.check(r)
+            lo, hi = r["t0"] + p.ramp_s, r["t1"]
+            tasks = sum(1 for t in self.broker.stage_done if lo <= t < hi)
+            jobs = [e for e in self.broker.ended if lo <= e[0] < hi]
+            ok = sum(1 for e in jobs if e[2] == "succeeded")
+            # CPU per job over the whole call (every job submitted in it ends in it or in the drain
+            # below; the few in flight at its edges are a window's worth out of thousands).
+            cpu = cpu_share(c0, c1, w1 - w0)
+            cpu_ms_per_job = sum(c1[k] - c0[k] for k in c1 if k in c0) * 1e3 / max(1, r["submitted"])
+            rnd = {"seconds": hi - lo, "stage_tasks": tasks, "jobs_succeeded": ok, "jobs_failed": len(jobs) - ok,
+                   "tasks_per_s": tasks / (hi - lo), "jobs_per_s": ok / (hi - lo),
+                   "cpu_pct": cpu, "cpu_ms_per_job": cpu_ms_per_job, "loadavg": os.getloadavg()[0],
+                   "cpu_wait_pct": cpu_share(d0, d1, w1 - w0),
+                   "broker_loop_max_lag_ms": 1e3 * self.watch.max_lag}
+            self.results["rounds"].append(rnd)
+            log(f"  {rnd['tasks_per_s']:,.0f} tasks/s, {rnd['jobs_per_s']:,.0f} jobs/s, "
+                f"{cpu_ms_per_job:.2f} CPU ms/job; CPU % of a core: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in rnd["cpu_pct"].items()))
+            await self.drain(r["total_submitted"])
+        if profiler:
+            self.dump_profile(profiler)
+
+        rounds = self.results["rounds"]
+        max_jobs = statistics.median(x["jobs_per_s"] for x in rounds)
+        rate = a.rate or max(1.0, p.load * max_jobs)
+        log(f"hop latency: Poisson arrivals at {rate:,.0f} jobs/s ({rate / max_jobs:.0%} of {max_jobs:,.0f}) "
+            f"for {p.latency_s:.1f} s")
+        n_before = len(self.broker.ended)
+        self.watch.phase = "latency phase"
+        pids = self.pids()
+        c0, w0 = cpu_seconds(pids), time.time()
+        self.watch.reset()
+        r = await self.command("rate", rate, p.latency_s, a.seed)
+        c1, w1 = cpu_seconds(pids), time.time()
+        self.check(r)
+        await self.drain(r["total_submitted"])
+        lat = self.latency(self.broker.ended[n_before:], r["t0"] + p.ramp_s)
+        lat.update(rate=rate, load=rate / max_jobs, offered_seconds=p.latency_s, cpu_pct=cpu_share(c0, c1, w1 - w0),
+                   broker_loop_max_lag_ms=1e3 * self.watch.max_lag,
+                   client_late_p99_ms=r["late_p99_ms"], client_late_max_ms=r["late_max_ms"])
+        self.results["latency"] = lat
+        self.results["disturbances"] = self.disturbances().removeprefix("; ")
+        return self.results
+
+    def check(self, r: dict) -> None:
+        if r["errors"] or r["missing_replies"]:
+            raise RuntimeError(f"the broker refused {r['errors']} SUBMITs ({r['error']}); "
+                               f"{r['missing_replies']} got no reply")
+
+    def latency(self, ended, since: float) -> dict:
+        hops = {s: [] for s in STAGES}
+        per_job, e2e, runs = [], [], []
+        failed = 0
+        for _, job_id, kind in ended:
+            if kind != "succeeded":
+                failed += 1
+                continue
+            j = self.broker.job(job_id)
+            sent = j["params"]["t"]
+            if sent < since:
+                continue
+            st = j["stages"]
+            ready = sent
+            for s in STAGES:
+                hops[s].append(st[s]["started"] - ready)
+                ready = st[s]["finished"]
+            run = sum(float(st[s]["timings"].get("run_s", 0.0)) for s in STAGES)
+            total = j["finished"] - sent
+            e2e.append(total)
+            runs.extend(float(st[s]["timings"].get("run_s", 0.0)) for s in STAGES)
+            per_job.append((total - run) / len(STAGES))
+        pooled = [x for s in STAGES for x in hops[s]]
+
+        def summary(xs):
+            ms = [1e3 * x for x in xs]
+            return {"p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms) if ms else float("nan"),
+                    "mean": statistics.fmean(ms) if ms else float("nan"), "n": len(ms)}
+
+        return {"jobs": len(e2e), "failed": failed, "hop": summary(pooled),
+                "per_hop": {s: summary(hops[s]) for s in STAGES},
+                "e2e_overhead_per_hop": summary(per_job), "e2e": summary(e2e), "run_s": summary(runs)}
+
+    def dump_profile(self, profiler) -> None:
+        import io
+        import pstats
+
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(out / "broker.prof")
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(30)
+        log(buf.getvalue())
+        log(f"broker profile written to {out / 'broker.prof'}")
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def report(args, plan: Plan, machine: dict, res: dict, leftover: int) -> tuple[list[str], bool]:
+    lines = []
+    add = lines.append
+    rounds, lat = res["rounds"], res["latency"]
+    add("OnePiece control plane: workflow zero3 (a -> b -> c, synthetic, zero service time, 16-byte tensors)")
+    add(f"machine: {machine['cores']} cores ({machine['cpu']}), python {machine['python']}, "
+        f"load average {machine['loadavg_start']:.2f} at start, {machine['loadavg_end']:.2f} at end")
+    add(f"stack: broker in this process (uvloop, SQLite in a temp dir, control {args.control}); "
+        f"{args.workers} worker process(es) per stage, capacity {args.capacity} each, transport {args.transport}; "
+        f"client in its own process submitting over ZeroMQ SUBMIT")
+    add("")
+    add(f"Throughput: {args.window} jobs kept in flight, {plan.rounds} round(s) of {plan.seconds:.0f} s "
+        f"(first {plan.ramp_s:g} s of each not counted)")
+    add(f"  {'round':<7}{'tasks/s':>9}{'jobs/s':>8}{'stage tasks':>13}{'jobs ok':>9}{'failed':>8}"
+        f"{'CPU ms/job':>12}{'load':>6}  CPU, % of one core")
+    for i, r in enumerate(rounds, 1):
+        cpu = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_pct"].items())
+        add(f"  {i:<7}{r['tasks_per_s']:>9,.0f}{r['jobs_per_s']:>8,.0f}{r['stage_tasks']:>13,}"
+            f"{r['jobs_succeeded']:>9,}{r['jobs_failed']:>8}{r['cpu_ms_per_job']:>12.2f}{r['loadavg']:>6.2f}  {cpu}")
+        if r.get("cpu_wait_pct"):
+            wait = ", ".join(f"{k.split(' (')[0]} {v:.0f}" for k, v in r["cpu_wait_pct"].items())
+            add(f"  {'':<7}runnable but waiting for a CPU, % of wall (all threads): {wait}")
+    tps = statistics.median(r["tasks_per_s"] for r in rounds)
+    jps = statistics.median(r["jobs_per_s"] for r in rounds)
+    cpj = statistics.median(r["cpu_ms_per_job"] for r in rounds)
+    if len(rounds) > 1:
+        add(f"  {'median':<7}{tps:>9,.0f}{jps:>8,.0f}{'':>30}{cpj:>12.2f}")
+    cores = machine["cores"]
+    add("  CPU ms/job = CPU time of all our processes (broker, client, workers) / jobs submitted in the round.")
+    add(f"  Ceiling if they had all {cores} cores busy: {cores} / {cpj:.2f} ms = {cores * 1e3 / cpj:,.0f} jobs/s = "
+        f"{3 * cores * 1e3 / cpj:,.0f} tasks/s. 'load' = 1-minute load average, other users' work included.")
+    add("")
+    add(f"Hop latency at {lat['load']:.0%} load: Poisson arrivals at {lat['rate']:,.0f} jobs/s for "
+        f"{lat['offered_seconds']:.0f} s, {lat['jobs']:,} jobs measured ({lat['failed']} failed)")
+    add(f"  {'':<44}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'mean ms':>9}{'samples':>9}")
+
+    def row(name, s):
+        add(f"  {name:<44}{s['p50']:>8.3f}{s['p99']:>8.3f}{s['max']:>8.2f}{s['mean']:>9.3f}{s['n']:>9,}")
+
+    row("hop, all three pooled", lat["hop"])
+    row("  hop a: client sends job -> a started", lat["per_hop"]["a"])
+    row("  hop b: broker has a's DONE -> b started", lat["per_hop"]["b"])
+    row("  hop c: broker has b's DONE -> c started", lat["per_hop"]["c"])
+    row("(end-to-end - sum of run_s) / 3, per job", lat["e2e_overhead_per_hop"])
+    row("end-to-end: client send -> succeeded", lat["e2e"])
+    row("stage run_s as the worker reports it", lat["run_s"])
+    add("  CPU, % of one core: " + ", ".join(f"{k} {v:.0f}" for k, v in lat["cpu_pct"].items()))
+    add(f"  client lateness vs its Poisson schedule p99 {lat['client_late_p99_ms']:.2f} ms; broker event loop "
+        f"max lag {lat['broker_loop_max_lag_ms']:.1f} ms (a 50 ms timer's lateness)")
+    add("  hop = from when the stage could run (a: the client's send; b, c: the broker's receipt of the")
+    add("  upstream's DONE) until the broker receives its STARTED: routing, TASK and SEND messages, the")
+    add("  16-byte tensor over the data plane, the worker's start and the STARTED message back. Times are")
+    add("  the broker's per-stage timestamps (Broker.job(id)['stages']) and the client's send time, one clock.")
+    add("")
+    add("Targets")
+    ok_tp = tps >= TARGET_TASKS_PER_S
+    p99 = lat["hop"]["p99"]
+    ok_lat = p99 < TARGET_HOP_P99_MS
+    add(f"  {'throughput >= 5,000 tasks/s':<40}{'PASS' if ok_tp else 'FAIL':<6}{tps:,.0f} tasks/s")
+    lat_target = f"hop p99 < 5 ms at {lat['load']:.0%} load"
+    add(f"  {lat_target:<40}{'PASS' if ok_lat else 'FAIL':<6}{p99:.3f} ms "
+        f"(p50 {lat['hop']['p50']:.3f} ms)")
+    if res.get("disturbances"):
+        add(f"  seen: {res['disturbances']}")
+    add("")
+    add(f"/dev/shm names left by our workers: {leftover} (removed)" if leftover else
+        "/dev/shm names left by our workers: none")
+    return lines, ok_tp and ok_lat
+
+
+def machine_info() -> dict:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "loadavg_start": os.getloadavg()[0]}
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    return info
+
+
+async def amain(args, plan: Plan, bench: Bench) -> dict:
+    try:
+        await bench.start()
+        return await bench.run()
+    finally:
+        await bench.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a reduced run, under a minute")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--transport", default="shm", choices=("shm", "tcp"), help="data plane (default shm)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per stage (default 1)")
+    parser.add_argument("--capacity", type=int, default=32, help="tasks each worker may hold at once (default 32)")
+    parser.add_argument("--window", type=int, default=128, help="jobs kept in flight for throughput (default 128)")
+    parser.add_argument("--seconds", type=float, help="one throughput round (default 10, quick 5)")
+    parser.add_argument("--rounds", type=int, help="throughput rounds, median reported (default 3, quick 1)")
+    parser.add_argument("--latency-seconds", type=float, help="the latency phase (default 20, quick 6)")
+    parser.add_argument("--load", type=float, default=0.5, help="latency phase load, fraction of max (default 0.5)")
+    parser.add_argument("--control", default="tcp://127.0.0.1:*", help="broker endpoint (default a free port)")
+    parser.add_argument("--rate", type=float, help="latency phase at this many jobs/s instead of --load x max")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the Poisson arrivals")
+    parser.add_argument("--profile", metavar="DIR", help="cProfile the broker process in the throughput rounds")
+    args = parser.parse_args(argv)
+    params = dict(QUICK if args.quick else FULL)
+    for key, value in (("seconds", args.seconds), ("rounds", args.rounds), ("latency_s", args.latency_seconds)):
+        if value is not None:
+            params[key] = value
+    plan = Plan(load=args.load, **params)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    machine = machine_info()
+    bench = Bench(args, plan)
+    started = time.monotonic()
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    res = None
+    try:
+        res = run(amain(args, plan, bench))
+    except KeyboardInterrupt:
+        log("interrupted: every process started here has been stopped")
+        return 130
+    except (RuntimeError, TimeoutError) as exc:
+        log(f"the benchmark could not finish: {exc}")
+        return 1
+    finally:
+        leftover = bench.cleanup_sync()
+        if leftover:
+            log(f"removed {leftover} /dev/shm name(s) our workers left behind")
+    machine["loadavg_end"] = os.getloadavg()[0]
+    lines, ok = report(args, plan, machine, res, leftover)
+    print("\n".join(lines), flush=True)
+    log(f"({time.monotonic() - started:.0f} s)")
+    if args.json:
+        lat = res["latency"]
+        tps = statistics.median(r["tasks_per_s"] for r in res["rounds"])
+        out = {"tasks_per_s": round(tps, 1),
+               "hop_latency_ms": {"p50": round(lat["hop"]["p50"], 4), "p99": round(lat["hop"]["p99"], 4)},
+               "jobs_per_s": round(statistics.median(r["jobs_per_s"] for r in res["rounds"]), 1),
+               "cpu_ms_per_job": round(statistics.median(r["cpu_ms_per_job"] for r in res["rounds"]), 3),
+               "targets": {"tasks_per_s": TARGET_TASKS_PER_S, "hop_p99_ms": TARGET_HOP_P99_MS, "pass": ok},
+               "config": {"transport": args.transport, "workers_per_stage": args.workers,
+                          "capacity": args.capacity, "window": args.window, "quick": args.quick,
+                          "submit_path": "zeromq SUBMIT from a separate client process"},
+               "machine": machine, "rounds": res["rounds"], "latency": lat,
+               "shm_names_left": leftover}
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
