@@ -28,7 +28,6 @@ class Settings:
     liveness: int = 3
     max_attempts: int = 3
     max_request_bytes: int = 16 << 20
-    job_retention_s: float = 7 * 24 * 3600
     # workers
     transport: str = "shm"  # shm | tcp | rdma | auto
     data_host: str = "127.0.0.1"  # where a worker's data-plane endpoint listens
