@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from onepiece import client
 from onepiece.config import load_settings
 from onepiece.stack import Stack
 
+from .helpers import chain3, free_port
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 os.environ.setdefault("ONEPIECE_LOG_LEVEL", "WARNING")  # worker processes inherit it
 
@@ -34,14 +35,8 @@ SAMPLE = Path(__file__).resolve().parent.parent / "stages" / "assets" / "sample.
 SMALL = dict(height=64, width=96, num_frames=9, steps=4, guidance_scale=5.0, negative_prompt="blur")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def settings_for(tmp: Path, transport: str, workflows: list[str], **kw):
-    return load_settings(env={}, data_dir=tmp, control="tcp://127.0.0.1:*", rest_port=_free_port(),
+    return load_settings(env={}, data_dir=tmp, control="tcp://127.0.0.1:*", rest_port=free_port(),
                          transport=transport, workflows=workflows, heartbeat_s=0.5, liveness=3, **kw)
 
 
@@ -190,28 +185,7 @@ async def test_denoise_worker_killed_mid_job_the_job_still_succeeds(wan):
     assert sum(e["type"] == "succeeded" for e in seen) == 1
 
 
-SLOW_B = """
-name = "slow3"
-result = "c"
-[stages.a]
-kind = "synthetic"
-outputs = ["x"]
-[stages.a.synthetic]
-service_time = 0.01
-output_bytes = 1024
-[stages.b]
-kind = "synthetic"
-after = ["a"]
-outputs = ["y"]
-[stages.b.synthetic]
-service_time = 60
-output_bytes = 1024
-[stages.c]
-kind = "synthetic"
-after = ["b"]
-[stages.c.synthetic]
-service_time = 0.01
-"""
+SLOW_B = chain3("slow3", b_service=60)
 
 
 async def test_a_stage_whose_only_worker_keeps_dying_fails_the_job_after_the_retry_limit(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -16,6 +15,8 @@ from broker.api import start_api
 from broker.service import Broker
 from onepiece import client
 from onepiece.config import load_settings
+
+from ..helpers import free_port
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -36,12 +37,6 @@ service_time = 0.05
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_standalone_manager_starts_workers_serves_jobs_and_drains_on_exit(tmp_path):
     wf = tmp_path / "pair.toml"
     wf.write_text(WORKFLOW)
@@ -51,7 +46,7 @@ async def test_standalone_manager_starts_workers_serves_jobs_and_drains_on_exit(
     await broker.start()
     runner, port = await start_api(broker, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{port}"
-    mport = _free_port()
+    mport = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "onepiece.cli", "--log-level", "WARNING", "manager", "--broker-url", url,
         "--workflows", str(wf), "--control", broker.endpoint, "--data-dir", str(tmp_path / "data"),

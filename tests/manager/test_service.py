@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -20,43 +19,17 @@ from manager.policy import PolicyConfig, PolicyError, ProportionalPolicy, Static
 from manager.service import Manager
 from onepiece.config import load_settings
 
+from ..helpers import chain3, free_port
+
 pytestmark = pytest.mark.timeout(180)
 
-CHAIN = """
-name = "mgr3"
-result = "c"
-[stages.a]
-kind = "synthetic"
-outputs = ["x"]
-[stages.a.synthetic]
-service_time = 0.01
-output_bytes = 1024
-[stages.b]
-kind = "synthetic"
-after = ["a"]
-outputs = ["y"]
-[stages.b.synthetic]
-service_time = {b_service}
-output_bytes = 1024
-[stages.c]
-kind = "synthetic"
-after = ["b"]
-[stages.c.synthetic]
-service_time = 0.01
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def settings_for(tmp: Path, b_service: float = 0.2, heartbeat_s: float = 0.5):
     tmp.mkdir(parents=True, exist_ok=True)
     wf = tmp / "mgr3.toml"
-    wf.write_text(CHAIN.format(b_service=b_service))
-    return load_settings(env={}, data_dir=tmp / "data", control="tcp://127.0.0.1:*", rest_port=_free_port(),
+    wf.write_text(chain3("mgr3", b_service))
+    return load_settings(env={}, data_dir=tmp / "data", control="tcp://127.0.0.1:*", rest_port=free_port(),
                          transport="shm", workflows=[str(wf)], heartbeat_s=heartbeat_s, liveness=3)
 
 

@@ -1,0 +1,38 @@
+"""Small helpers shared by tests that start whole stacks."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for servers that need a known port up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chain3(name: str, b_service: float) -> str:
+    """A synthetic workflow a -> b -> c whose middle stage takes ``b_service`` seconds."""
+    return f"""
+name = "{name}"
+result = "c"
+[stages.a]
+kind = "synthetic"
+outputs = ["x"]
+[stages.a.synthetic]
+service_time = 0.01
+output_bytes = 1024
+[stages.b]
+kind = "synthetic"
+after = ["a"]
+outputs = ["y"]
+[stages.b.synthetic]
+service_time = {b_service}
+output_bytes = 1024
+[stages.c]
+kind = "synthetic"
+after = ["b"]
+[stages.c.synthetic]
+service_time = 0.01
+"""
