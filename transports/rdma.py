@@ -91,7 +91,6 @@ from .ring import (
     CONTROL_BYTES, CREDIT_BYTES, GRANULE, HEADER, HEADER_BYTES, MAGIC, PAD, SLEEPING_OFFSET,
     TRAILER_KEY, U64, WAITING_OFFSET, RingConfig, record_bytes,
 )
-from .base import Sender
 from .ringtransport import Region, RingTransport, Writer, ring_config
 
 log = logging.getLogger(__name__)
@@ -813,7 +812,8 @@ class _Link(Region, Writer):
             return
         fut = self._loop.create_future()
         self._waiters.append((wr_id, fut))
-        async with asyncio.timeout(timeout):
+        # A completion later than completion_timeout is a failure, whatever the caller allows.
+        async with asyncio.timeout(min(timeout, self._endpoint.completion_timeout)):
             await fut
 
     # -- failure and teardown ----------------------------------------------------
@@ -969,7 +969,7 @@ class RdmaTransport(RingTransport):
                 raise TransportTimeout(f"rdma: the first RDMA WRITE to peer {descriptor.get('id', '?')} did not "
                                        f"complete within {timeout} s: no working path from {self._local.device}")
             raise
-        return _RdmaSender(sender, link, self.completion_timeout)
+        return sender
 
     async def _poll_all(self):
         # A producer flushes before it closes, so the completions committing its last
@@ -985,24 +985,14 @@ class RdmaTransport(RingTransport):
         # channel has told it so: part of a normal goodbye, unlike a producer's failed write.
         alive = any(s._channel.alive for s in self._senders if s._data is link)
         log.log(logging.WARNING if alive else logging.DEBUG, "%s", exc)
-        for sender in list(self._senders):
-            if sender._data is link and sender._broken is None:
-                sender._broken = exc
-                sender._channel.bell.set()
-        for conn in self._inbound:
-            if conn.data is link and conn.channel.alive:
-                # Its credit can no longer reach the producer: end the connection now, so the
-                # producer gets PeerGone instead of waiting for credit until its timeout.
-                conn.channel.alive = False
-                conn.channel.writer.transport.close()
-                self._bell.set()
+        # A consumer whose credit can no longer reach its producer ends the connection at
+        # once, so the producer gets PeerGone instead of waiting for credit until its timeout.
+        self._medium_failed(link, exc)
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        await asyncio.gather(*(s._data.flush(self.completion_timeout) for s in self._senders),
-                             return_exceptions=True)
-        await super().aclose()
+        await super().aclose()  # each sender flushes its posted writes before it closes
         for link in list(self._offers.values()):
             link.close()
         try:
@@ -1010,29 +1000,6 @@ class RdmaTransport(RingTransport):
             self._ctx.close()
         except self._verbs.error as exc:
             log.warning("rdma: closing %s: %s", self._local.device, exc)
-
-
-class _RdmaSender(Sender):
-    """A ring sender whose close first waits for its posted writes to land.
-
-    ``send()`` returns once a message is staged and posted (the caller may
-    reuse its tensors); closing the side channel before the NIC has
-    delivered it would make the peer see a truncated stream.
-    """
-
-    def __init__(self, inner, link: _Link, timeout: float):
-        self._inner, self._link, self._timeout = inner, link, timeout
-        self.peer = inner.peer
-
-    async def send(self, header, tensors=None, *, timeout=None) -> None:
-        await self._inner.send(header, tensors, timeout=timeout)
-
-    async def aclose(self) -> None:
-        try:
-            await self._link.flush(self._timeout)
-        except (TransportError, TimeoutError) as exc:
-            log.debug("rdma: sender to %s closed without a flush: %s", self.peer, exc)
-        await self._inner.aclose()
 
 
 def _check_memlock(v: Verbs, pd, nbytes: int) -> None:
