@@ -54,7 +54,6 @@ class Broker:
         self._worker_stats: dict[str, dict] = {}
         self._replies: list[tuple[str, bytes]] = []  # SUBMITTED, sent once the batch is committed
         self._running: set[str] = set()  # jobs already marked 'running' in the store
-        self.started_at = time.time()
         # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
         self.extensions: dict[str, object] = {}
 

@@ -347,11 +347,7 @@ class Manager:
         rec.draining = True
         wid = rec.handle.id
         try:
-            drain = getattr(self.broker, "drain", None)
-            if drain is not None:
-                drain(wid)
-            else:  # until Broker grows drain(): the same thing through its command path
-                self.broker._apply(self.broker.core.drain(wid, time.time()))
+            self.broker.drain(wid)
         except Exception as exc:  # noqa: BLE001 - UnknownWorker: it already left; the launcher still waits for it
             log.info("node manager: broker could not drain %s (%s); stopping it anyway", wid, exc)
         log.info("node manager: draining %s (%s)", wid, reason)

@@ -26,38 +26,38 @@ from .config import load_settings
 log = logging.getLogger("onepiece")
 
 
+#: Settings field -> (flag, type, help). A flag left unset (None) keeps the file/env/default value.
+SETTINGS_FLAGS = {
+    "control": ("--control", str, "ZeroMQ endpoint of the broker (default tcp://127.0.0.1:5555)"),
+    "data_dir": ("--data-dir", Path, "job store and results folder (default .onepiece)"),
+    "transport": ("--transport", str, "data plane: shm, tcp, rdma or auto (default shm)"),
+    "model": ("--model", str, "'tiny' (default) or a local diffusers directory"),
+    "device": ("--device", str, "torch device (default: cuda when present)"),
+    "dtype": ("--dtype", str, "torch dtype of the model, e.g. bfloat16"),
+    "heartbeat_s": ("--heartbeat-s", float, "heartbeat interval in seconds (default 2.5)"),
+    "liveness": ("--liveness", int, "missed heartbeats before a peer is dead (default 3)"),
+    "rest_host": ("--rest-host", str, "REST API address (default 127.0.0.1)"),
+    "rest_port": ("--rest-port", int, "REST API port (default 8000)"),
+    "data_host": ("--data-host", str, "address the data-plane endpoint listens on"),
+    "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
+    "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
+    "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
+    "rdma_device": ("--rdma-device", str, "RDMA device, e.g. mlx5_0 (default: first with an active port)"),
+    "rdma_port": ("--rdma-port", int, "RDMA port number (default 1)"),
+    "rdma_gid_index": ("--rdma-gid-index", int, "GID index (default: RoCEv2 IPv4-mapped, else 0)"),
+    "max_attempts": ("--max-attempts", int, "attempts per stage before a job fails (default 3)"),
+}
+
+
 def _settings_args(p: argparse.ArgumentParser, *names: str) -> None:
-    """Flags that override Settings fields (default None = keep the file/env/default value)."""
-    flags = {
-        "control": ("--control", str, "ZeroMQ endpoint of the broker (default tcp://127.0.0.1:5555)"),
-        "data_dir": ("--data-dir", Path, "job store and results folder (default .onepiece)"),
-        "transport": ("--transport", str, "data plane: shm, tcp, rdma or auto (default shm)"),
-        "model": ("--model", str, "'tiny' (default) or a local diffusers directory"),
-        "device": ("--device", str, "torch device (default: cuda when present)"),
-        "dtype": ("--dtype", str, "torch dtype of the model, e.g. bfloat16"),
-        "heartbeat_s": ("--heartbeat-s", float, "heartbeat interval in seconds (default 2.5)"),
-        "liveness": ("--liveness", int, "missed heartbeats before a peer is dead (default 3)"),
-        "rest_host": ("--rest-host", str, "REST API address (default 127.0.0.1)"),
-        "rest_port": ("--rest-port", int, "REST API port (default 8000)"),
-        "data_host": ("--data-host", str, "address the data-plane endpoint listens on"),
-        "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
-        "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
-        "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
-        "rdma_device": ("--rdma-device", str, "RDMA device, e.g. mlx5_0 (default: first with an active port)"),
-        "rdma_port": ("--rdma-port", int, "RDMA port number (default 1)"),
-        "rdma_gid_index": ("--rdma-gid-index", int, "GID index (default: RoCEv2 IPv4-mapped, else 0)"),
-        "max_attempts": ("--max-attempts", int, "attempts per stage before a job fails (default 3)"),
-    }
+    """Add the SETTINGS_FLAGS of ``names`` to a subcommand."""
     for name in names:
-        flag, typ, help_ = flags[name]
+        flag, typ, help_ = SETTINGS_FLAGS[name]
         p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
 
 
 def _settings(args):
-    fields = ("control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s", "liveness",
-              "rest_host", "rest_port", "data_host", "advertise_host", "ring_bytes", "capacity", "max_attempts",
-              "rdma_device", "rdma_port", "rdma_gid_index")
-    overrides = {k: getattr(args, k, None) for k in fields}
+    overrides = {k: getattr(args, k, None) for k in SETTINGS_FLAGS}
     if getattr(args, "workflows", None):
         overrides["workflows"] = args.workflows
     return load_settings(args.config, **overrides)

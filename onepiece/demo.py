@@ -9,7 +9,6 @@ comes out over the REST API, exactly as a user's would.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 from broker.api import start_api
 from broker.service import Broker
@@ -26,10 +25,6 @@ from manager.service import Manager, default_cpu_slots, default_gpu_slots
 
 log = logging.getLogger("onepiece.stack")
 
-
-def workflow_ref(wf) -> str:
-    """What a worker process is told to load: the workflow's file, so custom files work too."""
-    return wf.source if Path(wf.source).is_file() else wf.name
 
 
 class Stack:

@@ -115,7 +115,6 @@ class Worker:
         self._ctx = zmq.asyncio.Context()
         self._sock = None
         self._last_broker = time.monotonic()
-        self._registered = asyncio.Event()
         self._draining = False
         self._left = False  # DISCONNECT sent: no heartbeat or re-registration after it
         self._stopped = asyncio.Event()
@@ -203,7 +202,6 @@ class Worker:
         self._sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.settings.control)
-        self._registered.clear()
         self._last_broker = time.monotonic()
         self._send("REGISTER", stage=self.stage, capacity=self.capacity, descriptor=self.transport.descriptor,
                    info={**self.kind.info(), "pid": os.getpid(), "host": socket.gethostname(),
@@ -270,7 +268,6 @@ class Worker:
             elif kind == "DRAIN":
                 self.drain()
             elif kind == "REGISTERED":
-                self._registered.set()
                 log.info("worker %s registered with the broker for %s", self.id, self.stage)
             elif kind == "ERROR":
                 log.warning("broker: %s", m["reason"])
