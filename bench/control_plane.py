@@ -53,7 +53,8 @@ used, the CPU milliseconds all our processes spent per job (a number that
 other users' load disturbs much less than tasks/s, and the ceiling it
 implies for this machine), and how long their threads were runnable but
 waiting for a CPU. ``--profile DIR`` runs cProfile on the broker process
-during the throughput rounds (DIR/broker.prof and a summary on stderr).
+during the throughput rounds (DIR/broker.prof) and the latency phase
+(DIR/broker-latency.prof), with a summary of each on stderr.
 
 The run also watches for stalls: the broker's event loop running late by
 more than 0.5 s (a thread prints the main thread's stack past 3 s), and
@@ -153,21 +154,29 @@ def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
                 raw = dealer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            state["replies"] += 1
-            m = protocol.unpack(raw)
-            if m["k"] != "SUBMITTED":
-                state["errors"] += 1
-                state["error"] = m.get("reason")
+            replies, refused = protocol.unpack_frame(raw)
+            state["replies"] += len(replies) + len(refused)
+            for m in replies:
+                if m["k"] != "SUBMITTED":
+                    state["errors"] += 1
+                    state["error"] = m.get("reason")
+            if refused:
+                state["errors"] += len(refused)
+                state["error"] = refused[0]
         while True:
             try:
                 state["ended"] = max(state["ended"], int(credits.recv(zmq.NOBLOCK)))
             except zmq.Again:
                 break
 
-    def submit() -> None:
+    def submit(count: int = 1) -> None:
+        """Send ``count`` jobs, joined in one frame as a batch submitter would."""
         n = state["submitted"]
-        dealer.send(protocol.pack("SUBMIT", workflow=workflow, params={"n": n, "t": time.time()}))
-        state["submitted"] = n + 1
+        now = time.time()
+        bodies = [protocol.pack("SUBMIT", workflow=workflow, params={"n": n + i, "t": now}) for i in range(count)]
+        for frame in protocol.frames(bodies):
+            dealer.send(frame)
+        state["submitted"] = n + count
 
     try:
         while True:
@@ -185,8 +194,9 @@ def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
                     now = time.time()
                     if now >= t_end:
                         break
-                    while state["submitted"] - state["ended"] < window:
-                        submit()
+                    room = window - (state["submitted"] - state["ended"])
+                    if room > 0:
+                        submit(room)
                     poller.poll(max(1, int((t_end - now) * 1000)))
                     drain()
             else:
@@ -335,12 +345,10 @@ class LoopWatch:
                 self._progress, self._progress_at = b.progress, now
             elif now - self._progress_at > 1.0 and self._reported != self._progress_at and b.busy:
                 # Zero-cost jobs are in flight, yet no stage finished for a second. Is a control
-                # message waiting unread? (Only read here, in a stall: reading EVENTS on the shadow
-                # socket does not wake the broker's receive, so this does not hide the stall.)
-                import zmq
-
+                # message waiting unread? (Reading EVENTS can consume the edge the broker waits
+                # for, so ``waiting()`` also schedules a read: this report ends such a stall.)
                 self._reported = self._progress_at
-                queued = bool(b._tx.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                queued = b._ctl.waiting()
                 self.deaf.append((time.time(), now - self._progress_at, queued, self.phase))
                 log(f"no job progress for {now - self._progress_at:.1f} s with jobs in flight; the broker's "
                     f"ZMQ socket {'HAS messages queued: its receive loop was not woken' if queued else 'has nothing queued'}")
@@ -612,7 +620,8 @@ class Bench:
                 + ", ".join(f"{k} {v:.0f}" for k, v in rnd["cpu_pct"].items()))
             await self.drain(r["total_submitted"])
         if profiler:
-            self.dump_profile(profiler)
+            self.dump_profile(profiler, "broker.prof")
+            profiler = cProfile.Profile()
 
         rounds = self.results["rounds"]
         max_jobs = statistics.median(x["jobs_per_s"] for x in rounds)
@@ -624,7 +633,12 @@ class Bench:
         pids = self.pids()
         c0, w0 = cpu_seconds(pids), time.time()
         self.watch.reset()
+        if profiler:
+            profiler.enable()
         r = await self.command("rate", rate, p.latency_s, a.seed)
+        if profiler:
+            profiler.disable()
+            self.dump_profile(profiler, "broker-latency.prof")
         c1, w1 = cpu_seconds(pids), time.time()
         self.check(r)
         await self.drain(r["total_submitted"])
@@ -674,17 +688,17 @@ class Bench:
                 "per_hop": {s: summary(hops[s]) for s in STAGES},
                 "e2e_overhead_per_hop": summary(per_job), "e2e": summary(e2e), "run_s": summary(runs)}
 
-    def dump_profile(self, profiler) -> None:
+    def dump_profile(self, profiler, name: str) -> None:
         import io
         import pstats
 
         out = Path(self.args.profile)
         out.mkdir(parents=True, exist_ok=True)
-        profiler.dump_stats(out / "broker.prof")
+        profiler.dump_stats(out / name)
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(30)
         log(buf.getvalue())
-        log(f"broker profile written to {out / 'broker.prof'}")
+        log(f"broker profile written to {out / name}")
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -794,7 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control", default="tcp://127.0.0.1:*", help="broker endpoint (default a free port)")
     parser.add_argument("--rate", type=float, help="latency phase at this many jobs/s instead of --load x max")
     parser.add_argument("--seed", type=int, default=1, help="seed of the Poisson arrivals")
-    parser.add_argument("--profile", metavar="DIR", help="cProfile the broker process in the throughput rounds")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="cProfile the broker process in the throughput rounds (DIR/broker.prof) "
+                             "and the latency phase (DIR/broker-latency.prof)")
     args = parser.parse_args(argv)
     params = dict(QUICK if args.quick else FULL)
     for key, value in (("seconds", args.seconds), ("rounds", args.rounds), ("latency_s", args.latency_seconds)):

@@ -74,13 +74,18 @@ class BrokerMetrics:
         self.bad_messages = Counter("onepiece_bad_control_messages", "Malformed control messages dropped",
                                     registry=r)
         self.rejected = Counter("onepiece_rejected_requests", "REST requests refused", ["reason"], registry=r)
+        self._service_of: dict[str, object] = {}  # stage -> its histogram child (labels() per task costs)
         r.register(_Live(broker))
 
     def observe_stage(self, data: dict) -> None:
         timings = data.get("timings") or {}
         seconds = timings.get("run_s")
         if isinstance(seconds, (int, float)):
-            self.service.labels(str(data.get("stage"))).observe(seconds)
+            stage = str(data.get("stage"))
+            child = self._service_of.get(stage)
+            if child is None:
+                child = self._service_of[stage] = self.service.labels(stage)
+            child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

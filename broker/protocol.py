@@ -2,8 +2,12 @@
 
 The broker binds a ROUTER socket; each worker connects a DEALER whose
 routing id is its worker id, so a worker that reconnects keeps its identity.
-Every body is one msgpack map ``{"v": VERSION, "k": KIND, ...}``. Tensors
-never travel here: TASK/SEND only say where the data plane should move them.
+Every message is one msgpack map ``{"v": VERSION, "k": KIND, ...}``. A ZeroMQ
+frame carries one message, or a batch of them as a msgpack array of maps:
+a sender joins what it has for one peer in one event-loop turn
+(:func:`frames`), so a busy peer pays one send and one wake-up for many
+messages. Tensors never travel here: TASK/SEND only say where the data plane
+should move them.
 
 Worker to broker::
 
@@ -37,8 +41,9 @@ from typing import Any
 
 import msgpack
 
-VERSION = 1
+VERSION = 2  # 2: a frame may be an array of messages
 MAX_BODY = 64 << 20  # a TASK may carry the job's input image
+BATCH_BYTES = 256 << 10  # messages are joined into one frame up to about this size
 
 # kind -> required fields and their types
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -69,14 +74,60 @@ def pack(kind: str, **fields: Any) -> bytes:
     return msgpack.packb({"v": VERSION, "k": kind, **fields})
 
 
-def unpack(frame: bytes) -> dict:
-    """Decode and validate one body; raise BadMessage with a readable reason."""
+def frames(bodies: list[bytes], limit: int = BATCH_BYTES) -> list[bytes]:
+    """Join packed messages (from :func:`pack`) into as few frames as fit ``limit`` bytes
+    each; a message larger than ``limit`` travels alone. The order is kept."""
+    out: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for body in bodies:
+        if group and size + len(body) > limit:
+            out.append(_array(group))
+            group, size = [], 0
+        group.append(body)
+        size += len(body)
+    if group:
+        out.append(_array(group))
+    return out
+
+
+def _array(bodies: list[bytes]) -> bytes:
+    """A msgpack array of already-packed elements: its header, then the elements as they are."""
+    n = len(bodies)
+    if n == 1:
+        return bodies[0]  # a lone message travels as a plain map
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 1 << 16:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(bodies)
+
+
+def unpack_frame(frame: bytes) -> tuple[list[dict], list[str]]:
+    """The messages of one frame (a map, or an array of maps) and why any of them was refused.
+
+    A bad element costs only itself: the others of its batch are still delivered.
+    """
     if len(frame) > MAX_BODY:
-        raise BadMessage(f"body of {len(frame)} bytes exceeds {MAX_BODY}")
+        return [], [f"frame of {len(frame)} bytes exceeds {MAX_BODY}"]
     try:
         body = msgpack.unpackb(frame, raw=False)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
-        raise BadMessage(f"not msgpack: {exc}") from None
+        return [], [f"not msgpack: {exc}"]
+    good: list[dict] = []
+    bad: list[str] = []
+    for m in body if isinstance(body, list) else (body,):
+        try:
+            good.append(validate(m))
+        except BadMessage as exc:
+            bad.append(str(exc))
+    return good, bad
+
+
+def validate(body: object) -> dict:
+    """``body`` if it is a well-formed message of this version, else BadMessage saying why."""
     if not isinstance(body, dict):
         raise BadMessage("body is not a map")
     if body.get("v") != VERSION:

@@ -1,10 +1,13 @@
 """The broker process: the ZeroMQ control plane around the pure scheduling core.
 
 ``broker.core.Core`` decides; this module does the I/O. One ROUTER socket
-receives worker and client messages; each batch of messages is fed to the
-core, the resulting commands are sent to workers, recorded in the job store
-and published to event subscribers, then the store commits once per batch.
-A timer expires silent workers and heartbeats live ones. The REST API
+(``broker.control.ControlSocket``) receives worker and client messages; each
+batch of messages is fed to the core, the resulting events are recorded in
+the job store and published to event subscribers, and the batch's messages
+to workers leave at its end, joined per peer. The store commits on a short
+timer (``commit_interval_s``, group commit) rather than per batch; a SUBMIT's
+reply waits for the commit that makes its job durable. A timer expires
+silent workers and heartbeats live ones. The REST API
 (``broker.api``) runs in the same process and talks to :class:`Broker`.
 """
 
@@ -18,11 +21,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import zmq
-import zmq.asyncio
 
 from stages.workflow import Workflow, load_workflow
 
 from . import protocol
+from .control import ControlSocket
 from .core import TERMINAL, Core, JobEvent, Stale, ToWorker
 from .errors import CoreError, UnknownJob, UnknownWorker
 from .metrics import BrokerMetrics
@@ -30,7 +33,7 @@ from .store import JobStore
 
 log = logging.getLogger("onepiece.broker")
 
-DRAIN_BATCH = 256  # a batch is one transaction; keep it short so the loop stays fair
+DRAIN_BATCH = 256  # messages per batch, which is one transaction; short, so the loop stays fair
 
 
 class Broker:
@@ -47,38 +50,42 @@ class Broker:
         self.metrics = BrokerMetrics(self)
         self.endpoint = settings.control
         self._subscribers: dict[str, set[asyncio.Queue]] = defaultdict(set)
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock = None
-        self._tx = None
+        self._ctx: zmq.Context | None = None
+        self._ctl: ControlSocket | None = None
         self._tasks: list[asyncio.Task] = []
         self._worker_stats: dict[str, dict] = {}
-        self._replies: list[tuple[str, bytes]] = []  # SUBMITTED, sent once the batch is committed
+        self._replies: list[tuple[str, bytes]] = []  # SUBMITTED, sent once their jobs are committed
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._running: set[str] = set()  # jobs already marked 'running' in the store
         # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
         self.extensions: dict[str, object] = {}
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
-        self._sock.setsockopt(zmq.RCVHWM, 100_000)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY)
+        self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_BODY)
         try:
-            self._sock.bind(self.settings.control)  # "tcp://host:*" picks a free port
+            sock.bind(self.settings.control)  # "tcp://host:*" picks a free port
         except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self._ctx.term()
             raise CoreError(f"cannot bind the control plane on {self.settings.control}: {exc}") from exc
-        self.endpoint = self._sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self._tx = zmq.Socket.shadow(self._sock.underlying)
+        self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._ctl = ControlSocket(sock, routed=True, on_message=self._on_message, on_bad=self._on_bad,
+                                  on_batch=self._after_batch, batch=DRAIN_BATCH)
         self._requeue_unfinished()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._receive(), name="broker-rx"),
-                       loop.create_task(self._tick(), name="broker-tick")]
+        self._tasks = [asyncio.get_running_loop().create_task(self._tick(), name="broker-tick")]
         log.info("broker control plane on %s, workflows: %s", self.endpoint, ", ".join(self.workflows))
 
     async def stop(self) -> None:
+        if self._commit_timer is not None:
+            self._commit_timer.cancel()
+            self._commit_timer = None
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -87,10 +94,10 @@ class Broker:
             for q in queues:
                 q.put_nowait(None)
         self._subscribers.clear()
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        if self._ctl is not None:
+            self._ctl.close()
             self._ctx.term()
-            self._sock = None
+            self._ctl = None
         self.store.close()
 
     def _requeue_unfinished(self) -> None:
@@ -110,7 +117,6 @@ class Broker:
         """Accept a job; it is durable in the store when this returns. CoreError if refused."""
         job_id = self._accept(workflow, params, payload)
         self.store.commit()
-        self._rearm()
         return job_id
 
     def _accept(self, workflow: str, params: dict, payload: dict | None = None) -> str:
@@ -143,7 +149,6 @@ class Broker:
             return False
         self._apply(cmds)
         self.store.commit()
-        self._rearm()
         return bool(cmds)
 
     def subscribe(self, job_id: str) -> tuple[list[dict], asyncio.Queue]:
@@ -191,31 +196,11 @@ class Broker:
         """Bind nothing new to the worker and tell it to finish its tasks and leave
         (UnknownWorker if it is not registered)."""
         self._apply(self.core.drain(worker_id, time.time()))
-        self._rearm()
 
     def worker_stats(self) -> dict[str, dict]:
         return self._worker_stats
 
     # -- control plane ----------------------------------------------------------
-    async def _receive(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            self._on_frames(frames)
-            # Drain what is already queued without awaiting, then commit once.
-            for _ in range(DRAIN_BATCH):
-                try:
-                    frames = self._tx.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_frames(frames)
-            self.store.commit()  # one transaction for the whole batch
-            for wid, body in self._replies:  # a client hears its job id only once the job is durable
-                self._send(wid, body)
-            self._replies.clear()
-            # Awaiting a recv that is already satisfied does not yield: while messages keep coming
-            # this loop would starve the tick (heartbeats, expiry) and the REST API for seconds.
-            await asyncio.sleep(0)
-
     async def _tick(self) -> None:
         hb = protocol.pack("HEARTBEAT")
         while True:
@@ -223,42 +208,46 @@ class Broker:
             self._apply(self.core.expire(time.time()))
             for name, stage in self.core.stages().items():
                 for w in stage["workers"]:
-                    self._send(w["id"], hb)
-            self.store.commit()
-            self._rearm()
+                    self._send(w["id"], hb, urgent=False)
+            self._after_batch()
 
-    def _rearm(self) -> None:
-        """Call after sending from outside ``_receive`` (the tick, REST and manager calls).
+    def _after_batch(self) -> None:
+        """Commit within ``commit_interval_s`` of the first uncommitted write."""
+        if self._commit_timer is None and (self._replies or self.store.dirty):
+            self._commit_timer = asyncio.get_running_loop().call_later(self.settings.commit_interval_s,
+                                                                       self._commit)
 
-        ``_send`` goes through the shadow socket ``_tx``; libzmq processes the socket's
-        command mailbox on every send and can consume the ZMQ_FD edge that the pending
-        asyncio ``recv_multipart`` in ``_receive`` waits for. The messages then sit unread
-        until an unrelated edge comes (a worker reconnecting): the broker goes deaf.
-        EVENTS read through the asyncio socket re-checks and wakes the receive.
-        """
-        if self._sock is not None:
-            self._sock.get(zmq.EVENTS)
+    def _commit(self) -> None:
+        """Group commit, on the store's writer thread; SUBMIT replies leave once it is done."""
+        self._commit_timer = None
+        replies, self._replies = self._replies, []
+        loop = asyncio.get_running_loop()
+        self.store.commit_soon().add_done_callback(
+            lambda f: loop.call_soon_threadsafe(self._committed, f, replies))
 
-    def _send(self, worker_id: str, body: bytes) -> None:
-        try:
-            self._tx.send_multipart([worker_id.encode("utf-8", "surrogateescape"), body], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("could not send to %s: %s", worker_id, exc)
-
-    def _on_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            self.metrics.bad_messages.inc()
-            log.debug("dropped a control message of %d frames", len(frames))
+    def _committed(self, done, replies: list[tuple[str, bytes]]) -> None:
+        error = done.exception()
+        if error is not None:  # the writes stay queued in the store: try again, replies held
+            log.error("the job store could not commit (will retry): %s", error)
+            self._replies[:0] = replies
+            self._after_batch()
             return
-        ident, raw = frames
-        try:
-            body = protocol.unpack(raw)
-        except protocol.BadMessage as exc:
-            self.metrics.bad_messages.inc()
-            log.warning("dropped a bad control message from %r: %s", ident[:32], exc)
-            return
-        # surrogateescape round-trips any routing id: libzmq gives a DEALER without ROUTING_ID a
-        # binary one (0x00 + 4 bytes), which "replace" would mangle, so its replies went nowhere
+        for wid, body in replies:  # a client hears its job id only once the job is durable
+            self._send(wid, body)
+
+    def _send(self, worker_id: str, body: bytes, urgent: bool = True) -> None:
+        """Queue a message; it leaves at the end of the current batch or loop turn (``urgent``),
+        else with the worker's next urgent one (``ControlSocket.send``)."""
+        if self._ctl is not None:
+            # surrogateescape round-trips any routing id: libzmq gives a DEALER without ROUTING_ID a
+            # binary one (0x00 + 4 bytes), which "replace" would mangle, so its replies went nowhere
+            self._ctl.send(body, worker_id.encode("utf-8", "surrogateescape"), urgent=urgent)
+
+    def _on_bad(self, ident: bytes | None, reason: str) -> None:
+        self.metrics.bad_messages.inc()
+        log.warning("dropped a bad control message from %r: %s", (ident or b"")[:32], reason)
+
+    def _on_message(self, ident: bytes, body: dict) -> None:
         wid = ident.decode("utf-8", "surrogateescape")
         try:
             self._apply(self._dispatch(wid, body))
@@ -299,14 +288,14 @@ class Broker:
         if kind == "SUBMIT":
             payload = m.get("payload") if isinstance(m.get("payload"), dict) else None
             job_id = self._accept(m["workflow"], m["params"], payload)
-            self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))
+            self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))  # sent once it is durable
             return []
         raise CoreError(f"{kind} is not a message a broker accepts")
 
     def _apply(self, commands: list) -> None:
         for c in commands:
-            if isinstance(c, ToWorker):
-                self._send(c.worker_id, protocol.pack(c.kind, **c.body))
+            if isinstance(c, ToWorker):  # nothing waits on a RELEASE: it rides with the next message
+                self._send(c.worker_id, protocol.pack(c.kind, **c.body), urgent=c.kind != "RELEASE")
             elif isinstance(c, JobEvent):
                 self._on_event(c)
             elif isinstance(c, Stale):

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 import zmq
-import zmq.asyncio
 
 from broker import protocol
+from broker.control import ControlSocket
 from transports import PeerGone, TransportError, open_transport
 
 from .kinds import StageCancelled, StageFailed, StageKind, StageOutput, TaskContext, make_stage
@@ -112,8 +112,8 @@ class Worker:
         self._connecting: dict[str, asyncio.Lock] = {}
         self.transport = None
         self._executor = concurrent.futures.ThreadPoolExecutor(self.capacity, thread_name_prefix=f"{stage}-run")
-        self._ctx = zmq.asyncio.Context()
-        self._sock = None
+        self._ctx = zmq.Context()
+        self._ctl: ControlSocket | None = None
         self._last_broker = time.monotonic()
         self._draining = False
         self._left = False  # DISCONNECT sent: no heartbeat or re-registration after it
@@ -138,8 +138,7 @@ class Worker:
         self.transport = await open_transport(self.settings.transport,
                                               **transport_options(self.settings, self.settings.transport))
         self._connect()
-        loops = [loop.create_task(self._control(), name="control"),
-                 loop.create_task(self._data(), name="data"),
+        loops = [loop.create_task(self._data(), name="data"),
                  loop.create_task(self._heartbeat(), name="heartbeat")]
         try:
             await self._stopped.wait()
@@ -184,8 +183,8 @@ class Worker:
                 pass
         if self.transport is not None:
             await self.transport.aclose()
-        if self._sock is not None:
-            self._sock.close(linger=0)
+        if self._ctl is not None:
+            self._ctl.close()
         self._ctx.term()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -196,24 +195,25 @@ class Worker:
 
     # -- control plane ----------------------------------------------------------------
     def _connect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.settings.control)
+        if self._ctl is not None:
+            self._ctl.close()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.settings.control)
+        self._ctl = ControlSocket(sock, routed=False, on_message=self._on_control,
+                                  on_bad=lambda _peer, reason: log.warning("bad control message from the broker: %s",
+                                                                           reason))
         self._last_broker = time.monotonic()
         self._send("REGISTER", stage=self.stage, capacity=self.capacity, descriptor=self.transport.descriptor,
                    info={**self.kind.info(), "pid": os.getpid(), "host": socket.gethostname(),
                          "gpu": self.spec.gpu})
 
     def _send(self, kind: str, **fields) -> None:
-        if self._sock is None:  # not connected yet (a signal while the model loads)
-            return
-        try:
-            self._sock.send(protocol.pack(kind, **fields), zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("control message %s not sent: %s", kind, exc)
+        """Queue a message to the broker; what a loop turn queued leaves in one frame.
+        PROGRESS and HEARTBEAT wait (briefly) for company: nothing waits on them."""
+        if self._ctl is not None:  # None: not connected yet (a signal while the model loads)
+            self._ctl.send(protocol.pack(kind, **fields), urgent=kind not in ("PROGRESS", "HEARTBEAT"))
 
     async def _heartbeat(self) -> None:
         while True:
@@ -238,42 +238,26 @@ class Worker:
         self.held.clear()
         self.early.clear()
 
-    async def _control(self) -> None:
-        while True:
-            sock = self._sock
-            try:
-                frames = await sock.recv_multipart()
-            except (asyncio.CancelledError, zmq.ZMQError):
-                # _connect() (a reconnect from the heartbeat) closed the socket under this await,
-                # which cancels the pending receive: go on with the new socket, or the worker
-                # never hears the broker again. A cancellation of this task itself still ends it.
-                if sock is not self._sock and not asyncio.current_task().cancelling():
-                    continue
-                raise
-            self._last_broker = time.monotonic()
-            try:
-                m = protocol.unpack(frames[-1])
-            except protocol.BadMessage as exc:
-                log.warning("bad control message from the broker: %s", exc)
-                continue
-            kind = m["k"]
-            if kind == "TASK":
-                self._on_task(m)
-            elif kind == "SEND":
-                self._spawn(self._on_send(m))
-            elif kind == "RELEASE":
-                self.held.pop((m["job"], m["stage"]), None)
-            elif kind == "CANCEL":
-                self._on_cancel(m["job"], m["stage"])
-            elif kind == "DRAIN":
-                self.drain()
-            elif kind == "REGISTERED":
-                log.info("worker %s registered with the broker for %s", self.id, self.stage)
-            elif kind == "ERROR":
-                log.warning("broker: %s", m["reason"])
-                if m.get("reregister") and not self._left:  # a late heartbeat after DISCONNECT
-                    self._reset()
-                    self._connect()
+    def _on_control(self, _peer: None, m: dict) -> None:
+        self._last_broker = time.monotonic()
+        kind = m["k"]
+        if kind == "TASK":
+            self._on_task(m)
+        elif kind == "SEND":
+            self._spawn(self._on_send(m))
+        elif kind == "RELEASE":
+            self.held.pop((m["job"], m["stage"]), None)
+        elif kind == "CANCEL":
+            self._on_cancel(m["job"], m["stage"])
+        elif kind == "DRAIN":
+            self.drain()
+        elif kind == "REGISTERED":
+            log.info("worker %s registered with the broker for %s", self.id, self.stage)
+        elif kind == "ERROR":
+            log.warning("broker: %s", m["reason"])
+            if m.get("reregister") and not self._left:  # a late heartbeat after DISCONNECT
+                self._reset()
+                self._connect()
 
     def _on_task(self, m: dict) -> None:
         key = (m["job"], m["stage"])

@@ -22,6 +22,7 @@ import pytest_asyncio
 import zmq
 import zmq.asyncio
 
+from broker import protocol
 from onepiece import client
 from onepiece.config import load_settings
 from onepiece.stack import Stack
@@ -147,8 +148,10 @@ async def test_garbage_on_the_router_socket_does_not_disturb_it(wan):
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(stack.broker.endpoint)
     bad = [[os.urandom(100)], [msgpack.packb([1, 2, 3])], [msgpack.packb({"v": 99, "k": "REGISTER"})],
-           [msgpack.packb({"v": 1, "k": "NOPE"})], [msgpack.packb({"v": 1, "k": "DONE", "job": 5})],
-           [b"a", b"b", b"c"], [msgpack.packb({"v": 1, "k": "DONE", "job": "nope", "stage": "denoise"})]]
+           [msgpack.packb({"v": protocol.VERSION, "k": "NOPE"})],
+           [msgpack.packb({"v": protocol.VERSION, "k": "DONE", "job": 5})], [b"a", b"b", b"c"],
+           [msgpack.packb([{"v": protocol.VERSION, "k": "DONE", "job": 5}, "not a map"])],
+           [msgpack.packb({"v": protocol.VERSION, "k": "DONE", "job": "nope", "stage": "denoise"})]]
     for frames in bad:
         await dealer.send_multipart(frames)
     await asyncio.sleep(0.5)

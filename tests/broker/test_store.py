@@ -1,0 +1,135 @@
+"""The SQLite job store: buffered writes, one transaction per commit, and what survives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+
+import zmq
+import zmq.asyncio
+
+from broker import protocol
+from broker.service import Broker
+from broker.store import JobStore
+from onepiece.config import Settings
+
+
+def other_connection_sees(path, job_id: str) -> str | None:
+    """The job's state as a separate connection (another process, a restart) would read it."""
+    db = sqlite3.connect(str(path))
+    try:
+        row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+    finally:
+        db.close()
+
+
+def test_writes_are_visible_to_reads_at_once_and_durable_at_commit(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_job("j1", "wf", {"n": 1}, {"image": b"\x89PNG"}, 1.0)
+    store.add_event("j1", "queued", {})
+    assert store.dirty
+    assert other_connection_sees(store.path, "j1") is None  # buffered, not committed
+    store.commit_soon().result(timeout=5)  # on the writer thread
+    assert not store.dirty
+    assert other_connection_sees(store.path, "j1") == "queued"
+    store.set_state("j1", "running")
+    assert store.job("j1")["state"] == "running"  # a read sees every write: it commits first
+    assert [e["type"] for e in store.events("j1")] == ["queued"]
+    assert other_connection_sees(store.path, "j1") == "running"
+    store.add_event("j1", "succeeded", {"result": {"path": "/x.mp4"}})
+    store.finish("j1", "succeeded", 2.0, None, {"path": "/x.mp4"}, {"a": {"started": 1.5}})
+    store.close()
+
+    again = JobStore(tmp_path / "jobs.sqlite3")
+    job = again.job("j1")
+    assert job["state"] == "succeeded" and job["result"] == {"path": "/x.mp4"}
+    assert job["stages"] == {"a": {"started": 1.5}} and job["params"] == {"n": 1}
+    assert [(e["seq"], e["type"]) for e in again.events("j1")] == [(0, "queued"), (1, "succeeded")]
+    assert again.unfinished() == []
+    again.close()
+
+
+def test_commits_apply_in_the_order_they_were_asked_for(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    futures = []
+    for i in range(50):  # each job inserted, then finished by a later commit
+        store.add_job(f"j{i}", "wf", {}, None, float(i))
+        futures.append(store.commit_soon())
+        store.finish(f"j{i}", "succeeded", float(i) + 0.5, None, None, None)
+        futures.append(store.commit_soon())
+    for f in futures:
+        f.result(timeout=10)
+    assert store.counts() == {"succeeded": 50}
+    store.close()
+
+
+def test_a_job_that_starts_and_ends_within_one_commit_ends_in_its_final_state(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_job("j1", "wf", {}, None, 1.0)
+    store.set_state("j1", "running")
+    store.finish("j1", "failed", 2.0, "stage b failed", None, None)
+    store.set_state("j2", "running")  # an unknown job: nothing to update, no error
+    store.commit()
+    assert store.counts() == {"failed": 1}
+    assert store.job("j1")["reason"] == "stage b failed"
+    store.close()
+
+
+def test_unfinished_jobs_continue_their_event_numbers_after_a_restart(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_job("j1", "wf", {"n": 1}, {"image": b"png"}, 1.0)
+    store.add_event("j1", "queued", {})
+    store.add_event("j1", "stage_started", {"stage": "a"})
+    store.close()
+    again = JobStore(tmp_path / "jobs.sqlite3")
+    assert again.unfinished() == [("j1", "wf", {"n": 1}, {"image": b"png"}, 1.0)]
+    assert again.add_event("j1", "requeued", {"reason": "broker restarted"}) == 2
+    assert [e["seq"] for e in again.events("j1")] == [0, 1, 2]
+    again.close()
+
+
+def test_events_written_as_json_by_earlier_versions_are_read(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_job("j1", "wf", {}, None, 1.0)
+    store.close()
+    db = sqlite3.connect(str(tmp_path / "jobs.sqlite3"))
+    with db:
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", ("j1", 0, 1.0, "queued", json.dumps({"legacy": True})))
+    db.close()
+    again = JobStore(tmp_path / "jobs.sqlite3")
+    again.add_event("j1", "requeued", {"reason": "broker restarted"})
+    assert [e["data"] for e in again.events("j1")] == [{"legacy": True}, {"reason": "broker restarted"}]
+    again.close()
+
+
+async def test_a_submit_is_answered_only_once_its_job_is_committed(tmp_path):
+    settings = Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path, workflows=["synthetic3"],
+                        commit_interval_s=0.05)
+    broker = Broker(settings)
+    await broker.start()
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    try:
+        dealer.connect(broker.endpoint)
+        bodies = [protocol.pack("SUBMIT", workflow="synthetic3", params={"i": i}) for i in range(20)]
+        bodies.append(protocol.pack("SUBMIT", workflow="nope", params={}))
+        for frame in protocol.frames(bodies):
+            await dealer.send(frame)
+        replies = []
+        while len(replies) < 21:
+            good, bad = protocol.unpack_frame(await asyncio.wait_for(dealer.recv(), 5))
+            assert bad == []
+            for m in good:
+                if m["k"] == "SUBMITTED":  # durable by now: a restart would find it
+                    assert other_connection_sees(settings.db_path, m["job"]) == "queued"
+                replies.append(m)
+        assert [m["k"] for m in replies].count("SUBMITTED") == 20
+        (error,) = [m for m in replies if m["k"] == "ERROR"]
+        assert "unknown workflow 'nope'" in error["reason"]
+    finally:
+        dealer.close()
+        ctx.term()
+        await broker.stop()
