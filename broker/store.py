@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
     type TEXT NOT NULL,
     data BLOB NOT NULL,  -- msgpack (JSON text in rows of earlier versions)
     PRIMARY KEY (job, seq)
-) WITHOUT ROWID;  -- rows live in the key's B-tree: one insert per event, not two
+);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 """
 

@@ -28,7 +28,7 @@ class Settings:
     liveness: int = 3
     max_attempts: int = 3
     max_request_bytes: int = 16 << 20
-    commit_interval_s: float = 0.005  # group commit of the job store; SUBMIT replies wait for it
+    commit_interval_s: float = 0.02  # group commit of the job store; SUBMIT replies wait for it
     # workers
     transport: str = "shm"  # shm | tcp | rdma | auto
     data_host: str = "127.0.0.1"  # where a worker's data-plane endpoint listens

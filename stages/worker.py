@@ -244,7 +244,7 @@ class Worker:
         if kind == "TASK":
             self._on_task(m)
         elif kind == "SEND":
-            self._spawn(self._on_send(m))
+            self._on_send(m)
         elif kind == "RELEASE":
             self.held.pop((m["job"], m["stage"]), None)
         elif kind == "CANCEL":
@@ -333,28 +333,39 @@ class Worker:
         task.ctx = TaskContext(task.job, task.stage, task.body["params"], task.body.get("payload"),
                                self.results_dir, on_progress=progress)
         self._send("STARTED", job=task.job, stage=task.stage)
-        self._spawn(self._execute(task))
+        if self.kind.inline:  # microseconds of work: a thread hand-off or a task costs more than it
+            t0 = time.time()
+            try:
+                out = self.kind.run(task.inputs, task.ctx)
+            except Exception as exc:  # noqa: BLE001 - reported like any stage's failure
+                self._failed(task, exc)
+                return
+            self._finished(task, out, t0)  # DONE leaves in the same frame as STARTED
+        else:
+            self._spawn(self._execute(task))
 
     async def _execute(self, task: _Task) -> None:
-        key = (task.job, task.stage)
         t0 = time.time()
         try:
-            if self.kind.inline:  # microseconds of work: a thread hand-off costs more than the task
-                out: StageOutput = self.kind.run(task.inputs, task.ctx)
-            else:
-                out = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.kind.run, task.inputs, task.ctx)
-        except StageCancelled:
-            log.info("job %s: %s cancelled", task.job, task.stage)
-            self.tasks.pop(key, None)
-            return
-        except StageFailed as exc:
-            self._fail(task, str(exc), retryable=False)
-            return
+            out: StageOutput = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.kind.run, task.inputs, task.ctx)
         except Exception as exc:  # noqa: BLE001 - any crash of a stage is reported, not fatal
-            log.exception("job %s: %s crashed", task.job, task.stage)
-            self._fail(task, f"{type(exc).__name__}: {exc}", retryable=True)
+            self._failed(task, exc)
             return
+        self._finished(task, out, t0)
+
+    def _failed(self, task: _Task, exc: Exception) -> None:
+        if isinstance(exc, StageCancelled):
+            log.info("job %s: %s cancelled", task.job, task.stage)
+            self.tasks.pop((task.job, task.stage), None)
+        elif isinstance(exc, StageFailed):
+            self._fail(task, str(exc), retryable=False)
+        else:
+            log.error("job %s: %s crashed", task.job, task.stage, exc_info=exc)
+            self._fail(task, f"{type(exc).__name__}: {exc}", retryable=True)
+
+    def _finished(self, task: _Task, out: StageOutput, t0: float) -> None:
+        key = (task.job, task.stage)
         run_s = time.time() - t0
         if self.tasks.pop(key, None) is None or task.ctx.cancelled.is_set():
             return  # cancelled or re-planned while it ran
@@ -370,7 +381,7 @@ class Worker:
         if not task.ctx.cancelled.is_set():
             self._send("FAILED", job=task.job, stage=task.stage, reason=reason, retryable=retryable)
 
-    async def _on_send(self, m: dict) -> None:
+    def _on_send(self, m: dict) -> None:
         key = (m["job"], m["stage"])
         tensors = self.held.get(key)
         if tensors is None:
@@ -378,18 +389,29 @@ class Worker:
             return
         names = [n for n in m["names"] if n in tensors] or list(tensors)
         header = {"job": m["job"], "stage": m["to_stage"], "from": m["stage"]}
+        out = {n: tensors[n] for n in names}
         peer = str(m["descriptor"].get("id", m["to"]))
+        sender = self.senders.get(peer)
+        try:
+            if sender is not None and sender.try_send(header, out):
+                return  # there was room at once: sent without a task of its own
+        except TransportError:
+            pass  # the full path below reconnects
+        self._spawn(self._send_outputs(m, peer, header, out))
+
+    async def _send_outputs(self, m: dict, peer: str, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         for attempt in range(SEND_ATTEMPTS):
             try:
                 async with self._connecting.setdefault(peer, asyncio.Lock()):
                     sender = self.senders.get(peer)
                     if sender is None:
                         sender = self.senders[peer] = await self.transport.connect(m["descriptor"])
-                await sender.send(header, {n: tensors[n] for n in names})
+                await sender.send(header, tensors)
                 return
             except TransportError as exc:
                 self.senders.pop(peer, None)
-                log.warning("send of %s/%s to %s failed (attempt %d): %s", *key, m["to"], attempt + 1, exc)
+                log.warning("send of %s/%s to %s failed (attempt %d): %s", m["job"], m["stage"], m["to"],
+                            attempt + 1, exc)
         # The broker notices a dead consumer by its heartbeats and re-binds;
         # the outputs stay held for the SEND that follows.
 

@@ -101,6 +101,15 @@ class Sender(abc.ABC):
         message; one interrupted before it wrote anything leaves it usable.
         """
 
+    def try_send(self, header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """Send one message now, without waiting, if the medium has room for all of it at once;
+        False if not (nothing was sent: use :meth:`send`). Errors as for :meth:`send`.
+
+        The cheap path for small messages: no task, no lock, no await. A medium
+        without such a path keeps this default.
+        """
+        return False
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the connection; the peer sees a clean end."""

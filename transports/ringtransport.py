@@ -50,7 +50,7 @@ from .errors import (
     TransportTimeout,
 )
 from .host import host_id
-from .ring import Assembler, RingConfig, RingConsumer, RingProducer
+from .ring import MSG, Assembler, RingConfig, RingConsumer, RingProducer
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,23 @@ class RingSender(Sender):
                     await self._shutdown()
                 raise
         self._endpoint._count_sent(message.nbytes + len(message.meta))
+
+    def try_send(self, header, tensors=None) -> bool:
+        if self._lock.locked():  # a send is waiting for credit: keep the order
+            return False
+        self._check()
+        message = codec.encode(header, tensors)
+        if message.nbytes > self._endpoint.max_message_bytes:
+            raise MessageTooLarge(f"message of {message.nbytes} bytes > {self._endpoint.max_message_bytes}")
+        producer = self._producer
+        records = producer.records(message)
+        kind, parts, length, aux = next(records)
+        if kind != MSG or not producer.try_write(kind, parts, length, aux):
+            return False  # streamed in chunks, or no room now (a PAD it wrote is harmless)
+        if producer.consumer_sleeping():
+            self._channel.ring()
+        self._endpoint._count_sent(message.nbytes + len(message.meta))
+        return True
 
     async def _wait_credit(self, length: int, deadline: float) -> None:
         producer, channel = self._producer, self._channel

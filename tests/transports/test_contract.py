@@ -226,3 +226,35 @@ async def test_consumer_killed_while_send_waits(endpoint, peers):
     await assert_still_serves(endpoint, peers)
     await endpoint.aclose()
     assert shm_leaks(before) == set()
+
+
+async def test_try_send_sends_all_or_nothing_and_keeps_the_order(endpoints, transport_name):
+    """try_send is the no-wait path: True means the message is on its way, False that nothing was
+    sent (a full ring, a streamed message, or a medium without such a path); order holds with send()."""
+    a, b = await endpoints(), await endpoints()
+    sender = await a.connect(b.descriptor, timeout=30)
+    big = {"x": torch.full((1 << 20,), 3, dtype=torch.uint8)}  # 1 MiB: a 16 MiB ring fills up
+    sent = []
+    for i in range(64):
+        if sender.try_send({"seq": i}, big):
+            sent.append(i)
+        else:
+            break
+    if transport_name in ("shm", "auto"):
+        assert 0 < len(sent) < 64  # it stopped at the full ring instead of waiting
+
+    async def drain() -> list[int]:
+        got = []
+        for _ in range(len(sent) + 1):
+            with await b.recv(timeout=30) as msg:
+                got.append(msg.header["seq"])
+                assert torch.equal(msg.tensors["x"], big["x"])
+        return got
+
+    receiving = asyncio.create_task(drain())
+    await sender.send({"seq": 1000}, big, timeout=30)  # waits for the room the receiver makes
+    assert await receiving == sent + [1000]
+    if sender.try_send({"seq": 2000}, {"x": torch.arange(4)}):
+        with await b.recv(timeout=30) as msg:
+            assert msg.header == {"seq": 2000} and msg.tensors["x"].tolist() == [0, 1, 2, 3]
+    await sender.aclose()
