@@ -46,7 +46,8 @@ window of 128 jobs. On 2 cores more worker processes only add wake-ups
 (``--workers 2`` measured ~10% more CPU per job and no more throughput);
 more slots per worker let the broker pipeline tasks to a worker instead of
 waiting a round trip per task (capacity 1: ~1,200 tasks/s, 8: ~2,200,
-32: ~2,500 on this machine).
+32: ~2,500 on this machine, measured before control messages were batched
+per peer and loop turn; with batching, capacity 32 gives ~9,000).
 
 Where the time goes: each round prints the share of a core each process
 used, the CPU milliseconds all our processes spent per job (a number that
