@@ -33,7 +33,7 @@ from .store import JobStore
 
 log = logging.getLogger("onepiece.broker")
 
-DRAIN_BATCH = 256  # messages per batch, which is one transaction; short, so the loop stays fair
+DRAIN_BATCH = 256  # messages handled per loop turn at most; short, so the loop stays fair
 
 
 class Broker:
