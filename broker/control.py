@@ -112,17 +112,13 @@ class ControlSocket:
         if not out and self._lazy_timer is not None:
             self._lazy_timer.cancel()
             self._lazy_timer = None
-        self._check_readable()
+        self.waiting()  # the fd may show nothing while messages wait (the edge was consumed)
 
     # -- receiving ---------------------------------------------------------------
     def _schedule_read(self) -> None:
         if not self._read_due:
             self._read_due = True
             self._loop.call_soon(self._readable)
-
-    def _check_readable(self) -> None:
-        """Messages may wait while the fd shows nothing (the edge was consumed): look."""
-        self.waiting()
 
     def waiting(self) -> bool:
         """Whether messages wait unread; if so a read is scheduled (the check may consume the edge)."""
@@ -162,7 +158,7 @@ class ControlSocket:
         finally:
             self._reading = False
         self.flush()
-        self._check_readable()
+        self.waiting()  # the fd may show nothing while messages wait (the edge was consumed)
 
     def _decode(self, frames: list[bytes]) -> None:
         """Queue the messages of one ZeroMQ message (after a ROUTER's peer id, one or more frames)."""

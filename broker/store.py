@@ -184,8 +184,7 @@ class JobStore:
     def commit(self) -> None:
         """Make every write so far durable, now, on this thread."""
         if self._take():
-            with self._lock:
-                self._apply_queued()
+            self._commit_queued()
 
     def commit_soon(self) -> concurrent.futures.Future:
         """Make every write so far durable on the writer thread; the future is done when it is

@@ -219,11 +219,15 @@ class RingSender(Sender):
             self._broken = PeerGone(f"{self._endpoint.name} peer {self.peer} at {self._channel.address} is gone")
             raise self._broken
 
-    async def send(self, header, tensors=None, *, timeout=None) -> None:
-        self._check()
+    def _encode(self, header, tensors) -> codec.Encoded:
         message = codec.encode(header, tensors)
         if message.nbytes > self._endpoint.max_message_bytes:
             raise MessageTooLarge(f"message of {message.nbytes} bytes > {self._endpoint.max_message_bytes}")
+        return message
+
+    async def send(self, header, tensors=None, *, timeout=None) -> None:
+        self._check()
+        message = self._encode(header, tensors)
         timeout = self._endpoint.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         async with self._lock:
@@ -251,9 +255,7 @@ class RingSender(Sender):
         if self._lock.locked():  # a send is waiting for credit: keep the order
             return False
         self._check()
-        message = codec.encode(header, tensors)
-        if message.nbytes > self._endpoint.max_message_bytes:
-            raise MessageTooLarge(f"message of {message.nbytes} bytes > {self._endpoint.max_message_bytes}")
+        message = self._encode(header, tensors)
         producer = self._producer
         records = producer.records(message)
         kind, parts, length, aux = next(records)
