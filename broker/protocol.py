@@ -76,33 +76,32 @@ def pack(kind: str, **fields: Any) -> bytes:
 
 def frames(bodies: list[bytes], limit: int = BATCH_BYTES) -> list[bytes]:
     """Join packed messages (from :func:`pack`) into as few frames as fit ``limit`` bytes
-    each; a message larger than ``limit`` travels alone. The order is kept."""
+    each; a message larger than ``limit`` travels alone. The order is kept. A lone
+    message travels as a plain map."""
     out: list[bytes] = []
     group: list[bytes] = []
     size = 0
     for body in bodies:
         if group and size + len(body) > limit:
-            out.append(_array(group))
+            out.append(group[0] if len(group) == 1 else packed_array(group))
             group, size = [], 0
         group.append(body)
         size += len(body)
     if group:
-        out.append(_array(group))
+        out.append(group[0] if len(group) == 1 else packed_array(group))
     return out
 
 
-def _array(bodies: list[bytes]) -> bytes:
+def packed_array(elements: list[bytes]) -> bytes:
     """A msgpack array of already-packed elements: its header, then the elements as they are."""
-    n = len(bodies)
-    if n == 1:
-        return bodies[0]  # a lone message travels as a plain map
+    n = len(elements)
     if n < 16:
         head = bytes((0x90 | n,))
     elif n < 1 << 16:
         head = b"\xdc" + n.to_bytes(2, "big")
     else:
         head = b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(bodies)
+    return head + b"".join(elements)
 
 
 def unpack_frame(frame: bytes) -> tuple[list[dict], list[str]]:

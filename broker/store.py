@@ -18,9 +18,15 @@ running when the broker stopped are found again at start-up and re-queued.
 What a crash can lose is the events and state changes of the last commit
 interval: at worst a job that had ended is run again.
 
-Event data is stored as msgpack (an order of magnitude cheaper to encode
-than JSON for these small maps); rows written as JSON text by earlier
-versions are still read.
+Events are stored as *runs*: the events one job had between two commits
+are one row of ``event_runs`` (a msgpack array of ``[ts, type, data]``),
+numbered by the first event's sequence number. A short job has one or two
+rows instead of a dozen, and at a few thousand jobs a second the row
+count is what the writer spends its time on (a row per event cost a tenth
+of a core and ~1 ms of the control plane's hop p99 on 2 cores). The
+``events`` table, a row per event with data as msgpack or JSON text, is
+what earlier versions wrote; it is still read, and numbering continues
+across both.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from pathlib import Path
 
 import msgpack
 
+from .protocol import packed_array
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -48,12 +56,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     stages TEXT
 );
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE IF NOT EXISTS event_runs (
+    job TEXT NOT NULL,
+    seq INTEGER NOT NULL,   -- the first event's number
+    last INTEGER NOT NULL,  -- the last event's number
+    events BLOB NOT NULL,   -- msgpack array of [ts, type, data], one per event
+    PRIMARY KEY (job, seq)
+);
+CREATE TABLE IF NOT EXISTS events (  -- earlier versions: a row per event, read only
     job TEXT NOT NULL,
     seq INTEGER NOT NULL,
     ts REAL NOT NULL,
     type TEXT NOT NULL,
-    data BLOB NOT NULL,  -- msgpack (JSON text in rows of earlier versions)
+    data BLOB NOT NULL,  -- msgpack, or JSON text
     PRIMARY KEY (job, seq)
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
@@ -79,7 +94,7 @@ class _Batch:
         self.jobs: list[tuple] = []
         self.states: dict[str, str] = {}
         self.finished: list[tuple] = []
-        self.events: list[tuple] = []
+        self.events: dict[str, tuple[int, list[bytes]]] = {}  # job -> (first seq, packed events)
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.states or self.finished or self.events)
@@ -95,7 +110,9 @@ class _Batch:
             db.executemany("UPDATE jobs SET state = ?, finished = ?, reason = ?, result = ?, stages = ?, "
                            "payload = NULL WHERE id = ?", self.finished)
         if self.events:
-            db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?)", self.events)
+            db.executemany("INSERT OR REPLACE INTO event_runs VALUES (?, ?, ?, ?)",
+                           [(job, seq, seq + len(run) - 1, packed_array(run))
+                            for job, (seq, run) in self.events.items()])
 
 
 class JobStore:
@@ -137,10 +154,16 @@ class JobStore:
     def add_event(self, job_id: str, type_: str, data: dict, ts: float | None = None) -> int:
         seq = self._seq.get(job_id)
         if seq is None:  # a job from before this run (re-queued at start-up)
-            seq = self._read("SELECT COALESCE(MAX(seq), -1) FROM events WHERE job = ?", (job_id,))[0][0]
+            seq = self._read("SELECT MAX(COALESCE((SELECT MAX(last) FROM event_runs WHERE job = ?), -1), "
+                             "COALESCE((SELECT MAX(seq) FROM events WHERE job = ?), -1))", (job_id, job_id))[0][0]
         seq += 1
         self._seq[job_id] = seq
-        self._batch.events.append((job_id, seq, ts or time.time(), type_, _pack(data)))
+        event = _pack((ts or time.time(), type_, data))
+        run = self._batch.events.get(job_id)
+        if run is None:
+            self._batch.events[job_id] = (seq, [event])
+        else:
+            run[1].append(event)
         return seq
 
     def set_state(self, job_id: str, state: str) -> None:
@@ -223,9 +246,17 @@ class JobStore:
         }
 
     def events(self, job_id: str, after: int = -1) -> list[dict]:
-        rows = self._read("SELECT seq, ts, type, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
-                          (job_id, after))
-        return [{"seq": s, "ts": ts, "type": t, "data": _unpack(d)} for s, ts, t, d in rows]
+        """The job's events numbered above ``after``, in order."""
+        legacy = self._read("SELECT seq, ts, type, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
+                            (job_id, after))
+        out = [{"seq": s, "ts": ts, "type": t, "data": _unpack(d)} for s, ts, t, d in legacy]
+        for first, blob in self._read("SELECT seq, events FROM event_runs WHERE job = ? AND last > ? "
+                                      "ORDER BY seq", (job_id, after)):
+            out.extend({"seq": first + i, "ts": ts, "type": t, "data": d}
+                       for i, (ts, t, d) in enumerate(msgpack.unpackb(blob)) if first + i > after)
+        if legacy and len(out) > len(legacy):
+            out.sort(key=lambda e: e["seq"])
+        return out
 
     def unfinished(self) -> list[tuple[str, str, dict, dict | None, float]]:
         """Jobs accepted but not ended (the broker stopped under them), oldest first."""

@@ -42,6 +42,12 @@ def test_array_headers_of_every_size(n):
     body = protocol.pack("DRAIN")
     (frame,) = protocol.frames([body] * n, limit=1 << 30)
     assert msgpack.unpackb(frame) == [{"v": protocol.VERSION, "k": "DRAIN"}] * n
+    assert protocol.packed_array([body] * n) == frame
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_packed_array_is_an_array_even_of_one(n):
+    assert msgpack.unpackb(protocol.packed_array([msgpack.packb([1, "x"])] * n)) == [[1, "x"]] * n
 
 
 def test_a_bad_message_in_a_batch_costs_only_itself():

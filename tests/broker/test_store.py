@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -90,18 +91,53 @@ def test_unfinished_jobs_continue_their_event_numbers_after_a_restart(tmp_path):
     again.close()
 
 
-def test_events_written_as_json_by_earlier_versions_are_read(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    store.add_job("j1", "wf", {}, None, 1.0)
-    store.close()
+def test_events_written_by_earlier_versions_are_read_and_numbering_continues(tmp_path):
+    # The layout of earlier versions: a row per event, data as JSON text or msgpack, no event_runs.
     db = sqlite3.connect(str(tmp_path / "jobs.sqlite3"))
     with db:
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, workflow TEXT NOT NULL, state TEXT NOT NULL, "
+                   "params TEXT NOT NULL, payload BLOB, created REAL NOT NULL, finished REAL, reason TEXT, "
+                   "result TEXT, stages TEXT)")
+        db.execute("CREATE TABLE events (job TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, "
+                   "type TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job, seq))")
+        db.execute("INSERT INTO jobs (id, workflow, state, params, created) VALUES ('j1', 'wf', 'running', '{}', 1)")
         db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", ("j1", 0, 1.0, "queued", json.dumps({"legacy": True})))
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", ("j1", 1, 2.0, "stage_started",
+                                                                 msgpack.packb({"stage": "a"})))
     db.close()
     again = JobStore(tmp_path / "jobs.sqlite3")
-    again.add_event("j1", "requeued", {"reason": "broker restarted"})
-    assert [e["data"] for e in again.events("j1")] == [{"legacy": True}, {"reason": "broker restarted"}]
+    assert again.add_event("j1", "requeued", {"reason": "broker restarted"}) == 2
+    again.commit()
+    assert again.add_event("j1", "stage_started", {"stage": "a"}) == 3
+    assert [(e["seq"], e["data"]) for e in again.events("j1")] == [
+        (0, {"legacy": True}), (1, {"stage": "a"}), (2, {"reason": "broker restarted"}), (3, {"stage": "a"})]
+    assert [e["seq"] for e in again.events("j1", after=1)] == [2, 3]
     again.close()
+
+
+def test_the_events_of_one_commit_are_one_row_and_read_back_one_by_one(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.add_job("j1", "wf", {}, None, 1.0)
+    store.add_job("j2", "wf", {}, None, 1.0)
+    for i in range(5):
+        store.add_event("j1", "step", {"i": i}, ts=10.0 + i)
+    store.add_event("j2", "queued", {})
+    store.commit()
+    for i in range(5, 8):
+        store.add_event("j1", "step", {"i": i}, ts=10.0 + i)
+    store.commit()
+    db = sqlite3.connect(str(tmp_path / "jobs.sqlite3"))
+    assert db.execute("SELECT job, seq, last FROM event_runs ORDER BY job, seq").fetchall() == [
+        ("j1", 0, 4), ("j1", 5, 7), ("j2", 0, 0)]
+    db.close()
+    events = store.events("j1")
+    assert [(e["seq"], e["ts"], e["type"], e["data"]) for e in events] == [
+        (i, 10.0 + i, "step", {"i": i}) for i in range(8)]
+    assert [e["seq"] for e in store.events("j1", after=3)] == [4, 5, 6, 7]  # from inside a run
+    assert [e["seq"] for e in store.events("j1", after=4)] == [5, 6, 7]
+    assert store.events("j1", after=7) == []
+    assert [e["type"] for e in store.events("j2")] == ["queued"]
+    store.close()
 
 
 async def test_a_submit_is_answered_only_once_its_job_is_committed(tmp_path):
