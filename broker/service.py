@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .control import ControlSocket
 from .core import TERMINAL, Core, JobEvent, Stale, ToWorker
 from .errors import CoreError, UnknownJob, UnknownWorker
 from .metrics import BrokerMetrics
-from .store import JobStore
+from .store import JobStore, new_job_id
 
 log = logging.getLogger("onepiece.broker")
 
@@ -123,7 +122,7 @@ class Broker:
         """Accept a job into the core and the store's open transaction (durable at the next commit)."""
         if workflow not in self.workflows:
             raise CoreError(f"unknown workflow {workflow!r}; available: {', '.join(sorted(self.workflows))}")
-        job_id = uuid.uuid4().hex
+        job_id = new_job_id()
         now = time.time()
         self.store.add_job(job_id, workflow, params, payload, now)
         self.metrics.submitted.inc()

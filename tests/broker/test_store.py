@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
+import uuid
 
 import msgpack
 import zmq
@@ -12,7 +14,7 @@ import zmq.asyncio
 
 from broker import protocol
 from broker.service import Broker
-from broker.store import JobStore
+from broker.store import JobStore, new_job_id
 from onepiece.config import Settings
 
 
@@ -169,3 +171,14 @@ async def test_a_submit_is_answered_only_once_its_job_is_committed(tmp_path):
         dealer.close()
         ctx.term()
         await broker.stop()
+
+
+def test_job_ids_are_uuid7_in_time_order_and_unique():
+    ids = [new_job_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and uuid.UUID(hex=i).version == 7 and uuid.UUID(hex=i).variant == uuid.RFC_4122
+               for i in ids[:100])
+    # the first 12 digits are the millisecond: never decreasing, so rows append at the B-trees' right edge
+    stamps = [int(i[:12], 16) for i in ids]
+    assert stamps == sorted(stamps)
+    assert abs(stamps[-1] / 1000 - time.time()) < 60
