@@ -787,7 +787,10 @@ def machine_info() -> dict:
 
 async def amain(args, plan: Plan, bench: Bench) -> dict:
     try:
+        from onepiece.heap import freeze_startup_heap
+
         await bench.start()
+        freeze_startup_heap()  # as `onepiece broker` does once it is up
         return await bench.run()
     finally:
         await bench.stop()

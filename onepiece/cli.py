@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .config import load_settings
+from .heap import freeze_startup_heap
 
 log = logging.getLogger("onepiece")
 
@@ -121,6 +122,7 @@ async def cmd_up(args) -> int:
     except BaseException:
         await stack.stop()
         raise
+    freeze_startup_heap()
     print(f"OnePiece is up: REST API on {stack.url} (transport {settings.transport}, model {settings.model}). "
           f"Ctrl-C stops it.", flush=True)
     try:
@@ -140,6 +142,7 @@ async def cmd_broker(args) -> int:
     await broker.start()
     runner, port = await start_api(broker, settings.rest_host, settings.rest_port)
     log.info("REST API on http://%s:%d", settings.rest_host, port)
+    freeze_startup_heap()
     try:
         await _until_signal()
     finally:
@@ -189,7 +192,7 @@ async def cmd_worker(args) -> int:
     workflow = load_workflow(args.workflow)
     # "{host}" lets a container name itself after its hostname (the compose launcher matches on it).
     worker_id = args.worker_id.format(host=socket.gethostname(), pid=os.getpid()) if args.worker_id else None
-    return await Worker(settings, workflow, args.stage, worker_id=worker_id).run()
+    return await Worker(settings, workflow, args.stage, worker_id=worker_id, freeze_heap=True).run()
 
 
 async def cmd_submit(args) -> int:

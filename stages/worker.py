@@ -36,6 +36,7 @@ import zmq
 
 from broker import protocol
 from broker.control import ControlSocket
+from onepiece.heap import freeze_startup_heap
 from transports import PeerGone, TransportError, open_transport
 
 from .kinds import StageCancelled, StageFailed, StageKind, StageOutput, TaskContext, make_stage
@@ -92,7 +93,9 @@ class Worker:
     """A stage service process (see the module docstring)."""
 
     def __init__(self, settings, workflow: Workflow, stage: str, *, kind: StageKind | None = None,
-                 worker_id: str | None = None):
+                 worker_id: str | None = None, freeze_heap: bool = False):
+        """``freeze_heap``: once the model is loaded, exempt the heap from the garbage
+        collector's full passes (``onepiece.heap``); only for a process of its own."""
         if stage not in workflow.stages:
             raise ValueError(f"workflow {workflow.name} has no stage {stage!r}; "
                              f"stages: {', '.join(workflow.stages)}")
@@ -120,6 +123,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task] = set()
         self._signals = 0
+        self._freeze_heap = freeze_heap
 
     # -- lifecycle ----------------------------------------------------------------
     async def run(self) -> int:
@@ -137,6 +141,8 @@ class Worker:
             return 0
         self.transport = await open_transport(self.settings.transport,
                                               **transport_options(self.settings, self.settings.transport))
+        if self._freeze_heap:
+            freeze_startup_heap()
         self._connect()
         loops = [loop.create_task(self._data(), name="data"),
                  loop.create_task(self._heartbeat(), name="heartbeat")]
