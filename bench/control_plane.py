@@ -242,7 +242,10 @@ def make_broker(settings, credit_sock, credit_batch: int):
 
     The cumulative count of ended jobs goes to the client every ``credit_batch`` ended jobs or
     1 ms after the first unsent one, whichever comes first: one small message per batch, so the
-    bookkeeping costs the broker little. Nothing else of the broker is changed.
+    bookkeeping costs the broker little. Only the window phases need it: with ``credits`` off
+    (the Poisson phase, whose client does not wait on ends) nothing is sent, so the harness adds
+    no messages, wake-ups or context switches to the stack it measures. Nothing else of the
+    broker is changed.
     """
     from broker.core import TERMINAL
     from broker.service import Broker
@@ -254,6 +257,7 @@ def make_broker(settings, credit_sock, credit_batch: int):
             self.ended: list[tuple[float, str, str]] = []  # (time, job id, terminal type)
             self._unsent = 0
             self._timer = None
+            self.credits = True
 
         @property
         def progress(self) -> int:
@@ -269,6 +273,8 @@ def make_broker(settings, credit_sock, credit_batch: int):
                 self.stage_done.append(time.time())
             elif e.type in TERMINAL:
                 self.ended.append((time.time(), e.job_id, e.type))
+                if not self.credits:
+                    return
                 self._unsent += 1
                 if self._unsent >= credit_batch:
                     self._flush()
@@ -636,7 +642,10 @@ class Bench:
         self.watch.reset()
         if profiler:
             profiler.enable()
+        self.broker.credits = False  # the Poisson client does not wait on ends
         r = await self.command("rate", rate, p.latency_s, a.seed)
+        self.broker.credits = True
+        self.broker._flush()
         if profiler:
             profiler.disable()
             self.dump_profile(profiler, "broker-latency.prof")
