@@ -34,6 +34,47 @@ class StageFailed(Exception):
     """The task cannot succeed with these inputs (not worth retrying elsewhere)."""
 
 
+class CancelFlag:
+    """Set once by the worker's loop, read by the stage's thread: ``set``, ``is_set`` and
+    ``wait`` as on a ``threading.Event``.
+
+    Every task has one and nearly none is ever waited on with a timeout, so the
+    Event (a Condition, which is Python code to build) is made only when a wait
+    must block; a zero-cost task pays for a lock alone.
+    """
+
+    __slots__ = ("_flag", "_event", "_lock")
+
+    def __init__(self):
+        self._flag = False
+        self._event: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def set(self) -> None:
+        with self._lock:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the flag is set, waiting up to ``timeout`` seconds (None: until it is)."""
+        if self._flag:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        with self._lock:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+
 @dataclass
 class TaskContext:
     job: str
@@ -42,7 +83,7 @@ class TaskContext:
     payload: dict | None
     results_dir: Path
     on_progress: Callable[[int, int], None] = lambda step, total: None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelFlag = field(default_factory=CancelFlag)
 
 
 @dataclass
