@@ -18,6 +18,10 @@ running when the broker stopped are found again at start-up and re-queued.
 What a crash can lose is the events and state changes of the last commit
 interval: at worst a job that had ended is run again.
 
+A job's params, result and per-stage record are msgpack too (JSON text in
+rows of earlier versions, still read): the JSON encoding of the stage
+record alone was a tenth of the broker's time at 1,800 jobs/s.
+
 Events are stored as *runs*: the events one job had between two commits
 are one row of ``event_runs`` (a msgpack array of ``[ts, type, data]``),
 numbered by the first event's sequence number. A short job has one or two
@@ -49,13 +53,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     workflow TEXT NOT NULL,
     state TEXT NOT NULL,
-    params TEXT NOT NULL,
+    params BLOB NOT NULL,  -- msgpack (JSON text in rows of earlier versions), as are result and stages
     payload BLOB,
     created REAL NOT NULL,
     finished REAL,
     reason TEXT,
-    result TEXT,
-    stages TEXT
+    result BLOB,
+    stages BLOB
 );
 CREATE TABLE IF NOT EXISTS event_runs (
     job TEXT NOT NULL,
@@ -98,7 +102,8 @@ def _pack(data) -> bytes:
 
 
 def _unpack(data: bytes | str):
-    return json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+    """A stored map: msgpack, or JSON text from an earlier version."""
+    return json.loads(data) if isinstance(data, str) else msgpack.unpackb(data, strict_map_key=False)
 
 
 class _Batch:
@@ -163,7 +168,7 @@ class JobStore:
 
     def add_job(self, job_id: str, workflow: str, params: dict, payload: dict | None, created: float) -> None:
         """Insert; durable at the next commit, which comes before the job's id is returned."""
-        self._batch.jobs.append((job_id, workflow, json.dumps(params),
+        self._batch.jobs.append((job_id, workflow, _pack(params),
                                  msgpack.packb(payload) if payload else None, created))
         self._seq[job_id] = -1  # a new job has no events yet
 
@@ -189,8 +194,8 @@ class JobStore:
     def finish(self, job_id: str, state: str, finished: float, reason: str | None,
                result: dict | None, stages: dict | None) -> None:
         self._batch.states.pop(job_id, None)
-        self._batch.finished.append((state, finished, reason, json.dumps(result) if result else None,
-                                     json.dumps(stages, default=str) if stages else None, job_id))
+        self._batch.finished.append((state, finished, reason, _pack(result) if result else None,
+                                     _pack(stages) if stages else None, job_id))
         self._seq.pop(job_id, None)  # no event follows the terminal one
 
     # -- commits ---------------------------------------------------------------
@@ -255,10 +260,10 @@ class JobStore:
             return None
         row = rows[0]
         return {
-            "id": row[0], "workflow": row[1], "state": row[2], "params": json.loads(row[3]),
+            "id": row[0], "workflow": row[1], "state": row[2], "params": _unpack(row[3]),
             "created": row[4], "finished": row[5], "reason": row[6],
-            "result": json.loads(row[7]) if row[7] else None,
-            "stages": json.loads(row[8]) if row[8] else {},
+            "result": _unpack(row[7]) if row[7] else None,
+            "stages": _unpack(row[8]) if row[8] else {},
         }
 
     def events(self, job_id: str, after: int = -1) -> list[dict]:
@@ -278,7 +283,7 @@ class JobStore:
         """Jobs accepted but not ended (the broker stopped under them), oldest first."""
         rows = self._read("SELECT id, workflow, params, payload, created FROM jobs WHERE state NOT IN (?, ?, ?) "
                           "ORDER BY created", TERMINAL)
-        return [(i, w, json.loads(p), msgpack.unpackb(b) if b else None, c) for i, w, p, b, c in rows]
+        return [(i, w, _unpack(p), msgpack.unpackb(b) if b else None, c) for i, w, p, b, c in rows]
 
     def counts(self) -> dict[str, int]:
         return dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"))

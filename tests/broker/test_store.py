@@ -103,11 +103,18 @@ def test_events_written_by_earlier_versions_are_read_and_numbering_continues(tmp
         db.execute("CREATE TABLE events (job TEXT NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, "
                    "type TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job, seq))")
         db.execute("INSERT INTO jobs (id, workflow, state, params, created) VALUES ('j1', 'wf', 'running', '{}', 1)")
+        db.execute("INSERT INTO jobs VALUES ('j0', 'wf', 'succeeded', ?, NULL, 1, 2, NULL, ?, ?)",
+                   (json.dumps({"steps": 4}), json.dumps({"video": "j0.mp4"}),
+                    json.dumps({"a": {"state": "done", "started": 1.25}})))
         db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", ("j1", 0, 1.0, "queued", json.dumps({"legacy": True})))
         db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", ("j1", 1, 2.0, "stage_started",
                                                                  msgpack.packb({"stage": "a"})))
     db.close()
     again = JobStore(tmp_path / "jobs.sqlite3")
+    old = again.job("j0")
+    assert (old["params"], old["result"], old["stages"]) == (
+        {"steps": 4}, {"video": "j0.mp4"}, {"a": {"state": "done", "started": 1.25}})
+    assert again.unfinished() == [("j1", "wf", {}, None, 1.0)]
     assert again.add_event("j1", "requeued", {"reason": "broker restarted"}) == 2
     again.commit()
     assert again.add_event("j1", "stage_started", {"stage": "a"}) == 3
@@ -182,3 +189,19 @@ def test_job_ids_are_uuid7_in_time_order_and_unique():
     stamps = [int(i[:12], 16) for i in ids]
     assert stamps == sorted(stamps)
     assert abs(stamps[-1] / 1000 - time.time()) < 60
+
+
+def test_a_finished_jobs_record_round_trips_exactly(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    params = {"prompt": "a cat", "steps": 4, "guidance_scale": 5.0, "seed": 2**40, "work": {"b": 0.1}}
+    stages = {s: {"state": "done", "worker": f"{s}-w", "attempt": 1, "started": 1763800000.123456 + i,
+                  "finished": 1763800000.654321 + i, "timings": {"run_s": 1e-6, "out_bytes": 16}}
+              for i, s in enumerate("abc")}
+    store.add_job("j1", "wf", params, None, 1.0)
+    store.finish("j1", "succeeded", 2.5, None, {"video": "j1.mp4"}, stages)
+    store.close()
+    again = JobStore(tmp_path / "jobs.sqlite3")
+    job = again.job("j1")
+    assert (job["state"], job["params"], job["result"], job["stages"]) == (
+        "succeeded", params, {"video": "j1.mp4"}, stages)
+    again.close()
