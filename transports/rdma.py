@@ -91,7 +91,7 @@ from .ring import (
     CONTROL_BYTES, CREDIT_BYTES, GRANULE, HEADER, HEADER_BYTES, MAGIC, PAD, SLEEPING_OFFSET,
     TRAILER_KEY, U64, WAITING_OFFSET, RingConfig, record_bytes,
 )
-from .ringtransport import Region, RingTransport, Writer, ring_config
+from .ringtransport import SPINS, Region, RingTransport, Writer, ring_config
 
 log = logging.getLogger(__name__)
 
@@ -863,6 +863,7 @@ class RdmaTransport(RingTransport):
     async def open(cls, *, host: str = "127.0.0.1", advertise_host: str | None = None,
                    ring_bytes: int | None = None, hwm_bytes: int | None = None, chunk_bytes: int | None = None,
                    send_timeout: float = 30.0, handshake_timeout: float = 10.0, spin_s: float = 100e-6,
+                   spin: str = "auto",
                    max_message_bytes: int = 2 << 30, device: str | None = None, port: int = 1,
                    gid_index: int | None = None, commit: str = "auto", staging_bytes: int | None = None,
                    fabric: str | None = None, completion_timeout: float = 10.0) -> RdmaTransport:
@@ -877,6 +878,8 @@ class RdmaTransport(RingTransport):
         """
         if commit not in COMMITS:
             raise ValueError(f"commit must be one of {', '.join(COMMITS)}")
+        if spin not in SPINS:  # before the device is opened: nothing to close
+            raise ValueError(f"spin must be one of {', '.join(SPINS)}, not {spin!r}")
         config = ring_config(ring_bytes, hwm_bytes, chunk_bytes)
         verbs = load_pyverbs()
         ctx, info = _open_port(verbs, device, port, gid_index)
@@ -891,7 +894,8 @@ class RdmaTransport(RingTransport):
             ctx.close()
             raise
         self = cls(host=host, advertise_host=advertise_host, config=config, send_timeout=send_timeout,
-                   handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes)
+                   handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes,
+                   spin=spin)
         self._verbs, self._ctx, self._pd, self._local, self._sq_depth = verbs, ctx, pd, info, sq_depth
         self._commit_option, self._staging_bytes, self._fabric = commit, staging_bytes, fabric
         self.completion_timeout = completion_timeout

@@ -12,10 +12,11 @@ memory reached with RDMA WRITE). Everything else is here, once:
 * :class:`RingSender` writes records and waits for credit: a short spin,
   then it raises its "waiting" flag in the consumer's memory and sleeps on
   the doorbell;
-* :class:`RingTransport.recv` polls every inbound ring, spins briefly, then
-  raises its "sleeping" flags in the producers' memory and sleeps on the
-  doorbell, so an idle worker burns no CPU. Before it waits it copies out
-  held messages above the high-water mark (ring.py, invariant I7).
+* :class:`RingTransport.recv` polls every inbound ring, spins briefly when
+  messages have been coming back to back, then raises its "sleeping" flags
+  in the producers' memory and sleeps on the doorbell, so an idle worker
+  burns no CPU. Before it waits it copies out held messages above the
+  high-water mark (ring.py, invariant I7).
 
 The flag/doorbell pair is a Dekker-style handshake (store flag, load ring).
 x86 may reorder that store after the load, so every sleep also has a short
@@ -168,6 +169,9 @@ class _BellProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.channel.lost()
+
+
+SPINS = ("auto", "always")
 
 
 def _yield_cpu() -> None:
@@ -354,7 +358,12 @@ class RingTransport(Transport):
 
     def __init__(self, *, host: str, advertise_host: str | None, config: RingConfig,
                  send_timeout: float, handshake_timeout: float, spin_s: float,
-                 max_message_bytes: int):
+                 max_message_bytes: int, spin: str = "auto"):
+        """``spin``: "auto" (recv spins up to ``spin_s`` only while messages come back to back
+        or one is streaming in) or "always" (before every sleep)."""
+        if spin not in SPINS:
+            raise ValueError(f"spin must be one of {', '.join(SPINS)}, not {spin!r}")
+        self.spin = spin
         self.config = config
         self.send_timeout = send_timeout
         self.handshake_timeout = handshake_timeout
@@ -369,6 +378,12 @@ class RingTransport(Transport):
         self._handshakes: set[asyncio.Task] = set()
         self._bell = asyncio.Event()
         self._rr = 0
+        # Mean gap between received messages (EWMA). recv spins only while it is under spin_s:
+        # for a stream of chunks a spin saves a sleep and a wake-up per message, but for
+        # messages that come every half millisecond (control-plane pace) it only burns a
+        # core that, on a small machine, the very process that should send is waiting for.
+        self._gap = 1e-3
+        self._last_arrival = 0.0
         self._closed = False
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -587,20 +602,31 @@ class RingTransport(Transport):
         self._inbound.remove(conn)
         await self._drop(conn)
 
+    def _arrived(self, msg: Message) -> Message:
+        now = time.monotonic()
+        gap = min(now - self._last_arrival, 1e-3)  # past a millisecond it is sparse, however long
+        self._last_arrival = now
+        self._gap = 0.75 * self._gap + 0.25 * gap
+        return msg
+
     async def recv(self, *, timeout: float | None = None) -> Message:
         if self._closed:
             raise TransportClosed(f"{self.name} endpoint is closed")
         if (msg := await self._poll_all()) is not None:
-            return msg
+            return self._arrived(msg)
         deadline = None if timeout is None else time.monotonic() + timeout
         for conn in self._inbound:
             conn.evict_over_high_water()
-        spin_until = time.monotonic() + self.spin_s
-        while time.monotonic() < spin_until:
-            _yield_cpu()
-            await asyncio.sleep(0)
-            if (msg := await self._poll_all()) is not None:
-                return msg
+        # Spin when the next record is likely within it: messages came back to back lately, or
+        # one is half way (the rest of its chunks follow as fast as the producer gets credit).
+        if (self.spin == "always" or self._gap < self.spin_s
+                or any(c.assembler.partial is not None for c in self._inbound)):
+            spin_until = time.monotonic() + self.spin_s
+            while time.monotonic() < spin_until:
+                _yield_cpu()
+                await asyncio.sleep(0)
+                if (msg := await self._poll_all()) is not None:
+                    return self._arrived(msg)
         backstop = BACKSTOP_MIN
         try:
             while True:
@@ -611,7 +637,7 @@ class RingTransport(Transport):
                     conn.evict_over_high_water()
                     conn.consumer.set_sleeping(True)
                 if (msg := await self._poll_all()) is not None:
-                    return msg
+                    return self._arrived(msg)
                 wait = BACKSTOP_MAX if not self._inbound else backstop
                 if deadline is not None:
                     left = deadline - time.monotonic()

@@ -131,6 +131,7 @@ class ShmTransport(RingTransport):
                    ring_bytes: int | None = None, hwm_bytes: int | None = None,
                    chunk_bytes: int | None = None, send_timeout: float = 30.0,
                    handshake_timeout: float = 10.0, spin_s: float = 100e-6,
+                   spin: str = "auto",
                    max_message_bytes: int = 2 << 30) -> ShmTransport:
         """Open an endpoint; its side channel listens on ``host`` (TCP, port chosen by the OS).
 
@@ -143,7 +144,8 @@ class ShmTransport(RingTransport):
         sweep_stale_segments()
         self = cls(host=host, advertise_host=advertise_host,
                    config=ring_config(ring_bytes, hwm_bytes, chunk_bytes), send_timeout=send_timeout,
-                   handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes)
+                   handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes,
+                   spin=spin)
         await self._start()
         return self
 

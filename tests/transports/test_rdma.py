@@ -545,8 +545,9 @@ async def test_fake_nic_messages_both_ways(rdma_pair, in_order, commit, path):
 
 async def test_fake_nic_out_of_order_breaks_trailer_polling(rdma_pair, caplog):
     """Why the decision matters, and proof that the fake NIC can tear records: forcing
-    commit=trailer on a NIC that places data out of order corrupts what the consumer reads."""
-    _, (a, b) = await rdma_pair(in_order=False, commit="trailer")
+    commit=trailer on a NIC that places data out of order corrupts what the consumer reads
+    (a consumer that always spins reads while the NIC is still placing a record)."""
+    _, (a, b) = await rdma_pair(in_order=False, commit="trailer", spin="always")
     spec = {"count": 24, "sizes": SIZES, "seed": 1}
     sender = await a.connect(b.descriptor, timeout=10)
     assert "may land out of order" in caplog.text
