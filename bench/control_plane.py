@@ -47,7 +47,9 @@ window of 128 jobs. On 2 cores more worker processes only add wake-ups
 more slots per worker let the broker pipeline tasks to a worker instead of
 waiting a round trip per task (capacity 1: ~1,200 tasks/s, 8: ~2,200,
 32: ~2,500 on this machine, measured before control messages were batched
-per peer and loop turn; with batching, capacity 32 gives ~9,000).
+per peer and loop turn; with batching, capacity 32 gave ~9,000, and ~12,000
+since the job store writes one event row per job and commit, time-ordered
+job ids and msgpack columns, on 2026-11-22).
 
 Where the time goes: each round prints the share of a core each process
 used, the CPU milliseconds all our processes spent per job (a number that
