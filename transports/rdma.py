@@ -91,7 +91,7 @@ from .ring import (
     CONTROL_BYTES, CREDIT_BYTES, GRANULE, HEADER, HEADER_BYTES, MAGIC, PAD, SLEEPING_OFFSET,
     TRAILER_KEY, U64, WAITING_OFFSET, RingConfig, record_bytes,
 )
-from .ringtransport import SPINS, Region, RingTransport, Writer, ring_config
+from .ringtransport import Region, RingTransport, Writer, check_spin, ring_config
 
 log = logging.getLogger(__name__)
 
@@ -878,8 +878,7 @@ class RdmaTransport(RingTransport):
         """
         if commit not in COMMITS:
             raise ValueError(f"commit must be one of {', '.join(COMMITS)}")
-        if spin not in SPINS:  # before the device is opened: nothing to close
-            raise ValueError(f"spin must be one of {', '.join(SPINS)}, not {spin!r}")
+        check_spin(spin)  # before the device is opened: nothing to close
         config = ring_config(ring_bytes, hwm_bytes, chunk_bytes)
         verbs = load_pyverbs()
         ctx, info = _open_port(verbs, device, port, gid_index)

@@ -174,6 +174,13 @@ class _BellProtocol(asyncio.Protocol):
 SPINS = ("auto", "always")
 
 
+def check_spin(spin: str) -> str:
+    """``spin`` if it is a receive-spin policy; ValueError naming the choices if not."""
+    if spin not in SPINS:
+        raise ValueError(f"spin must be one of {', '.join(SPINS)}, not {spin!r}")
+    return spin
+
+
 def _yield_cpu() -> None:
     """Let another runnable process have this core while we spin.
 
@@ -361,9 +368,7 @@ class RingTransport(Transport):
                  max_message_bytes: int, spin: str = "auto"):
         """``spin``: "auto" (recv spins up to ``spin_s`` only while messages come back to back
         or one is streaming in) or "always" (before every sleep)."""
-        if spin not in SPINS:
-            raise ValueError(f"spin must be one of {', '.join(SPINS)}, not {spin!r}")
-        self.spin = spin
+        self.spin = check_spin(spin)
         self.config = config
         self.send_timeout = send_timeout
         self.handshake_timeout = handshake_timeout
