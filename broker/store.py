@@ -271,12 +271,11 @@ class JobStore:
         legacy = self._read("SELECT seq, ts, type, data FROM events WHERE job = ? AND seq > ? ORDER BY seq",
                             (job_id, after))
         out = [{"seq": s, "ts": ts, "type": t, "data": _unpack(d)} for s, ts, t, d in legacy]
+        # Runs come after any legacy rows: add_event numbers on from the highest of both tables.
         for first, blob in self._read("SELECT seq, events FROM event_runs WHERE job = ? AND last > ? "
                                       "ORDER BY seq", (job_id, after)):
             out.extend({"seq": first + i, "ts": ts, "type": t, "data": d}
-                       for i, (ts, t, d) in enumerate(msgpack.unpackb(blob)) if first + i > after)
-        if legacy and len(out) > len(legacy):
-            out.sort(key=lambda e: e["seq"])
+                       for i, (ts, t, d) in enumerate(_unpack(blob)) if first + i > after)
         return out
 
     def unfinished(self) -> list[tuple[str, str, dict, dict | None, float]]:
