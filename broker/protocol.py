@@ -78,18 +78,15 @@ def frames(bodies: list[bytes], limit: int = BATCH_BYTES) -> list[bytes]:
     """Join packed messages (from :func:`pack`) into as few frames as fit ``limit`` bytes
     each; a message larger than ``limit`` travels alone. The order is kept. A lone
     message travels as a plain map."""
-    out: list[bytes] = []
-    group: list[bytes] = []
+    groups: list[list[bytes]] = []
     size = 0
     for body in bodies:
-        if group and size + len(body) > limit:
-            out.append(group[0] if len(group) == 1 else packed_array(group))
-            group, size = [], 0
-        group.append(body)
+        if not groups or size + len(body) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(body)
         size += len(body)
-    if group:
-        out.append(group[0] if len(group) == 1 else packed_array(group))
-    return out
+    return [group[0] if len(group) == 1 else packed_array(group) for group in groups]
 
 
 def packed_array(elements: list[bytes]) -> bytes:
