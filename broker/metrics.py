@@ -4,14 +4,45 @@ Counters and histograms are updated as events happen; gauges that describe
 the present (jobs by state, queue lengths, workers, transport bytes) are
 read from the core and the store when /metrics is scraped, so they cannot
 drift from the truth.
+
+What workers report about themselves (their heartbeat's ``stats``) is peer
+data: the protocol's schema bounds its shape, but a value may still be a
+string, negative or absurd. Only registered workers count, and each value
+is taken only if it is a plausible counter (:func:`_count`).
 """
 
 from __future__ import annotations
+
+import re
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 SERVICE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+COUNT_LIMIT = 1 << 63  # no real byte or message count gets near it: a value above is junk
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # a transport name fit to be a label value
+ORPHANS = (  # worker stats key -> metric: data-plane messages nobody asked for, dropped or held
+    ("orphans_dropped", CounterMetricFamily, "onepiece_orphan_dropped_messages",
+     "Unsolicited or orphaned data-plane messages dropped by live workers"),
+    ("orphan_bytes_dropped", CounterMetricFamily, "onepiece_orphan_dropped_bytes",
+     "Bytes of unsolicited or orphaned data-plane messages dropped by live workers"),
+    ("orphan_bytes_held", GaugeMetricFamily, "onepiece_orphan_held_bytes",
+     "Bytes of data-plane messages live workers hold for tasks not (yet) theirs"),
+)
+
+
+def _count(value: object) -> int | None:
+    """A peer-reported count as an int, or None if it is not a plausible one
+    (not a number, a bool, negative, nan, infinite or huge)."""
+    t = type(value)
+    if (t is int or t is float) and 0 <= value < COUNT_LIMIT:  # nan fails the comparison
+        return int(value)
+    return None
+
+
+def _label(value: object) -> str:
+    return value if type(value) is str and _LABEL.fullmatch(value) else "?"
 
 
 class _Live:
@@ -38,27 +69,71 @@ class _Live:
         yield from (queue, workers, busy)
         moved = CounterMetricFamily("onepiece_transport_bytes", "Data-plane bytes moved by live workers",
                                     labels=["stage", "transport", "direction"])
-        totals: dict[tuple, int] = {}
-        for wid, stats in b.worker_stats().items():
-            stage = stage_of.get(wid)
-            if stage is None:
-                continue
-            for direction in ("sent", "received"):
-                key = (stage, str(stats.get("transport", "?")), direction)
-                totals[key] = totals.get(key, 0) + int(stats.get(f"bytes_{direction}", 0))
-        for key, n in sorted(totals.items()):
-            moved.add_metric(list(key), n)
-        yield moved
         choices = CounterMetricFamily("onepiece_transport_choices", "Transports picked per connection by auto",
                                       labels=["stage", "transport"])
+        orphans = {key: family(name, doc, labels=["stage"]) for key, family, name, doc in ORPHANS}
+        totals: dict[tuple, int] = {}
         picked: dict[tuple, int] = {}
+        orphaned: dict[tuple, int] = {}
         for wid, stats in b.worker_stats().items():
-            for name, n in (stats.get("auto_choices") or {}).items():
-                key = (stage_of.get(wid, "?"), str(name))
-                picked[key] = picked.get(key, 0) + int(n)
+            stage = stage_of.get(wid)
+            if stage is None or not isinstance(stats, dict):  # only registered workers count
+                continue
+            transport = _label(stats.get("transport"))
+            for direction in ("sent", "received"):
+                n = _count(stats.get(f"bytes_{direction}"))
+                if n is not None:
+                    key = (stage, transport, direction)
+                    totals[key] = totals.get(key, 0) + n
+            auto = stats.get("auto_choices")
+            for name, value in auto.items() if isinstance(auto, dict) else ():
+                n = _count(value)
+                if n is not None:
+                    key = (stage, _label(name))
+                    picked[key] = picked.get(key, 0) + n
+            for stat in orphans:
+                n = _count(stats.get(stat))
+                if n is not None:
+                    orphaned[stat, stage] = orphaned.get((stat, stage), 0) + n
+        for key, n in sorted(totals.items()):
+            moved.add_metric(list(key), n)
         for key, n in sorted(picked.items()):
             choices.add_metric(list(key), n)
+        for (stat, stage), n in sorted(orphaned.items()):
+            orphans[stat].add_metric([stage], n)
+        yield moved
         yield choices
+        yield from orphans.values()
+
+
+class LogLimiter:
+    """Which lines of a stream of similar warnings to write, so a burst of hostile input
+    (thousands of bad messages a second) writes a few lines, not thousands.
+
+    The first line of each key is written, then at most one per ``interval_s``, saying how
+    many were held back in between. Keys past ``max_keys`` share one. No I/O: the caller
+    logs (or not) on the answer of :meth:`admit`; counting every event is a metric's job.
+    """
+
+    OTHER = "(other)"
+
+    def __init__(self, interval_s: float = 5.0, max_keys: int = 64, clock=time.monotonic):
+        self.interval_s, self.max_keys, self.clock = interval_s, max_keys, clock
+        self._quiet_until: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def admit(self, key: str) -> str | None:
+        """None: stay quiet (the line is counted as held back). Otherwise write the line now,
+        followed by the returned text: "" or a note of the lines held back since the last."""
+        if key not in self._quiet_until and len(self._quiet_until) >= self.max_keys:
+            key = self.OTHER
+        now = self.clock()
+        if now < self._quiet_until.get(key, now):
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._quiet_until[key] = now + self.interval_s
+        held = self._held.pop(key, 0)
+        return f" ({held} more like it since the last such line, not logged)" if held else ""
 
 
 class BrokerMetrics:
@@ -74,13 +149,14 @@ class BrokerMetrics:
         self.bad_messages = Counter("onepiece_bad_control_messages", "Malformed control messages dropped",
                                     registry=r)
         self.rejected = Counter("onepiece_rejected_requests", "REST requests refused", ["reason"], registry=r)
+        self.log_limit = LogLimiter()  # the broker's warnings about peers' input: counted above, logged sparsely
         self._service_of: dict[str, object] = {}  # stage -> its histogram child (labels() per task costs)
         r.register(_Live(broker))
 
     def observe_stage(self, data: dict) -> None:
         timings = data.get("timings") or {}
         seconds = timings.get("run_s")
-        if isinstance(seconds, (int, float)):
+        if isinstance(seconds, (int, float)) and 0 <= seconds < COUNT_LIMIT:  # a worker's word: not nan, not < 0
             stage = str(data.get("stage"))
             child = self._service_of.get(stage)
             if child is None:

@@ -22,8 +22,13 @@ Worker to broker::
 Broker to worker::
 
     REGISTERED heartbeat_s, liveness
-    TASK       job, stage, attempt, params, inputs, payload?
-    SEND       job, stage, to, to_stage, descriptor, names
+    TASK       job, stage, attempt, params, inputs, payload?, binding?
+    SEND       job, stage, to, to_stage, descriptor, names, binding?
+
+``binding`` identifies one binding of a task to a worker (a new one each time
+the task is queued again); a SEND passes the consumer's on, in the data-plane
+header, so a worker never mistakes inputs sent for an earlier binding of the
+same task for those of the current one.
     RELEASE    job, stage
     CANCEL     job, stage
     DRAIN
@@ -33,11 +38,23 @@ Broker to worker::
 Clients (the benchmark, batch submitters) may use the same socket::
 
     SUBMIT     workflow, params, payload?        -> SUBMITTED job | ERROR
+
+Every field of every message is checked on arrival, before anything reads
+it: ``SCHEMA`` declares each kind's fields once (type, range, length, the
+shape and size of nested maps and lists, which ones may be absent), and
+:func:`validate` refuses a message that breaks it with a reason naming the
+field (``"HEARTBEAT: field 'stats.auto_choices.shm' not int"``). So a peer,
+registered or not, can make the broker keep, show or log only bounded,
+well-typed data. Fields not declared are ignored. ``validate`` runs for
+every message both ways, so each declaration compiles once into plain
+checks (a good str field costs no call at all).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, Callable
 
 import msgpack
 
@@ -45,29 +62,325 @@ VERSION = 2  # 2: a frame may be an array of messages
 MAX_BODY = 64 << 20  # a TASK may carry the job's input image
 BATCH_BYTES = 256 << 10  # messages are joined into one frame up to about this size
 
-# kind -> required fields and their types
-SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "REGISTER": {"stage": str, "capacity": int, "descriptor": dict},
-    "HEARTBEAT": {},
-    "STARTED": {"job": str, "stage": str},
-    "PROGRESS": {"job": str, "stage": str, "step": int, "total": int},
-    "DONE": {"job": str, "stage": str},
-    "FAILED": {"job": str, "stage": str, "reason": str, "retryable": bool},
+# Bounds of what a peer may say. Generous for every sender we have (tests/broker/test_hostile.py
+# checks each against them); tight enough that no field can make the broker keep, log or
+# show much of a peer's input.
+NAME = 256  # job ids, stage, workflow and worker names, map keys
+REASON = 16 << 10  # FAILED and ERROR reasons
+MAX_CAPACITY = 4096  # task slots one worker may offer
+MAX_COUNT = 1 << 31  # step, total, load, attempt
+BINDING_MAX = (1 << 63) - 1
+_FLOAT_MAX = 1.7976931348623157e308  # a range check against it refuses inf and nan too
+
+
+# -- field specs: what one value may be ----------------------------------------------------------------
+#
+# Each spec compiles once into ``check(value) -> None | (path, why)``: None when the value is
+# fine, else where below the field it went wrong (".key", "[3]", "" for the value itself)
+# and why. The checks use ``type(v) is T``: msgpack makes exact builtins, and bool is not int.
+
+Check = Callable[[Any], "tuple[str, str] | None"]
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A peer's value for a refusal reason, cut short: its input is never echoed at length
+    (nor turned into a long text first: a 60 MB string is cut before its repr)."""
+    t = type(value)
+    if t is str or t is bytes:
+        text = repr(value[:limit])
+    elif t in (int, float, bool, type(None)):
+        text = repr(value)
+    elif t is dict or t is list:
+        return f"a {t.__name__} of {len(value)}"
+    else:
+        return f"a {t.__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Str:
+    max_len: int = NAME
+    name = "str"
+
+    def compile(self) -> Check:
+        limit = self.max_len
+
+        def check(v):
+            if type(v) is not str:
+                return "", "not str"
+            if len(v) > limit:
+                return "", f"longer than {limit} characters"
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Int:
+    lo: int = -(1 << 63)
+    hi: int = (1 << 64) - 1
+    name = "int"
+
+    def compile(self) -> Check:
+        lo, hi = self.lo, self.hi
+
+        def check(v):
+            if type(v) is not int:
+                return "", "not int"
+            if not lo <= v <= hi:
+                return "", f"{_show(v)} not in {lo}..{hi}"
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Num:
+    """An int or a finite float."""
+    lo: float = -_FLOAT_MAX
+    hi: float = _FLOAT_MAX
+    name = "number"
+
+    def compile(self) -> Check:
+        lo, hi = self.lo, self.hi
+
+        def check(v):
+            t = type(v)
+            if t is not float and t is not int:
+                return "", "not number"
+            if not lo <= v <= hi:  # also false for nan
+                return "", f"{_show(v)} not a finite number in {lo:g}..{hi:g}"
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Bool:
+    name = "bool"
+
+    def compile(self) -> Check:
+        def check(v):
+            return None if type(v) is bool else ("", "not bool")
+        return check
+
+
+@dataclass(frozen=True)
+class Map:
+    """A map of str keys (at most ``NAME`` characters) to ``values``, at most ``max_items`` of them."""
+    values: Any
+    max_items: int = 64
+    name = "map"
+
+    def compile(self) -> Check:
+        limit, value = self.max_items, self.values.compile()
+
+        def check(v):
+            if type(v) is not dict:
+                return "", "not map"
+            if len(v) > limit:
+                return "", f"has {len(v)} items, more than {limit}"
+            for key, item in v.items():
+                if type(key) is not str or len(key) > NAME:
+                    return "", f"has a key {_show(key)} that is not a str of at most {NAME} characters"
+                bad = value(item)
+                if bad is not None:
+                    return f".{key if len(key) <= 40 else key[:37] + '...'}{bad[0]}", bad[1]
+            return None
+
+        if type(self.values) is not Num:
+            return check
+        lo, hi = self.values.lo, self.values.hi
+
+        def numbers(v):  # DONE's timings: checked inline, a call per item would cost more than the check
+            if type(v) is dict and len(v) <= limit:
+                for key, item in v.items():
+                    t = type(item)
+                    if type(key) is not str or len(key) > NAME or t is not float and t is not int \
+                            or not lo <= item <= hi:
+                        return check(v)  # says what is wrong
+                return None
+            return check(v)
+        return numbers
+
+
+@dataclass(frozen=True)
+class List:
+    items: Any
+    max_items: int = 256
+    name = "list"
+
+    def compile(self) -> Check:
+        limit, item = self.max_items, self.items.compile()
+
+        def check(v):
+            if type(v) is not list:
+                return "", "not list"
+            if len(v) > limit:
+                return "", f"has {len(v)} items, more than {limit}"
+            for i, x in enumerate(v):
+                bad = item(x)
+                if bad is not None:
+                    return f"[{i}]{bad[0]}", bad[1]
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Record:
+    """A map with these fields (each a spec, or ``Opt(spec)``); other fields are ignored."""
+    fields: dict
+    name = "map"
+
+    def compile(self) -> Check:
+        fields = _compile_fields(self.fields)
+
+        def check(v):
+            if type(v) is not dict:
+                return "", "not map"
+            for field, optional, test, _, _ in fields:
+                x = v.get(field)
+                if x is None:
+                    if optional:
+                        continue
+                    return f".{field}", "missing"
+                bad = test(x)
+                if bad is not None:
+                    return f".{field}{bad[0]}", bad[1]
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Either:
+    """One of ``options``, chosen by the value's type (the first option that takes it)."""
+    options: tuple
+    name = "value"
+
+    def compile(self) -> Check:
+        by_type: dict[type, Check] = {}
+        for spec in self.options:
+            for t in _TAKES[type(spec)]:
+                by_type.setdefault(t, spec.compile())
+        names = " or ".join(spec.name for spec in self.options)
+
+        def check(v):
+            test = by_type.get(type(v))
+            return ("", f"not {names}") if test is None else test(v)
+        return check
+
+
+@dataclass(frozen=True)
+class Data:
+    """Any msgpack data of maps (str keys), lists and scalars, bounded: at most ``max_depth``
+    containers deep, ``max_items`` items in all, strings of ``max_str`` characters and byte
+    strings of ``max_bytes`` (0: none allowed). For what the broker keeps without reading:
+    descriptors, job parameters, results."""
+    max_depth: int = 6
+    max_items: int = 256
+    max_str: int = 4096
+    max_bytes: int = 0
+    name = "map"
+
+    def compile(self) -> Check:
+        max_depth, max_items, max_str, max_bytes = self.max_depth, self.max_items, self.max_str, self.max_bytes
+        scalars = frozenset((int, float, bool, type(None)))
+
+        def check(v):
+            if type(v) is not dict:
+                return "", "not map"
+            budget = max_items
+            todo = [(v, 1)]
+            while todo:  # iterative: a hostile depth cannot reach Python's recursion limit
+                node, depth = todo.pop()
+                if depth > max_depth:
+                    return "", f"nested deeper than {max_depth}"
+                budget -= len(node)
+                if budget < 0:
+                    return "", f"holds more than {max_items} items"
+                for key, x in node.items() if type(node) is dict else zip(repeat(""), node):
+                    if type(key) is not str or len(key) > NAME:
+                        return "", f"has a key {_show(key)} that is not a str of at most {NAME} characters"
+                    t = type(x)
+                    if t in scalars:
+                        continue
+                    if t is str:
+                        if len(x) > max_str:
+                            return "", f"holds a str longer than {max_str} characters"
+                    elif t is dict or t is list:
+                        todo.append((x, depth + 1))
+                    elif t is bytes:
+                        if len(x) > max_bytes:
+                            return "", f"holds bytes longer than {max_bytes}"
+                    else:
+                        return "", f"holds a {t.__name__}"
+            return None
+        return check
+
+
+@dataclass(frozen=True)
+class Opt:
+    """A field that may be absent (or nil)."""
+    spec: Any
+
+
+_TAKES = {Str: (str,), Int: (int,), Num: (int, float), Bool: (bool,), Map: (dict,), List: (list,),
+          Record: (dict,), Data: (dict,)}
+
+JOB_ID = Str()
+BINDING = Int(0, BINDING_MAX)
+STAGE = Str()
+DESCRIPTOR = Data(max_depth=6, max_items=256, max_str=4096)  # auto: media -> rdma -> its port
+PARAMS = Data(max_depth=8, max_items=4096, max_str=64 << 10)
+PAYLOAD = Data(max_depth=4, max_items=64, max_str=64 << 10, max_bytes=MAX_BODY)  # the input image
+COUNTERS = Map(Int(), max_items=64)  # e.g. auto_choices: medium -> connections
+STATS = Map(Either((Int(), Num(), Str(), COUNTERS)), max_items=64)  # transport.stats() and more
+INPUTS = List(Record({"stage": STAGE, "names": List(Str(), max_items=256)}), max_items=256)
+
+# kind -> its fields: a spec for a required one, Opt(spec) for one that may be absent.
+# One declaration per kind; fields not declared are ignored (never read).
+SCHEMA: dict[str, dict[str, Any]] = {
+    # worker -> broker
+    "REGISTER": {"stage": STAGE, "capacity": Int(1, MAX_CAPACITY), "descriptor": DESCRIPTOR,
+                 "info": Opt(Data(max_depth=4, max_items=64, max_str=4096))},
+    # running: [job, stage] of each task the worker is computing now (vouches for it, core invariant 7)
+    "HEARTBEAT": {"load": Opt(Int(0, MAX_COUNT)), "stats": Opt(STATS),
+                  "running": Opt(List(List(Str(), max_items=2), max_items=MAX_CAPACITY))},
+    "STARTED": {"job": JOB_ID, "stage": STAGE},
+    "PROGRESS": {"job": JOB_ID, "stage": STAGE, "step": Int(0, MAX_COUNT), "total": Int(0, MAX_COUNT)},
+    "DONE": {"job": JOB_ID, "stage": STAGE, "timings": Opt(Map(Num(), max_items=32)),
+             "result": Opt(Data(max_depth=8, max_items=1024, max_str=4096))},
+    "FAILED": {"job": JOB_ID, "stage": STAGE, "reason": Str(REASON), "retryable": Bool()},
     "DISCONNECT": {},
-    "SUBMIT": {"workflow": str, "params": dict},
-    "REGISTERED": {"heartbeat_s": (int, float), "liveness": int},
-    "TASK": {"job": str, "stage": str, "attempt": int, "params": dict, "inputs": list},
-    "SEND": {"job": str, "stage": str, "to": str, "to_stage": str, "descriptor": dict, "names": list},
-    "RELEASE": {"job": str, "stage": str},
-    "CANCEL": {"job": str, "stage": str},
+    # client -> broker
+    "SUBMIT": {"workflow": Str(), "params": PARAMS, "payload": Opt(PAYLOAD)},
+    # broker -> worker or client
+    "REGISTERED": {"heartbeat_s": Num(1e-3, 86400.0), "liveness": Int(1, 1000)},
+    "TASK": {"job": JOB_ID, "workflow": Opt(Str()), "stage": STAGE, "attempt": Int(1, MAX_COUNT),
+             "params": PARAMS, "inputs": INPUTS, "payload": Opt(PAYLOAD), "binding": Opt(BINDING)},
+    "SEND": {"job": JOB_ID, "stage": STAGE, "to": Str(), "to_stage": STAGE, "descriptor": DESCRIPTOR,
+             "names": List(Str(), max_items=256), "binding": Opt(BINDING)},
+    "RELEASE": {"job": JOB_ID, "stage": STAGE},
+    "CANCEL": {"job": JOB_ID, "stage": STAGE},
     "DRAIN": {},
-    "ERROR": {"reason": str},
-    "SUBMITTED": {"job": str},
+    "ERROR": {"reason": Str(REASON), "reregister": Opt(Bool())},
+    "SUBMITTED": {"job": JOB_ID},
 }
 
 
+def _compile_fields(fields: dict) -> tuple:
+    """``(field, optional, check, type name, str limit)`` for each field of a declaration; the
+    str limit (-1 for other types) lets :func:`validate` pass a good str without a call."""
+    out = []
+    for field, spec in fields.items():
+        optional = isinstance(spec, Opt)
+        spec = spec.spec if optional else spec
+        out.append((field, optional, spec.compile(), spec.name, spec.max_len if type(spec) is Str else -1))
+    return tuple(out)
+
+
+_CHECKS = {kind: _compile_fields(fields) for kind, fields in SCHEMA.items()}
+
+
 class BadMessage(ValueError):
-    """A control message that is not msgpack, not ours, or lacks a field."""
+    """A control message that is not msgpack, not ours, or has a field missing or out of bounds."""
 
 
 def pack(kind: str, **fields: Any) -> bytes:
@@ -111,7 +424,7 @@ def unpack_frame(frame: bytes) -> tuple[list[dict], list[str]]:
     try:
         body = msgpack.unpackb(frame, raw=False)
     except Exception as exc:  # msgpack raises a zoo of types on garbage
-        return [], [f"not msgpack: {exc}"]
+        return [], [f"not msgpack: {str(exc)[:100]}"]
     good: list[dict] = []
     bad: list[str] = []
     for m in body if isinstance(body, list) else (body,):
@@ -123,17 +436,38 @@ def unpack_frame(frame: bytes) -> tuple[list[dict], list[str]]:
 
 
 def validate(body: object) -> dict:
-    """``body`` if it is a well-formed message of this version, else BadMessage saying why."""
-    if not isinstance(body, dict):
+    """``body`` if it is a well-formed message of this version, else BadMessage naming the field."""
+    if type(body) is not dict:
         raise BadMessage("body is not a map")
     if body.get("v") != VERSION:
-        raise BadMessage(f"unsupported protocol version {body.get('v')!r}")
+        raise BadMessage(f"unsupported protocol version {_show(body.get('v'))}")
     kind = body.get("k")
-    schema = SCHEMA.get(kind) if isinstance(kind, str) else None
-    if schema is None:
-        raise BadMessage(f"unknown kind {kind!r}")
-    for field, typ in schema.items():
+    fields = _CHECKS.get(kind) if type(kind) is str else None
+    if fields is None:
+        raise BadMessage(f"unknown kind {_show(kind)}")
+    for field, optional, check, name, str_limit in fields:
         value = body.get(field)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise BadMessage(f"{kind}: field {field!r} missing or not {getattr(typ, '__name__', typ)}")
+        if type(value) is str and len(value) <= str_limit or value is None and optional:
+            continue
+        bad = check(value)
+        if bad is not None:
+            path, why = bad
+            if not path and why.startswith("not "):  # the wording refusals have always had
+                why = f"missing or not {name}"
+            raise BadMessage(f"{kind}: field {field + path!r} {why}")
     return body
+
+
+# the kinds of problem a refusal reason can describe, by the reason's start
+_PROBLEMS = (("frame of ", "frame too large"), ("not msgpack", "not msgpack"), ("body is not", "not a map"),
+             ("unsupported protocol version", "version"), ("unknown kind", "unknown kind"))
+
+
+def problem(reason: str) -> str:
+    """What kind of problem a refusal reason (from :func:`unpack_frame`) describes, from a small
+    closed set whatever the peer sent: the message kind for a bad field, else one of
+    ``_PROBLEMS``, else "other". For counting and rate-limiting the refusals' log lines."""
+    head = reason.partition(":")[0]
+    if head in SCHEMA:
+        return head
+    return next((name for start, name in _PROBLEMS if reason.startswith(start)), "other")
