@@ -1,5 +1,5 @@
 """The broker's scheduling core: worker registry, job and task state machines,
-late-bound routing. No I/O.
+late-bound routing, lineage recovery and deadlines. No I/O.
 
 Every event method takes the current time ``now`` (seconds, any monotonic
 origin) and returns a list of commands; the asyncio broker around it turns
@@ -7,8 +7,8 @@ origin) and returns a list of commands; the asyncio broker around it turns
 server-sent events, and counts/logs ``Stale``. Tests drive it back to back
 with a fake clock.
 
-Invariants (``Core.check_invariants`` asserts all of them; the property
-tests call it after every event):
+Invariants (``Core.check_invariants`` asserts 2-9; the property tests call it
+after every event):
 
 1. Nothing in the core waits, sleeps, reads a clock or does I/O.
 2. A task is bound (state ``assigned`` or ``running``) to exactly one
@@ -19,16 +19,64 @@ tests call it after every event):
    or that has been lost: losing a worker unbinds all of its tasks at once.
 5. A finished task whose outputs some consumer still needs is ``held`` by a
    registered worker; held outputs are released (one RELEASE) exactly once,
-   when every consumer is ``done`` or the job ends. Losing the holder before
-   that re-runs the task, so inputs are never silently lost.
-6. A job moves through JOB_TRANSITIONS and reaches exactly one terminal state
+   when every consumer is ``done`` or the job ends, or dropped when their
+   holder is lost.
+6. **Lineage.** Every input a waiting task (``queued`` or ``assigned``) needs
+   is held by a registered worker or is being made again (its producer is
+   pending, queued, assigned or running). When a task must run again and an
+   input is gone (its holder died, or it was released because every consumer
+   had finished), the core re-runs the producer, recursively up to the roots,
+   whose inputs are the job's parameters and payload, kept until the job
+   ends. So releasing an output is a memory decision, never a correctness
+   one. A ``running`` task already has its inputs (a worker reports STARTED
+   once they have all arrived), so losing the holder of outputs that only
+   running or finished consumers read re-makes nothing until one of them
+   must run again. A consumer bound to a lost producer keeps its binding:
+   the re-made producer SENDs to it, and the worker replaces that input.
+   Re-making lost outputs counts no attempt against ``max_attempts``; a task
+   that fails, crashes with its worker, or stalls does.
+7. **Deadlines.** A bound task that shows no sign of life (bound, inputs
+   sent, STARTED, PROGRESS) for longer than its stage's bound is lost and
+   recovered as in 6 (counted as a failed attempt, its worker told to
+   CANCEL). The bound is ``progress_factor`` times the longest of the
+   stage's last 32 observed service times, within ``[progress_floor_s,
+   progress_cap_s]`` (the cap until a service time is observed). A running
+   task that its worker's heartbeats list as computing is bound by the cap
+   alone: it may be a job far larger than those observed, and a worker that
+   forgot it (a restart, a reset) stops listing it. An ``assigned`` task
+   whose inputs are still being made does not count down: the task making
+   them has its own bound. A job that is not terminal
+   ``job_deadline_s`` after it was created fails with a reason naming the
+   stage it waited on and why.
+8. A job moves through JOB_TRANSITIONS and reaches exactly one terminal state
    (``succeeded``, ``failed`` with a reason, or ``cancelled``); after it,
    nothing of the job is queued, bound or held, and every later worker
    message about it is answered with ``Stale``.
-7. A job that is not terminal has at least one task that is queued, assigned
-   or running, so it always makes progress while workers behave.
-8. Every task and job state change is checked against TASK_TRANSITIONS /
+9. A job that is not terminal has at least one task that is queued, assigned
+   or running, so it always makes progress while workers behave; with 7,
+   it ends within ``job_deadline_s`` even when they do not.
+10. Every task and job state change is checked against TASK_TRANSITIONS /
    JOB_TRANSITIONS; a change outside the table raises IllegalTransition.
+
+Every wait in the system and its bound (``expire`` enforces the broker's):
+
+============================================  ======================================================
+wait                                          bound
+============================================  ======================================================
+broker: a worker's next message               ``heartbeat_s * liveness``, then the worker is lost (4)
+broker: a bound task's next sign of life      the stage's progress bound (7)
+broker: a job's end                           ``job_deadline_s`` from its creation (7)
+broker: a queued task for a worker            the job's deadline (``/readyz`` says 503 meanwhile)
+broker: a SUBMIT reply for its commit         ``commit_interval_s``; a failing commit is retried
+                                              and logged each time, the replies held meanwhile
+worker: the broker's next message             ``heartbeat_s * liveness``, then reconnect/re-register
+worker: a task's inputs                       the broker's progress bound (it CANCELs and re-binds)
+worker: sending outputs                       ``send_timeout_s`` per attempt, then FAILED (re-run)
+worker: drain                                 ``DRAIN_TIMEOUT_S``
+transports: ring credit, connect, handshake   each transport's own timeouts (``transports/``)
+REST: a server-sent event stream              none while the job lives (a keep-alive every 15 s);
+                                              the job itself ends by its deadline
+============================================  ======================================================
 
 Routing is late-bound: a root task is queued at submit; any other task is
 queued when its first upstream finishes. A queued task is bound to the
@@ -46,6 +94,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -78,9 +127,9 @@ SUCCEEDED = "succeeded"
 TASK_TRANSITIONS: Mapping[str, frozenset[str]] = {
     # first upstream done | job ended
     PENDING: frozenset({QUEUED, CANCELLED}),
-    # bound | superseded re-run (every consumer already finished) | job ended
-    QUEUED: frozenset({ASSIGNED, DONE, CANCELLED}),
-    # STARTED | retry | superseded re-run | fatal failure | job ended
+    # bound | superseded re-run (every consumer already finished) | the job's deadline | job ended
+    QUEUED: frozenset({ASSIGNED, DONE, FAILED, CANCELLED}),
+    # STARTED | retry | superseded re-run | fatal failure or the job's deadline | job ended
     ASSIGNED: frozenset({RUNNING, QUEUED, DONE, FAILED, CANCELLED}),
     # DONE | retry | fatal failure | job ended
     RUNNING: frozenset({DONE, QUEUED, FAILED, CANCELLED}),
@@ -100,6 +149,8 @@ JOB_TRANSITIONS: Mapping[str, frozenset[str]] = {
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 _BOUND = (ASSIGNED, RUNNING)
+_WAITING = (QUEUED, ASSIGNED)  # tasks that still need their inputs delivered
+RECENT_SERVICE_TIMES = 32  # the progress bound follows the longest of these
 
 # -- commands --------------------------------------------------------------------
 
@@ -173,6 +224,8 @@ class _Task:
     worker: str | None = None  # bound worker; after done, the worker that ran it
     held: bool = False  # done, and `worker` still holds the outputs
     token: int = -1  # identifies the live queue entry
+    alive: float = 0.0  # last sign of life while bound: bound, inputs sent, STARTED, PROGRESS
+    vouched: float = float("-inf")  # last heartbeat of its worker that listed it as running
     avoid: str | None = None  # the worker its last attempt failed on: placed elsewhere if possible
     queued: float | None = None
     assigned: float | None = None
@@ -195,6 +248,7 @@ class _Job:
     payload: dict | None
     created: float
     tasks: dict[str, _Task]
+    deadline: float = float("inf")
     state: str = QUEUED
     reason: str | None = None
     finished: float | None = None
@@ -207,6 +261,7 @@ class _Signals:
     completed: int = 0
     retries: int = 0
     service_time_sum: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT_SERVICE_TIMES))
 
 
 # -- the core --------------------------------------------------------------------
@@ -221,13 +276,25 @@ class Core:
         *,
         heartbeat_liveness_s: float = 7.5,
         max_attempts: int = 3,
+        progress_floor_s: float = 30.0,
+        progress_cap_s: float = 900.0,
+        progress_factor: float = 4.0,
+        job_deadline_s: float = 3600.0,
     ) -> None:
         if max_attempts < 1:
             raise CoreError(f"max_attempts must be >= 1, not {max_attempts}")
-        if heartbeat_liveness_s <= 0:
-            raise CoreError(f"heartbeat_liveness_s must be > 0, not {heartbeat_liveness_s}")
+        for name, value in (("heartbeat_liveness_s", heartbeat_liveness_s), ("progress_floor_s", progress_floor_s),
+                            ("progress_factor", progress_factor), ("job_deadline_s", job_deadline_s)):
+            if not value > 0:
+                raise CoreError(f"{name} must be > 0, not {value}")
+        if progress_cap_s < progress_floor_s:
+            raise CoreError(f"progress_cap_s ({progress_cap_s}) must be >= progress_floor_s ({progress_floor_s})")
         self.liveness = float(heartbeat_liveness_s)
         self.max_attempts = int(max_attempts)
+        self.progress_floor_s = float(progress_floor_s)
+        self.progress_cap_s = float(progress_cap_s)
+        self.progress_factor = float(progress_factor)
+        self.job_deadline_s = float(job_deadline_s)
         self._workflows = dict(workflows)
         kinds: dict[str, tuple[str, str]] = {}
         for wname, wf in self._workflows.items():
@@ -274,13 +341,21 @@ class Core:
         self._dispatch(now, out)
         return out
 
-    def heartbeat(self, worker_id: str, now: float, load: int | None = None) -> list[Command]:
-        """Liveness from a worker; raises UnknownWorker so it can be told to re-register."""
+    def heartbeat(self, worker_id: str, now: float, load: int | None = None,
+                  running: list[tuple[str, str]] | None = None) -> list[Command]:
+        """Liveness from a worker; raises UnknownWorker so it can be told to re-register.
+        ``running``: the (job, stage) of each task the worker is computing now; each such
+        task of this worker is vouched for (invariant 7). Others listed are ignored."""
         w = self._workers.get(worker_id)
         if w is None:
             raise UnknownWorker(worker_id)
         w.last_seen = now
         w.reported_load = load
+        for key in running or ():
+            if key in w.tasks:
+                t = self._task(key)
+                if t.state == RUNNING:
+                    t.vouched = now
         out: list[Command] = []
         self._dispatch(now, out)  # it may have been past liveness and skipped
         return out
@@ -297,14 +372,77 @@ class Core:
         return out
 
     def expire(self, now: float) -> list[Command]:
-        """Every worker not heard from within the liveness interval is lost."""
+        """Enforce every bound (invariant 7): a worker not heard from within the liveness
+        interval is lost; a bound task silent past its stage's progress bound is lost and
+        re-run elsewhere; a job past its deadline fails."""
         out: list[Command] = []
         for w in list(self._workers.values()):
             silent = now - w.last_seen
             if silent > self.liveness:
                 self._lose(w, f"worker {w.id} lost (no heartbeat for {silent:.1f} s)", now, out)
+        for task, silent, bound in self._stalled(now):
+            if task.state in _BOUND:  # an earlier one in this loop may have ended its job
+                out.append(ToWorker(task.worker, "CANCEL", {"job": task.job, "stage": task.stage}))
+                self._retry(task, f"no progress for {silent:.1f} s on worker {task.worker} "
+                                  f"(the bound for {task.stage} is {bound:.1f} s)", now, out)
+        for j in [j for j in self._jobs.values() if j.state not in TERMINAL and now > j.deadline]:
+            culprit, why = self._blocking(j, now)
+            self._deadline_fail(j, culprit, f"job exceeded its deadline of {j.deadline - j.created:.0f} s: "
+                                            f"stage {culprit.stage} {why}", now, out)
         self._dispatch(now, out)
         return out
+
+    def progress_bound(self, stage: str) -> float:
+        """How long a bound task of ``stage`` may show no sign of life (invariant 7)."""
+        recent = self._signals[stage].recent
+        if not recent:
+            return self.progress_cap_s
+        return min(self.progress_cap_s, max(self.progress_floor_s, self.progress_factor * max(recent)))
+
+    def _bound(self, t: _Task, now: float) -> float:
+        """A running task its worker's heartbeats still list is computing, not lost: it may be
+        a job far larger than those observed, so only the cap applies to it."""
+        if t.state == RUNNING and now - t.vouched <= self.liveness:
+            return self.progress_cap_s
+        return self.progress_bound(t.stage)
+
+    def _stalled(self, now: float) -> list[tuple[_Task, float, float]]:
+        """Bound tasks silent past their bound, with how long and the bound."""
+        out = []
+        for w in self._workers.values():
+            for key in w.tasks:
+                t = self._task(key)
+                if t.state == ASSIGNED and not self._inputs_held(t):
+                    continue  # what it waits for is being made, under its own bound
+                silent, bound = now - t.alive, self._bound(t, now)
+                if silent > bound:
+                    out.append((t, silent, bound))
+        return out
+
+    def _inputs_held(self, task: _Task) -> bool:
+        j = self._jobs[task.job]
+        return all(j.tasks[up].held for up in task.spec.after)
+
+    def _blocking(self, j: _Job, now: float) -> tuple[_Task, str]:
+        """The task a job waits on, and why, for a deadline's reason."""
+        order = {RUNNING: 0, ASSIGNED: 1, QUEUED: 2}
+        waiting = sorted((t for t in j.tasks.values() if t.state in order), key=lambda t: order[t.state])
+        t = waiting[0]  # invariant 9: a live job has one
+        if t.state == RUNNING:
+            return t, (f"was running on worker {t.worker} (attempt {t.attempt}) for {now - t.started:.1f} s, "
+                       f"last sign of life {now - t.alive:.1f} s ago")
+        if t.state == ASSIGNED:
+            if not self._inputs_held(t):
+                missing = [up for up in t.spec.after if not j.tasks[up].held]
+                return t, (f"was assigned to worker {t.worker} (attempt {t.attempt}) "
+                           f"waiting for inputs from {', '.join(missing)}")
+            return t, (f"was assigned to worker {t.worker} (attempt {t.attempt}) for {now - t.assigned:.1f} s "
+                       "and never started")
+        able = [w for w in self._workers.values() if w.stage == t.stage and not w.draining]
+        if not able:
+            return t, f"was queued for {now - t.queued:.1f} s: no live worker serves it"
+        return t, f"was queued for {now - t.queued:.1f} s behind {len(self._queued[t.stage]) - 1} other task(s) " \
+                  f"({len(able)} worker(s), none free)"
 
     def drain(self, worker_id: str, now: float) -> list[Command]:
         """Bind nothing new to the worker and tell it to finish and leave.
@@ -334,6 +472,7 @@ class Core:
         if isinstance(found, Stale):
             return [found]
         out: list[Command] = []
+        found.alive = now
         if found.state == ASSIGNED:
             self._start(found, now, out)
         out.append(JobEvent(job, "progress", {"stage": stage, "step": step, "total": total}))
@@ -363,6 +502,7 @@ class Core:
         sig = self._signals[stage]
         sig.completed += 1
         sig.service_time_sum += max(0.0, now - task.started)
+        sig.recent.append(max(0.0, now - task.started))
         out.append(JobEvent(job, "stage_finished", {
             "stage": stage, "worker": worker_id, "attempt": task.attempt, "timings": task.timings,
         }))
@@ -381,7 +521,7 @@ class Core:
             if consumer.state == PENDING:
                 self._enqueue(consumer, now)
             elif consumer.state in _BOUND:
-                out.append(self._send(task, consumer))
+                out.append(self._send(task, consumer, now))
             # QUEUED: its SEND goes out at binding; DONE: settled just below
         for up in task.spec.after:
             self._settle(j.tasks[up], now, out)
@@ -405,7 +545,9 @@ class Core:
             w.last_seen = now
             self._release(task, out)
             why = f"worker {worker_id} could not deliver outputs: {reason}"
-            if retryable:
+            if not self._needed(task):
+                pass  # every consumer already has them; lineage re-makes them if one must run again
+            elif retryable:
                 self._retry(task, why, now, out)
             else:
                 self._fail(j, task, f"stage {stage} failed on worker {worker_id}: {reason}", now, out)
@@ -424,16 +566,21 @@ class Core:
     # -- client events -------------------------------------------------------------
 
     def submit(
-        self, job_id: str, workflow: str, params: dict, payload: dict | None, now: float
+        self, job_id: str, workflow: str, params: dict, payload: dict | None, now: float,
+        created: float | None = None,
     ) -> list[Command]:
-        """Accept a job: its root tasks are queued and bound where there is room."""
+        """Accept a job: its root tasks are queued and bound where there is room. ``created``
+        (default ``now``) is when it was first accepted: a job re-queued after a broker
+        restart keeps its deadline."""
         if job_id in self._jobs:
             raise CoreError(f"job id {job_id!r} already exists")
         wf = self._workflows.get(workflow)
         if wf is None:
             raise CoreError(f"unknown workflow {workflow!r}; available: {sorted(self._workflows)}")
         tasks = {s: _Task(job_id, s, spec) for s, spec in wf.stages.items()}
-        j = _Job(job_id, next(self._seq), wf, dict(params or {}), payload, now, tasks)
+        created = now if created is None else created
+        j = _Job(job_id, next(self._seq), wf, dict(params or {}), payload, created, tasks,
+                 deadline=created + self.job_deadline_s)
         self._jobs[job_id] = j
         out: list[Command] = [JobEvent(job_id, "queued", {"workflow": workflow})]
         for root in wf.roots():
@@ -498,8 +645,11 @@ class Core:
     def workflows(self) -> dict[str, Workflow]:
         return dict(self._workflows)
 
-    def stages(self) -> dict:
+    def stages(self, now: float | None = None) -> dict:
+        """Workers, queue and load per stage; given ``now``, also each stage's progress bound
+        and its ``stuck`` tasks (:meth:`stuck`)."""
         out: dict[str, dict] = {}
+        stuck = self.stuck(now) if now is not None else None
         for stage in self._stage_order:
             workers = [w for w in self._workers.values() if w.stage == stage]
             out[stage] = {
@@ -523,7 +673,52 @@ class Core:
                     1 for w in workers for k in w.tasks if self._task(k).state == RUNNING
                 ),
             }
+            if stuck is not None:
+                out[stage]["progress_bound_s"] = self.progress_bound(stage)
+                out[stage]["stuck"] = stuck[stage]
         return out
+
+    def _can_serve(self, stage: str, now: float) -> bool:
+        return any(w.stage == stage and not w.draining and now - w.last_seen <= self.liveness
+                   for w in self._workers.values())
+
+    def stuck(self, now: float) -> dict[str, list[dict]]:
+        """Per stage, tasks that look stuck: bound and silent for over half their progress
+        bound (with their inputs all sent), or queued while no live worker serves the stage."""
+        out: dict[str, list[dict]] = {s: [] for s in self._stage_order}
+        for w in self._workers.values():
+            for key in w.tasks:
+                t = self._task(key)
+                if t.state == ASSIGNED and not self._inputs_held(t):
+                    continue
+                silent, bound = now - t.alive, self._bound(t, now)
+                if silent > bound / 2:
+                    out[t.stage].append({"job": t.job, "state": t.state, "worker": t.worker, "attempt": t.attempt,
+                                         "silent_s": round(silent, 3), "bound_s": bound})
+        for stage, queue in self._queued.items():
+            if queue and not self._can_serve(stage, now):
+                out[stage].extend({"job": t.job, "state": QUEUED, "worker": None, "attempt": t.attempt,
+                                   "waiting_s": round(now - t.queued, 3), "reason": "no live worker serves it"}
+                                  for t in queue.values())
+        return out
+
+    def health(self, now: float) -> list[dict]:
+        """What keeps work from progressing, as ``{"stage", "reason", "waiting_s"}``: stages with
+        queued work and no live worker that can take it, and jobs past their deadline (the next
+        :meth:`expire` fails them). Empty when every job can progress."""
+        problems: list[dict] = []
+        for stage, queue in self._queued.items():
+            if queue and not self._can_serve(stage, now):
+                oldest = now - min(t.queued for t in queue.values())
+                problems.append({"stage": stage, "waiting_s": round(oldest, 3),
+                                 "reason": f"{len(queue)} task(s) of {stage} queued (oldest {oldest:.1f} s) "
+                                           "and no worker can take them"})
+        for j in self._jobs.values():
+            if j.state not in TERMINAL and now > j.deadline:
+                t, why = self._blocking(j, now)
+                problems.append({"stage": t.stage, "waiting_s": round(now - j.created, 3),
+                                 "reason": f"job {j.id} is past its deadline: stage {t.stage} {why}"})
+        return problems
 
     def stage_signals(self, now: float) -> dict:
         """Cumulative counters plus instantaneous gauges per stage, for a controller
@@ -549,7 +744,7 @@ class Core:
         return out
 
     def check_invariants(self) -> None:
-        """Assert invariants 2-7 of the module docstring (for tests and debugging)."""
+        """Assert invariants 2-9 of the module docstring (for tests and debugging)."""
         for w in self._workers.values():
             assert w.load <= w.capacity, f"{w.id}: load {w.load} > capacity {w.capacity}"
             for k in w.tasks:
@@ -575,11 +770,12 @@ class Core:
                 live_work = live_work or t.state in (QUEUED, ASSIGNED, RUNNING)
                 if j.state in TERMINAL:
                     assert t.state in (DONE, FAILED, CANCELLED) and not t.held, f"{t.key} left {t.state}"
-                elif t.state not in (PENDING, DONE, FAILED, CANCELLED):
-                    # a consumer that still needs its inputs: every finished upstream is held
+                elif t.state in _WAITING:
+                    # lineage: every input of a waiting task is held or being made again
                     for up in t.spec.after:
                         u = j.tasks[up]
-                        assert u.state != DONE or u.held, f"{u.key} finished but dropped before {t.stage}"
+                        assert u.held or u.state in (PENDING, QUEUED, ASSIGNED, RUNNING), \
+                            f"{u.key} is {u.state}, not held, and {t.stage} waits for it"
             if j.state not in TERMINAL:
                 assert live_work, f"job {j.id} is {j.state} with nothing queued or running"
 
@@ -619,6 +815,7 @@ class Core:
     def _start(self, task: _Task, at: float, out: list[Command]) -> None:
         self._set(task, RUNNING)
         task.started = at
+        task.alive = max(task.alive, at)
         out.append(JobEvent(task.job, "stage_started", {
             "stage": task.stage, "worker": task.worker, "attempt": task.attempt,
         }))
@@ -679,7 +876,7 @@ class Core:
         j = self._jobs[task.job]
         self._set(task, ASSIGNED)
         task.worker = w.id
-        task.assigned = now
+        task.assigned = task.alive = now
         w.tasks[task.key] = None
         if j.state == QUEUED:
             self._set_job(j, RUNNING)
@@ -689,6 +886,7 @@ class Core:
             "workflow": wf.name,
             "stage": task.stage,
             "attempt": task.attempt,
+            "binding": task.token,  # this binding's id: the data sent for it carries it
             "params": j.params,
             "inputs": [{"stage": up, "names": list(wf.stages[up].outputs)} for up in task.spec.after],
         }
@@ -701,10 +899,11 @@ class Core:
         for up in task.spec.after:
             producer = j.tasks[up]
             if producer.held:
-                out.append(self._send(producer, task))
+                out.append(self._send(producer, task, now))
 
-    def _send(self, producer: _Task, consumer: _Task) -> ToWorker:
+    def _send(self, producer: _Task, consumer: _Task, now: float) -> ToWorker:
         to = self._workers[consumer.worker]
+        consumer.alive = max(consumer.alive, now)  # its inputs are on their way: its clock starts again
         return ToWorker(producer.worker, "SEND", {
             "job": producer.job,
             "stage": producer.stage,
@@ -712,6 +911,7 @@ class Core:
             "to_stage": consumer.stage,
             "descriptor": to.descriptor,
             "names": list(producer.spec.outputs),
+            "binding": consumer.token,
         })
 
     def _unbind(self, task: _Task) -> None:
@@ -746,12 +946,13 @@ class Core:
             producer.finished = now
 
     def _retry(self, task: _Task, why: str, now: float, out: list[Command], count: bool = True) -> None:
-        """Put a bound task (or a finished one whose outputs were lost) back in its
-        queue, or fail the job if that would exceed max_attempts."""
+        """Put a bound task (or a finished one whose outputs are gone) back in its queue,
+        or fail the job if a counted failure reaches max_attempts. Inputs it needs that
+        are gone are made again (lineage, invariant 6)."""
         j = self._jobs[task.job]
         self._unbind(task)
         task.avoid = task.worker
-        if count:
+        if count:  # an attempt is spent by a failure, a crash or a stall; re-making lost outputs spends none
             if task.attempt >= self.max_attempts:
                 self._fail(j, task, f"stage {task.stage} failed after {task.attempt} attempts: {why}", now, out)
                 return
@@ -760,6 +961,22 @@ class Core:
         self._enqueue(task, now)
         self._signals[task.stage].retries += 1
         out.append(JobEvent(j.id, "stage_retry", {"stage": task.stage, "attempt": task.attempt, "reason": why}))
+        for up in task.spec.after:
+            u = j.tasks[up]
+            if u.state == DONE and not u.held:  # released, or its holder was lost
+                self._retry(u, f"its outputs are needed again: {task.stage} re-runs ({why})", now, out, count=False)
+
+    def _needed(self, producer: _Task) -> bool:
+        """Some consumer still waits for the producer's outputs to be delivered."""
+        j = self._jobs[producer.job]
+        return any(j.tasks[c].state in _WAITING for c in j.workflow.downstream(producer.stage))
+
+    def _deadline_fail(self, j: _Job, culprit: _Task, reason: str, now: float, out: list[Command]) -> None:
+        if culprit.state in _BOUND:  # the worker is alive (or would have been lost): stop it
+            out.append(ToWorker(culprit.worker, "CANCEL", {"job": j.id, "stage": culprit.stage}))
+        elif culprit.state == QUEUED:
+            self._dequeue(culprit)
+        self._fail(j, culprit, reason, now, out)
 
     def _fail(self, j: _Job, culprit: _Task, reason: str, now: float, out: list[Command]) -> None:
         self._unbind(culprit)
@@ -793,9 +1010,9 @@ class Core:
         out.append(JobEvent(j.id, state, data))
 
     def _lose(self, w: _Worker, why: str, now: float, out: list[Command], graceful: bool = False) -> None:
-        """Remove a worker. Its bound tasks go back to the queue; outputs it held
-        for consumers that are not done are re-made by re-running their task.
-        A graceful leave counts no attempt for tasks that had not started."""
+        """Remove a worker. Its bound tasks go back to the queue (a graceful leave counts
+        no attempt for tasks that had not started); outputs it held that a consumer still
+        waits for are re-made at once, others only if a consumer must run again (6)."""
         del self._workers[w.id]
         bound, held = list(w.tasks), list(w.holding)
         w.tasks.clear()
@@ -808,4 +1025,5 @@ class Core:
             t = self._task(key)
             if t.held and t.worker == w.id:
                 t.held = False
-                self._retry(t, f"{why}; it held the outputs of {t.stage}", now, out, count=not graceful)
+                if self._needed(t):
+                    self._retry(t, f"{why}; it held the outputs of {t.stage}", now, out, count=False)

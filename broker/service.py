@@ -42,7 +42,9 @@ class Broker:
         self.settings = settings
         self.workflows = workflows or {w.name: w for w in map(load_workflow, settings.workflows)}
         liveness_s = settings.heartbeat_s * settings.liveness
-        self.core = Core(self.workflows, heartbeat_liveness_s=liveness_s, max_attempts=settings.max_attempts)
+        self.core = Core(self.workflows, heartbeat_liveness_s=liveness_s, max_attempts=settings.max_attempts,
+                         progress_floor_s=settings.progress_floor_s, progress_cap_s=settings.progress_cap_s,
+                         progress_factor=settings.progress_factor, job_deadline_s=settings.job_deadline_s)
         self.store = JobStore(settings.db_path)
         self.results_dir = Path(settings.results_dir)
         self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,7 @@ class Broker:
         self._tasks: list[asyncio.Task] = []
         self._worker_stats: dict[str, dict] = {}
         self._replies: list[tuple[str, bytes]] = []  # SUBMITTED, sent once their jobs are committed
+        self._endings: list[tuple[str, dict]] = []  # terminal events, published once committed
         self._commit_timer: asyncio.TimerHandle | None = None
         self._running: set[str] = set()  # jobs already marked 'running' in the store
         # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
@@ -85,6 +88,10 @@ class Broker:
         if self._commit_timer is not None:
             self._commit_timer.cancel()
             self._commit_timer = None
+        self.store.commit()  # what ended is durable now, and its streams hear of it
+        endings, self._endings = self._endings, []
+        for job_id, event in endings:
+            self._publish(job_id, event, terminal=True)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -101,14 +108,14 @@ class Broker:
 
     def _requeue_unfinished(self) -> None:
         now = time.time()
-        for job_id, workflow, params, payload, _created in self.store.unfinished():
+        for job_id, workflow, params, payload, created in self.store.unfinished():
             if workflow not in self.workflows:
                 self.store.add_event(job_id, "failed", {"reason": f"workflow {workflow!r} is no longer served"})
                 self.store.finish(job_id, "failed", now, f"workflow {workflow!r} is no longer served", None, None)
                 continue
             log.warning("re-queueing job %s: the broker stopped while it ran", job_id)
             self.store.add_event(job_id, "requeued", {"reason": "broker restarted"})
-            self._apply(self.core.submit(job_id, workflow, params, payload, now))
+            self._apply(self.core.submit(job_id, workflow, params, payload, now, created=created))
         self.store.commit()
 
     # -- facade for the REST API ----------------------------------------------
@@ -178,7 +185,25 @@ class Broker:
         return path if path.is_file() else None
 
     def stages(self) -> dict:
-        return self.core.stages()
+        """Per stage: workers, queue, load, the progress bound and the tasks that look stuck."""
+        return self.core.stages(time.time())
+
+    def readiness(self) -> tuple[list[str], list[str]]:
+        """``(missing stages, reasons)``; ready when both are empty. A stage is missing when no
+        live worker serves it (stages a node manager starts on demand excepted); a reason
+        names a stage whose queued work no worker can take, or a job past its deadline."""
+        missing = self.missing_stages()
+        manager = self.extensions.get("manager")
+        on_demand = manager.on_demand_stages() if manager is not None else set()
+        reasons = []
+        now = time.time()
+        for p in self.core.health(now):
+            # a stage scaled to zero gets a worker when work comes: not a fault until that is overdue
+            if p["stage"] in on_demand and "deadline" not in p["reason"] and \
+                    p["waiting_s"] <= self.core.progress_bound(p["stage"]):
+                continue
+            reasons.append(p["reason"])
+        return missing, reasons
 
     def missing_stages(self) -> list[str]:
         """Stages of the served workflows that have no live, non-draining worker, less those
@@ -197,6 +222,11 @@ class Broker:
         self._apply(self.core.drain(worker_id, time.time()))
 
     def worker_stats(self) -> dict[str, dict]:
+        """The last ``stats`` each registered worker's heartbeat reported: peer data, its shape
+        checked by the protocol's schema, its values not. Those of workers gone are dropped."""
+        live = {w["id"] for s in self.core.stages().values() for w in s["workers"]}
+        for wid in [wid for wid in self._worker_stats if wid not in live]:
+            del self._worker_stats[wid]
         return self._worker_stats
 
     # -- control plane ----------------------------------------------------------
@@ -212,7 +242,7 @@ class Broker:
 
     def _after_batch(self) -> None:
         """Commit within ``commit_interval_s`` of the first uncommitted write."""
-        if self._commit_timer is None and (self._replies or self.store.dirty):
+        if self._commit_timer is None and (self._replies or self._endings or self.store.dirty):
             self._commit_timer = asyncio.get_running_loop().call_later(self.settings.commit_interval_s,
                                                                        self._commit)
 
@@ -220,19 +250,23 @@ class Broker:
         """Group commit, on the store's writer thread; SUBMIT replies leave once it is done."""
         self._commit_timer = None
         replies, self._replies = self._replies, []
+        endings, self._endings = self._endings, []
         loop = asyncio.get_running_loop()
         self.store.commit_soon().add_done_callback(
-            lambda f: loop.call_soon_threadsafe(self._committed, f, replies))
+            lambda f: loop.call_soon_threadsafe(self._committed, f, replies, endings))
 
-    def _committed(self, done, replies: list[tuple[str, bytes]]) -> None:
+    def _committed(self, done, replies: list[tuple[str, bytes]], endings: list[tuple[str, dict]]) -> None:
         error = done.exception()
         if error is not None:  # the writes stay queued in the store: try again, replies held
             log.error("the job store could not commit (will retry): %s", error)
             self._replies[:0] = replies
+            self._endings[:0] = endings
             self._after_batch()
             return
         for wid, body in replies:  # a client hears its job id only once the job is durable
             self._send(wid, body)
+        for job_id, event in endings:  # and a job's end only once a restart cannot run it again
+            self._publish(job_id, event, terminal=True)
 
     def _send(self, worker_id: str, body: bytes, urgent: bool = True) -> None:
         """Queue a message; it leaves at the end of the current batch or loop turn (``urgent``),
@@ -244,7 +278,9 @@ class Broker:
 
     def _on_bad(self, ident: bytes | None, reason: str) -> None:
         self.metrics.bad_messages.inc()
-        log.warning("dropped a bad control message from %r: %s", (ident or b"")[:32], reason)
+        held = self.metrics.log_limit.admit(protocol.problem(reason))  # a burst must not flood the log
+        if held is not None:
+            log.warning("dropped a bad control message from %r: %.300s%s", (ident or b"")[:32], reason, held)
 
     def _on_message(self, ident: bytes, body: dict) -> None:
         wid = ident.decode("utf-8", "surrogateescape")
@@ -253,31 +289,33 @@ class Broker:
         except UnknownWorker:
             self._send(wid, protocol.pack("ERROR", reason="unknown worker: register again", reregister=True))
         except CoreError as exc:
-            self._send(wid, protocol.pack("ERROR", reason=str(exc)))
-            log.warning("refused %s from %s: %s", body["k"], wid, exc)
+            self._send(wid, protocol.pack("ERROR", reason=str(exc)[:protocol.REASON]))
+            held = self.metrics.log_limit.admit(f"refused {body['k']}")
+            if held is not None:
+                log.warning("refused %s from %.64r: %.300s%s", body["k"], wid, exc, held)
 
     def _dispatch(self, wid: str, m: dict) -> list:
+        """One valid message (``protocol.validate`` has checked every field it reads) -> commands."""
         core, now, kind = self.core, time.time(), m["k"]
         if kind == "HEARTBEAT":
-            if isinstance(m.get("stats"), dict):
+            running = [tuple(k) for k in m.get("running") or () if len(k) == 2]
+            cmds = core.heartbeat(wid, now, m.get("load"), running)  # UnknownWorker for a stranger: nothing kept
+            if m.get("stats") is not None:
                 self._worker_stats[wid] = m["stats"]
-            load = m.get("load")
-            return core.heartbeat(wid, now, load if isinstance(load, int) else None)
+            return cmds
         if kind == "REGISTER":
-            info = m.get("info") if isinstance(m.get("info"), dict) else {}
-            cmds = core.register(wid, m["stage"], max(1, m["capacity"]), m["descriptor"], now, info)
+            cmds = core.register(wid, m["stage"], m["capacity"], m["descriptor"], now, m.get("info") or {})
+            self._worker_stats.pop(wid, None)  # a new incarnation counts from zero
             self._send(wid, protocol.pack("REGISTERED", heartbeat_s=self.settings.heartbeat_s,
                                           liveness=self.settings.liveness))
-            log.info("worker %s registered for %s (%s)", wid, m["stage"], m["descriptor"].get("transport"))
+            log.info("worker %.64r registered for %s (%.32r)", wid, m["stage"], m["descriptor"].get("transport"))
             return cmds
         if kind == "STARTED":
             return core.started(wid, m["job"], m["stage"], now)
         if kind == "PROGRESS":
             return core.progress(wid, m["job"], m["stage"], m["step"], m["total"], now)
         if kind == "DONE":
-            timings = m.get("timings") if isinstance(m.get("timings"), dict) else None
-            result = m.get("result") if isinstance(m.get("result"), dict) else None
-            return core.done(wid, m["job"], m["stage"], now, timings=timings, result=result)
+            return core.done(wid, m["job"], m["stage"], now, timings=m.get("timings"), result=m.get("result"))
         if kind == "FAILED":
             return core.failed(wid, m["job"], m["stage"], m["reason"], m["retryable"], now)
         if kind == "DISCONNECT":
@@ -285,8 +323,7 @@ class Broker:
             log.info("worker %s left", wid)
             return core.disconnect(wid, now)
         if kind == "SUBMIT":
-            payload = m.get("payload") if isinstance(m.get("payload"), dict) else None
-            job_id = self._accept(m["workflow"], m["params"], payload)
+            job_id = self._accept(m["workflow"], m["params"], m.get("payload"))
             self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))  # sent once it is durable
             return []
         raise CoreError(f"{kind} is not a message a broker accepts")
@@ -318,9 +355,17 @@ class Broker:
             self.core.forget(e.job_id)
             self._running.discard(e.job_id)
             log.info("job %s %s%s", e.job_id, e.type, f": {e.data['reason']}" if e.data.get("reason") else "")
-        for q in self._subscribers.get(e.job_id, ()):
+            # Published once durable: a client that saw a job end must never see it run again
+            # because the broker died before the commit (the store would re-queue it).
+            self._endings.append((e.job_id, event))
+            self._after_batch()
+        else:
+            self._publish(e.job_id, event, terminal=False)
+
+    def _publish(self, job_id: str, event: dict, terminal: bool) -> None:
+        for q in self._subscribers.get(job_id, ()):
             q.put_nowait(event)
             if terminal:
                 q.put_nowait(None)
         if terminal:
-            self._subscribers.pop(e.job_id, None)
+            self._subscribers.pop(job_id, None)

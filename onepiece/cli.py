@@ -47,6 +47,10 @@ SETTINGS_FLAGS = {
     "rdma_port": ("--rdma-port", int, "RDMA port number (default 1)"),
     "rdma_gid_index": ("--rdma-gid-index", int, "GID index (default: RoCEv2 IPv4-mapped, else 0)"),
     "max_attempts": ("--max-attempts", int, "attempts per stage before a job fails (default 3)"),
+    "job_deadline_s": ("--job-deadline-s", float, "a job not ended this long after submission fails (default 3600)"),
+    "progress_floor_s": ("--progress-floor-s", float,
+                         "least silence after which a task is lost and re-run (default 30)"),
+    "progress_cap_s": ("--progress-cap-s", float, "most silence after which a task is lost and re-run (default 900)"),
 }
 
 
@@ -283,14 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run broker, REST API, node manager and stage workers here")
     _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
-                   "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts")
+                   "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts",
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s")
     up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     _manager_args(up)
     up.add_argument("--ready-timeout", type=float, default=300.0)
     up.set_defaults(func=cmd_up)
 
     br = sub.add_parser("broker", help="run the broker and its REST API")
-    _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts")
+    _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts",
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s")
     br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     br.set_defaults(func=cmd_broker)
 

@@ -27,6 +27,13 @@ class Settings:
     heartbeat_s: float = 2.5  # Majordomo's defaults: 2.5 s x 3
     liveness: int = 3
     max_attempts: int = 3
+    # deadlines (broker/core.py, invariant 7): a bound task silent past
+    # clamp(progress_factor x its stage's longest recent service time, floor, cap)
+    # is lost and re-run; a job not ended job_deadline_s after submission fails
+    progress_floor_s: float = 30.0
+    progress_cap_s: float = 900.0
+    progress_factor: float = 4.0
+    job_deadline_s: float = 3600.0
     max_request_bytes: int = 16 << 20
     commit_interval_s: float = 0.02  # group commit of the job store; SUBMIT replies wait for it
     # workers
@@ -41,6 +48,13 @@ class Settings:
     rdma_device: str | None = None  # default: the first device with an ACTIVE port
     rdma_port: int = 1
     rdma_gid_index: int | None = None  # default: a RoCEv2 IPv4-mapped GID, else 0
+    # worker bounds (stages/worker.py lists every wait and its bound)
+    orphan_bytes: int = 256 << 20  # data-plane bytes kept for tasks not (yet) assigned; oldest dropped past it
+    orphan_ttl_s: float = 300.0  # the longest such inputs wait for their TASK
+    send_timeout_s: float = 60.0  # one attempt to send a task's outputs to its consumer
+    connect_timeout_s: float = 30.0  # opening the data-plane endpoint, or a connection to a peer
+    load_timeout_s: float = 1800.0  # loading the stage's model; past it the worker exits with 1
+    task_timeout_s: float = 3600.0  # one run of a stage; past it the task is FAILED (retryable)
     workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
 
     @property

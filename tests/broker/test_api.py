@@ -361,17 +361,55 @@ async def test_ready_when_every_stage_has_a_worker(client, broker):
     for stage in broker.missing_stages():
         assert broker.core.register(f"w-{stage}", stage, 2, {"transport": "shm"}, now) == []
     resp = await client.get("/readyz")
-    assert resp.status == 200 and await resp.json() == {"status": "ready", "missing": []}
+    assert resp.status == 200 and await resp.json() == {"status": "ready", "missing": [], "reasons": []}
     body = await (await client.get("/v1/stages")).json()
     (worker,) = body["stages"]["denoise"]["workers"]
     assert (worker["id"], worker["load"], worker["capacity"], worker["draining"]) == ("w-denoise", 0, 2, False)
     assert body["missing"] == []
 
 
+async def test_not_ready_while_a_job_is_past_its_deadline_and_stuck_tasks_show(tmp_path):
+    # no tick in this test (heartbeat 1000 s), so what readiness says is not raced by the core failing the job
+    settings = Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path, workflows=["synthetic3"],
+                        heartbeat_s=1000.0, job_deadline_s=0.01, progress_floor_s=0.01, progress_cap_s=0.01)
+    broker = Broker(settings)
+    await broker.start()
+    try:
+        async with TestClient(TestServer(make_app(broker))) as client:
+            for stage in ("a", "b", "c"):
+                broker.core.register(f"w-{stage}", stage, 1, {}, time.time())
+            assert (await client.get("/readyz")).status == 200
+            job = broker.submit("synthetic3", {"prompt": "p"})
+            await asyncio.sleep(0.05)  # past the 10 ms deadline and progress bound
+            resp = await client.get("/readyz")
+            body = await resp.json()
+            assert resp.status == 503 and body["missing"] == []
+            assert any(f"job {job} is past its deadline: stage a was assigned to worker w-a" in r
+                       for r in body["reasons"]), body
+            stuck = (await (await client.get("/v1/stages")).json())["stages"]["a"]["stuck"]
+            assert [(t["job"], t["state"], t["worker"]) for t in stuck] == [(job, "assigned", "w-a")]
+    finally:
+        await broker.stop()
+
+
+async def test_not_ready_while_queued_work_has_no_worker(client, broker):
+    now = time.time()
+    for stage in broker.missing_stages():
+        broker.core.register(f"w-{stage}", stage, 1, {}, now)
+    broker.drain("w-a")  # still registered, but it takes nothing new
+    job = broker.submit("synthetic3", {"prompt": "p"})
+    body = await (await client.get("/readyz")).json()
+    assert body["missing"] == ["a"]
+    assert any("task(s) of a queued" in r and "no worker can take them" in r for r in body["reasons"]), body
+    stuck = (await (await client.get("/v1/stages")).json())["stages"]["a"]["stuck"]
+    assert stuck[0]["job"] == job and stuck[0]["reason"] == "no live worker serves it"
+
+
 async def test_stages(client):
     body = await (await client.get("/v1/stages")).json()
     assert {"text_encode", "denoise", "video_encode", "a", "b", "c"} <= set(body["stages"])
-    assert body["stages"]["denoise"] == {"workers": [], "queued": 0, "busy": 0, "running": 0}
+    assert body["stages"]["denoise"] == {"workers": [], "queued": 0, "busy": 0, "running": 0,
+                                         "progress_bound_s": 900.0, "stuck": []}
     assert "denoise" in body["missing"]
     assert body["workflows"]["wan_i2v"]["stages"]["image_encode"] == "image_encode"
 
