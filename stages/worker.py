@@ -15,6 +15,46 @@ DEALER to the broker and registers with the endpoint's descriptor. Then:
   are released, say DISCONNECT, exit 0. A second signal exits at once.
 If the broker goes silent for longer than its liveness, the worker
 reconnects and registers again.
+
+Data nobody asked for is bounded. Inputs that arrive before their TASK wait
+in ``early``, at most ``orphan_bytes`` of them (oldest dropped first) for at
+most ``orphan_ttl_s``; inputs for a task that already ended here (a late
+re-send) or that is already running are dropped at once. Every TASK and the
+data sent for it carry the broker's ``binding`` id, so inputs sent for an
+earlier binding of the same task are never taken for the current one's, and a
+re-send that beats its TASK here is kept for it. A TASK whose early inputs
+were dropped is answered FAILED (retryable), so the broker re-binds it and its
+producers send again, instead of waiting for inputs that never come.
+Held outputs are released by RELEASE/CANCEL; a SEND for outputs this worker
+does not hold, or a send that fails after its attempts, is answered FAILED
+(retryable): the broker re-makes the outputs. The heartbeat reports
+``orphans_dropped``, ``orphan_bytes_dropped`` and ``orphan_bytes_held``.
+
+Every wait in the worker and its bound:
+
+===========================================  ====================================================
+wait                                         bound
+===========================================  ====================================================
+loading the stage's model (a daemon thread)  ``load_timeout_s``, then exit 1 (no registration)
+opening the data-plane endpoint              ``connect_timeout_s``, then exit 1
+the worker's life (``_stopped``)             until drained (below) or a second signal
+the broker's next message                    ``heartbeat_s * liveness``, then reconnect and register
+                                             again (a new incarnation: everything is forgotten)
+the next data-plane message                  ``heartbeat_s`` per ``recv`` (then loop again; early
+                                             inputs expire meanwhile)
+a task's inputs                              the broker's progress bound (it CANCELs, re-binds);
+                                             inputs dropped before their TASK: FAILED at once
+a task's run (executor thread)               ``task_timeout_s``, then FAILED retryable and the
+                                             cancel flag set (the thread ends at its next check)
+connecting to a consumer (lock + handshake)  ``connect_timeout_s`` per attempt
+sending outputs                              ``send_timeout_s`` per attempt, ``SEND_ATTEMPTS``
+                                             attempts, then FAILED retryable (re-run)
+drain: tasks to end, held outputs released   ``DRAIN_TIMEOUT_S``, then DISCONNECT anyway
+stopping: cancelled loops and sends          ``CLOSE_TIMEOUT_S``
+closing each sender and the endpoint         ``CLOSE_TIMEOUT_S`` each
+heartbeat period, drain poll, DISCONNECT     fixed sleeps (``heartbeat_s``, 50 ms)
+===========================================  ====================================================
+Control-plane sends never wait (``broker.control.ControlSocket`` queues them).
 """
 
 from __future__ import annotations
@@ -26,8 +66,10 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,16 +79,68 @@ import zmq
 from broker import protocol
 from broker.control import ControlSocket
 from onepiece.heap import freeze_startup_heap
-from transports import PeerGone, TransportError, open_transport
+from transports import PeerGone, TransportError, TransportTimeout, open_transport
 
 from .kinds import StageCancelled, StageFailed, StageKind, StageOutput, TaskContext, make_stage
 from .workflow import Workflow
 
 log = logging.getLogger("onepiece.worker")
 
-EARLY_DATA_TTL_S = 300.0  # inputs that arrive before their TASK wait this long at most
 DRAIN_TIMEOUT_S = 600.0
 SEND_ATTEMPTS = 2
+CLOSE_TIMEOUT_S = 10.0  # closing a sender or the endpoint, and cancelled tasks ending, at shutdown
+KEYS_REMEMBERED = 16384  # ended tasks, and tasks whose early inputs were dropped, remembered (each)
+EARLY_MESSAGES = 16384  # early messages kept at most, whatever their size (empty ones too)
+
+Key = tuple[str, str]  # (job, stage)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _same(a: int | None, b: int | None) -> bool:
+    """Whether two bindings may be the same one (None: a peer that does not say)."""
+    return a is None or b is None or a == b
+
+
+def _remember(keys: OrderedDict, key: Key, value: int | None = None) -> None:
+    keys[key] = value
+    keys.move_to_end(key)
+    while len(keys) > KEYS_REMEMBERED:
+        keys.popitem(last=False)
+
+
+def _in_daemon_thread(fn) -> asyncio.Future:
+    """``fn()`` in a daemon thread of its own: a call that never returns cannot keep the
+    process from exiting once the caller stopped waiting for it."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(ok: bool, value) -> None:
+        if not fut.done():
+            (fut.set_result if ok else fut.set_exception)(value)
+
+    def body() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine
+            loop.call_soon_threadsafe(settle, False, exc)
+        else:
+            loop.call_soon_threadsafe(settle, True, result)
+
+    threading.Thread(target=body, name=getattr(fn, "__qualname__", "call"), daemon=True).start()
+    return fut
+
+
+@dataclass
+class _Early:
+    """Inputs of a (job, stage) that arrived before its TASK."""
+
+    at: float  # time.monotonic() of the first of them
+    binding: int | None  # the binding they were sent for (None: a sender that does not say)
+    inputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # upstream -> tensors
+    nbytes: int = 0
 
 
 @dataclass
@@ -60,6 +154,10 @@ class _Task:
     received_at: float = field(default_factory=time.time)
     ctx: TaskContext | None = None
     running: bool = False
+
+    @property
+    def binding(self) -> int | None:
+        return self.body.get("binding")
 
 
 def advertised_host(settings) -> str | None:
@@ -108,9 +206,20 @@ class Worker:
                                        dtype=settings.dtype)
         self.capacity = max(1, settings.capacity)
         self.results_dir = Path(settings.results_dir)
-        self.tasks: dict[tuple[str, str], _Task] = {}
-        self.early: dict[tuple[str, str], tuple[float, dict[str, dict[str, torch.Tensor]]]] = {}
-        self.held: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.tasks: dict[Key, _Task] = {}
+        # Inputs that came before their TASK, oldest first; bounded by orphan_bytes/orphan_ttl_s.
+        self.early: dict[Key, _Early] = {}
+        self._early_bytes = 0
+        self._early_messages = 0
+        self.orphans_dropped = 0  # data-plane messages dropped unused (and their bytes)
+        self.orphan_bytes_dropped = 0
+        # bindings (see broker.protocol) that ended here: inputs that come later for them are late
+        self._ended: OrderedDict[Key, int | None] = OrderedDict()
+        # bindings whose inputs were dropped before their TASK came (None: a sender that did not say)
+        self._lost_inputs: OrderedDict[Key, int | None] = OrderedDict()
+        self.held: dict[Key, dict[str, torch.Tensor]] = {}
+        self._sends: dict[Key, dict[str, int]] = {}  # held key -> consumer stage -> number of its latest SEND
+        self._send_seq = 0
         self.senders: dict[str, object] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self.transport = None
@@ -134,13 +243,34 @@ class Worker:
             except (NotImplementedError, RuntimeError):
                 pass
         log.info("worker %s loading %s (%s, model %s)", self.id, self.stage, self.spec.kind, self.settings.model)
-        await loop.run_in_executor(self._executor, self.kind.load)
-        if self._draining:  # told to leave while loading: it never registered, nothing to hand back
-            await self._stopped.wait()
+        loading = _in_daemon_thread(self.kind.load)
+        stopping = loop.create_task(self._stopped.wait())
+        await asyncio.wait({loading, stopping}, timeout=self.settings.load_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not loading.done() and not self._stopped.is_set():
+            loading.cancel()
+            log.error("worker %s: loading %s took longer than load_timeout_s (%s s): giving up",
+                      self.id, self.stage, self.settings.load_timeout_s)
+            await self._close()
+            return 1
+        if self._draining or self._stopped.is_set():
+            # told to leave while loading: it never registered, nothing to hand back (the load
+            # runs in a daemon thread: one still running does not hold the exit up)
+            loading.cancel()
+            await self._stopped.wait()  # set by _drain at once: nothing is in flight
             await self._close()
             return 0
-        self.transport = await open_transport(self.settings.transport,
-                                              **transport_options(self.settings, self.settings.transport))
+        loading.result()  # a load that failed raises here
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                self.transport = await open_transport(self.settings.transport,
+                                                      **transport_options(self.settings, self.settings.transport))
+        except TimeoutError:
+            log.error("worker %s: opening the %s data plane took longer than connect_timeout_s (%s s)",
+                      self.id, self.settings.transport, self.settings.connect_timeout_s)
+            await self._close()
+            return 1
         if self._freeze_heap:
             freeze_startup_heap()
         self._connect()
@@ -149,9 +279,13 @@ class Worker:
         try:
             await self._stopped.wait()
         finally:
-            for t in loops + list(self._background):
+            pending = loops + list(self._background)
+            for t in pending:
                 t.cancel()
-            await asyncio.gather(*loops, *self._background, return_exceptions=True)
+            _, stuck = await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                log.warning("%d task(s) did not stop within %s s: %s", len(stuck), CLOSE_TIMEOUT_S,
+                            ", ".join(t.get_name() for t in stuck))
             await self._close()
         return 0
 
@@ -162,6 +296,10 @@ class Worker:
             self._stopped.set()
             return
         self.drain()
+
+    def stop(self) -> None:
+        """Leave now, without draining (as a second signal does)."""
+        self._stopped.set()
 
     def drain(self) -> None:
         """Finish in-flight work, wait for held outputs to be released, then leave."""
@@ -183,12 +321,14 @@ class Worker:
 
     async def _close(self) -> None:
         for sender in list(self.senders.values()):
-            try:
-                await sender.aclose()
-            except TransportError:
-                pass
+            await self._close_sender(sender)
+        self.senders.clear()
         if self.transport is not None:
-            await self.transport.aclose()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.transport.aclose()
+            except (TransportError, TimeoutError) as exc:
+                log.warning("closing the data plane: %r", exc)
         if self._ctl is not None:
             self._ctl.close()
         self._ctx.term()
@@ -221,19 +361,26 @@ class Worker:
         if self._ctl is not None:  # None: not connected yet (a signal while the model loads)
             self._ctl.send(protocol.pack(kind, **fields), urgent=kind not in ("PROGRESS", "HEARTBEAT"))
 
+    def orphan_stats(self) -> dict[str, int]:
+        """Unsolicited and orphaned data-plane data: messages and bytes dropped so far, bytes held now."""
+        return {"orphans_dropped": self.orphans_dropped, "orphan_bytes_dropped": self.orphan_bytes_dropped,
+                "orphan_bytes_held": self._early_bytes}
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             if self._left:
                 return
+            self._expire_early()
             silent = time.monotonic() - self._last_broker
             if silent > self.settings.heartbeat_s * self.settings.liveness:
                 log.warning("broker silent for %.1f s: reconnecting", silent)
                 self._reset()
                 self._connect()
                 continue
-            stats = {**self.transport.stats(), "transport": self.transport.name}
-            self._send("HEARTBEAT", load=len(self.tasks), stats=stats)
+            stats = {**self.transport.stats(), "transport": self.transport.name, **self.orphan_stats()}
+            running = [[t.job, t.stage] for t in self.tasks.values() if t.running]
+            self._send("HEARTBEAT", load=len(self.tasks), stats=stats, running=running)
 
     def _reset(self) -> None:
         """Forget everything the broker assigned: a new broker incarnation re-plans it."""
@@ -242,7 +389,11 @@ class Worker:
                 task.ctx.cancelled.set()
         self.tasks.clear()
         self.held.clear()
-        self.early.clear()
+        self._sends.clear()
+        for key in list(self.early):
+            self._drop_early(key, "the worker reset", lost=False)
+        self._ended.clear()
+        self._lost_inputs.clear()
 
     def _on_control(self, _peer: None, m: dict) -> None:
         self._last_broker = time.monotonic()
@@ -252,7 +403,7 @@ class Worker:
         elif kind == "SEND":
             self._on_send(m)
         elif kind == "RELEASE":
-            self.held.pop((m["job"], m["stage"]), None)
+            self._release((m["job"], m["stage"]))
         elif kind == "CANCEL":
             self._on_cancel(m["job"], m["stage"])
         elif kind == "DRAIN":
@@ -270,27 +421,54 @@ class Worker:
         expected = {i["stage"] for i in m["inputs"] if isinstance(i, dict) and isinstance(i.get("stage"), str)}
         task = _Task(m["job"], m["stage"], m, expected)
         self.tasks[key] = task
-        _, early = self.early.pop(key, (0.0, {}))
-        for upstream, tensors in early.items():
+        self._ended.pop(key, None)  # assigned (again): its inputs are wanted now
+        for upstream, tensors in self._take_early(key, task.binding).items():
             self._add_input(task, upstream, tensors)
+        if key in self._lost_inputs:
+            lost = self._lost_inputs.pop(key)
+            if _same(lost, task.binding) and not task.expected <= task.arrived:
+                # Its producers sent before this TASK came and what they sent was dropped: they will
+                # not send again unless the broker re-binds the task, so say so now.
+                self._end(key)
+                reason = (f"inputs of {key[0]}/{key[1]} arrived at worker {self.id} before the task and were "
+                          f"dropped (past orphan_bytes {self.settings.orphan_bytes} or orphan_ttl_s "
+                          f"{self.settings.orphan_ttl_s}, or taken for a late re-send to an earlier attempt)")
+                log.warning("%s: reporting the task failed", reason)
+                self._send("FAILED", job=key[0], stage=key[1], reason=reason, retryable=True)
+                return
         self._maybe_start(task)
 
     def _on_cancel(self, job: str, stage: str) -> None:
-        self.held.pop((job, stage), None)
-        self.early.pop((job, stage), None)
-        task = self.tasks.get((job, stage))
-        if task is None:
-            return
-        if task.running:
-            task.ctx.cancelled.set()  # the stage stops at its next step
+        key = (job, stage)
+        self._release(key)
+        if key in self.early:
+            self._drop_early(key, "the task was cancelled", lost=False)
+        task = self.tasks.get(key)
+        if task is not None and task.running:
+            task.ctx.cancelled.set()  # the stage stops at its next step; its end is remembered then
         else:
-            del self.tasks[(job, stage)]
+            self._end(key)
+
+    def _end(self, key: Key) -> None:
+        """The task is over here: forget it, and drop inputs that still come for it."""
+        task = self.tasks.pop(key, None)
+        _remember(self._ended, key, task.binding if task is not None else None)
+
+    def _current(self, task: _Task) -> bool:
+        """Whether ``task`` is still this worker's task for its key (not reset or replaced)."""
+        return self.tasks.get((task.job, task.stage)) is task
+
+    def _release(self, key: Key) -> None:
+        self.held.pop(key, None)
+        self._sends.pop(key, None)
 
     # -- data plane -------------------------------------------------------------------
     async def _data(self) -> None:
         while True:
             try:
-                msg = await self.transport.recv()
+                msg = await self.transport.recv(timeout=self.settings.heartbeat_s)
+            except TransportTimeout:
+                continue  # nothing came: wait again (each wait is bounded)
             except PeerGone as exc:
                 # An upstream died mid-transfer; the broker re-sends or re-runs it.
                 log.warning("%s", exc)
@@ -298,30 +476,118 @@ class Worker:
             except TransportError as exc:
                 log.warning("data plane: %s", exc)
                 continue
-            h = msg.header
-            job, stage, upstream = h.get("job"), h.get("stage"), h.get("from")
-            # Copy out of the ring: the stage runs in another thread for a while.
-            tensors = msg.detach()
-            if not all(isinstance(x, str) for x in (job, stage, upstream)) or stage != self.stage:
-                log.warning("dropped a data message with header %r", h)
-                continue
-            task = self.tasks.get((job, stage))
-            if task is None:
-                self._expire_early()
-                self.early.setdefault((job, stage), (time.time(), {}))[1][upstream] = tensors
-                continue
-            self._add_input(task, upstream, tensors)
-            self._maybe_start(task)
+            self._on_data(msg)
+
+    def _on_data(self, msg) -> None:
+        h = msg.header
+        job, stage, upstream = h.get("job"), h.get("stage"), h.get("from")
+        nbytes = _nbytes(msg.tensors)
+        if not all(isinstance(x, str) for x in (job, stage, upstream)) or stage != self.stage:
+            self._discard(msg, nbytes, "dropped a data message with header %r", h)
+            return
+        key, binding = (job, stage), h.get("binding")
+        task = self.tasks.get(key)
+        if task is not None and not _same(binding, task.binding):
+            if binding < task.binding:  # a late re-send to an earlier binding of this task
+                self._discard(msg, nbytes, "job %s: dropped input from %s sent for binding %s of %s, not %s",
+                              job, upstream, binding, stage, task.binding)
+                return
+            task = None  # for a later binding, whose TASK is still on its way: kept below as early inputs
+        if task is not None:
+            if task.running:
+                self._discard(msg, nbytes, "job %s: dropped input from %s: %s is already running", job, upstream,
+                              stage)
+            elif upstream not in task.expected:
+                self._discard(msg, nbytes, "job %s: dropped unexpected input from %s", job, upstream)
+            else:
+                # Copy out of the ring: the stage runs in another thread for a while.
+                self._add_input(task, upstream, msg.detach())
+                self._maybe_start(task)
+            return
+        if key in self._ended and _same(binding, self._ended[key]):
+            # A late re-send for a binding that ended here: nobody will read it.
+            self._discard(msg, nbytes, "job %s: dropped input from %s: %s already ended here", job, upstream, stage)
+            return
+        self._keep_early(key, binding, upstream, msg, nbytes)
+
+    def _discard(self, msg, nbytes: int, why: str, *args) -> None:
+        msg.release()
+        self.orphans_dropped += 1
+        self.orphan_bytes_dropped += nbytes
+        log.info(why, *args)
+
+    def _keep_early(self, key: Key, binding: int | None, upstream: str, msg, nbytes: int) -> None:
+        """Keep inputs that came before their TASK, within orphan_bytes: the oldest go first."""
+        self._expire_early()
+        entry = self.early.get(key)
+        if entry is not None and not _same(entry.binding, binding):  # only the newest binding's are wanted
+            if binding is not None and entry.binding is not None and binding < entry.binding:
+                self._discard(msg, nbytes, "job %s: dropped input from %s for an earlier binding of %s",
+                              key[0], upstream, key[1])
+                return
+            self._drop_early(key, "inputs for a later binding came", lost=False)
+            entry = None
+        if entry is not None and upstream in entry.inputs:  # a repeat: the newer copy replaces it
+            old = _nbytes(entry.inputs.pop(upstream))
+            entry.nbytes -= old
+            self._early_bytes -= old
+            self._early_messages -= 1
+            self.orphans_dropped += 1
+            self.orphan_bytes_dropped += old
+        bound = self.settings.orphan_bytes
+        if nbytes > bound:
+            if entry is not None and not entry.inputs:
+                del self.early[key]
+            _remember(self._lost_inputs, key, binding)
+            self._discard(msg, nbytes, "job %s: dropped %d bytes of input from %s for %s that came before its "
+                          "task: more than orphan_bytes (%d)", key[0], nbytes, upstream, key[1], bound)
+            return
+        while self.early and (self._early_bytes + nbytes > bound or self._early_messages >= EARLY_MESSAGES):
+            self._drop_early(next(iter(self.early)), "over orphan_bytes")
+        entry = self.early.get(key)
+        if entry is None:
+            entry = self.early[key] = _Early(time.monotonic(), binding)
+        entry.inputs[upstream] = msg.detach()
+        entry.nbytes += nbytes
+        self._early_bytes += nbytes
+        self._early_messages += 1
+
+    def _drop_early(self, key: Key, why: str, lost: bool = True) -> None:
+        entry = self.early.pop(key)
+        self._early_bytes -= entry.nbytes
+        self._early_messages -= len(entry.inputs)
+        self.orphans_dropped += len(entry.inputs)
+        self.orphan_bytes_dropped += entry.nbytes
+        if lost:
+            _remember(self._lost_inputs, key, entry.binding)
+        log.info("dropped inputs of %s/%s from %s (%d bytes) that came before their task: %s",
+                 key[0], key[1], ", ".join(entry.inputs) or "nobody", entry.nbytes, why)
+
+    def _take_early(self, key: Key, binding: int | None) -> dict[str, dict[str, torch.Tensor]]:
+        entry = self.early.get(key)
+        if entry is None:
+            return {}
+        if not _same(entry.binding, binding):  # sent for another binding of the task
+            self._drop_early(key, f"sent for binding {entry.binding}, not {binding}", lost=False)
+            return {}
+        del self.early[key]
+        self._early_bytes -= entry.nbytes
+        self._early_messages -= len(entry.inputs)
+        return entry.inputs
 
     def _expire_early(self) -> None:
-        cutoff = time.time() - EARLY_DATA_TTL_S
-        for key in [k for k, (t, _) in self.early.items() if t < cutoff]:
-            log.warning("dropping inputs of %s/%s: no task arrived for them", *key)
-            del self.early[key]
+        cutoff = time.monotonic() - self.settings.orphan_ttl_s
+        while self.early:
+            key, entry = next(iter(self.early.items()))
+            if entry.at >= cutoff:
+                break
+            self._drop_early(key, f"no task came for them within orphan_ttl_s ({self.settings.orphan_ttl_s} s)")
 
     def _add_input(self, task: _Task, upstream: str, tensors: dict[str, torch.Tensor]) -> None:
         if upstream not in task.expected:
             log.warning("job %s: unexpected input from %s", task.job, upstream)
+            self.orphans_dropped += 1
+            self.orphan_bytes_dropped += _nbytes(tensors)
             return
         task.inputs.update(tensors)
         task.arrived.add(upstream)
@@ -352,9 +618,16 @@ class Worker:
 
     async def _execute(self, task: _Task) -> None:
         t0 = time.time()
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self.kind.run, task.inputs, task.ctx)
+        done, _ = await asyncio.wait({running}, timeout=self.settings.task_timeout_s)
+        if not done:
+            running.cancel()  # the loop stops waiting; the thread ends at the stage's next cancel check
+            self._fail(task, f"{task.stage} ran longer than task_timeout_s ({self.settings.task_timeout_s} s) "
+                             f"on worker {self.id}", retryable=True)
+            task.ctx.cancelled.set()
+            return
         try:
-            out: StageOutput = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.kind.run, task.inputs, task.ctx)
+            out: StageOutput = running.result()
         except Exception as exc:  # noqa: BLE001 - any crash of a stage is reported, not fatal
             self._failed(task, exc)
             return
@@ -363,7 +636,8 @@ class Worker:
     def _failed(self, task: _Task, exc: Exception) -> None:
         if isinstance(exc, StageCancelled):
             log.info("job %s: %s cancelled", task.job, task.stage)
-            self.tasks.pop((task.job, task.stage), None)
+            if self._current(task):
+                self._end((task.job, task.stage))
         elif isinstance(exc, StageFailed):
             self._fail(task, str(exc), retryable=False)
         else:
@@ -373,8 +647,11 @@ class Worker:
     def _finished(self, task: _Task, out: StageOutput, t0: float) -> None:
         key = (task.job, task.stage)
         run_s = time.time() - t0
-        if self.tasks.pop(key, None) is None or task.ctx.cancelled.is_set():
-            return  # cancelled or re-planned while it ran
+        if not self._current(task):
+            return  # re-planned (reset, or a newer TASK) while it ran
+        self._end(key)
+        if task.ctx.cancelled.is_set():
+            return  # cancelled while it ran
         if out.tensors:
             self.held[key] = out.tensors
         timings = {"wait_s": round(t0 - task.received_at, 6), "run_s": round(run_s, 6),
@@ -383,43 +660,91 @@ class Worker:
                                                                                if out.result else {}))
 
     def _fail(self, task: _Task, reason: str, retryable: bool) -> None:
-        self.tasks.pop((task.job, task.stage), None)
+        if not self._current(task):
+            return  # re-planned while it ran: the broker expects nothing of this one
+        self._end((task.job, task.stage))
         if not task.ctx.cancelled.is_set():
-            self._send("FAILED", job=task.job, stage=task.stage, reason=reason, retryable=retryable)
+            self._send("FAILED", job=task.job, stage=task.stage, reason=reason[:protocol.REASON - 64],
+                       retryable=retryable)
 
     def _on_send(self, m: dict) -> None:
         key = (m["job"], m["stage"])
         tensors = self.held.get(key)
         if tensors is None:
-            log.warning("SEND for %s/%s but its outputs are not held here", *key)
+            if key in self.tasks:  # cannot happen in order (DONE precedes any SEND): nothing is lost yet
+                log.warning("SEND for %s/%s while it is still a task here: ignored", *key)
+                return
+            reason = (f"outputs of {key[0]}/{key[1]} are not held here by worker {self.id} (it restarted, "
+                      f"reset, failed to send them or had them released)")
+            log.warning("SEND for %s/%s but its outputs are not held here: reporting them lost", *key)
+            self._send("FAILED", job=key[0], stage=key[1], reason=reason, retryable=True)
             return
+        self._send_seq += 1
+        seq = self._send_seq
+        self._sends.setdefault(key, {})[m["to_stage"]] = seq
         names = [n for n in m["names"] if n in tensors] or list(tensors)
         header = {"job": m["job"], "stage": m["to_stage"], "from": m["stage"]}
+        if m.get("binding") is not None:
+            header["binding"] = m["binding"]
         out = {n: tensors[n] for n in names}
         peer = str(m["descriptor"].get("id", m["to"]))
         sender = self.senders.get(peer)
-        try:
-            if sender is not None and sender.try_send(header, out):
-                return  # there was room at once: sent without a task of its own
-        except TransportError:
-            pass  # the full path below reconnects
-        self._spawn(self._send_outputs(m, peer, header, out))
-
-    async def _send_outputs(self, m: dict, peer: str, header: dict, tensors: dict[str, torch.Tensor]) -> None:
-        for attempt in range(SEND_ATTEMPTS):
+        if sender is not None:
             try:
-                async with self._connecting.setdefault(peer, asyncio.Lock()):
-                    sender = self.senders.get(peer)
-                    if sender is None:
-                        sender = self.senders[peer] = await self.transport.connect(m["descriptor"])
-                await sender.send(header, tensors)
+                if sender.try_send(header, out):
+                    return  # there was room at once: sent without a task of its own
+            except TransportError as exc:  # the full path below reconnects
+                log.info("send of %s/%s to %s: %s; reconnecting", *key, m["to"], exc)
+                self._forget_sender(peer, sender)
+                self._spawn(self._close_sender(sender))
+        self._spawn(self._send_outputs(m, peer, header, out, seq))
+
+    async def _send_outputs(self, m: dict, peer: str, header: dict, tensors: dict[str, torch.Tensor],
+                            seq: int) -> None:
+        key, to_stage = (m["job"], m["stage"]), m["to_stage"]
+        error: BaseException | None = None
+        for attempt in range(SEND_ATTEMPTS):
+            sender = None
+            try:
+                sender = await self._sender(peer, m["descriptor"])
+                async with asyncio.timeout(self.settings.send_timeout_s):
+                    await sender.send(header, tensors, timeout=self.settings.send_timeout_s)
                 return
-            except TransportError as exc:
-                self.senders.pop(peer, None)
-                log.warning("send of %s/%s to %s failed (attempt %d): %s", m["job"], m["stage"], m["to"],
+            except Exception as exc:  # noqa: BLE001 - transport errors, timeouts, a bad descriptor: all end below
+                error = exc
+                if sender is not None:
+                    self._forget_sender(peer, sender)
+                    await self._close_sender(sender)
+                log.warning("send of %s/%s to %s failed (attempt %d): %r", m["job"], m["stage"], m["to"],
                             attempt + 1, exc)
-        # The broker notices a dead consumer by its heartbeats and re-binds;
-        # the outputs stay held for the SEND that follows.
+        if self._sends.get(key, {}).get(to_stage) != seq:
+            return  # released meanwhile, or a newer SEND to that stage decides
+        # Nothing else will move these outputs: drop them and say so, and the broker re-makes them.
+        self._release(key)
+        reason = (f"outputs of {key[0]}/{key[1]} could not be sent to {m['to']} ({to_stage}) after "
+                  f"{SEND_ATTEMPTS} attempts: {error!r}")
+        self._send("FAILED", job=key[0], stage=key[1], reason=reason, retryable=True)
+
+    async def _sender(self, peer: str, descriptor: dict):
+        """The open sender to ``peer``, connecting at most once at a time (bounded)."""
+        timeout = self.settings.connect_timeout_s
+        async with asyncio.timeout(timeout):
+            async with self._connecting.setdefault(peer, asyncio.Lock()):
+                sender = self.senders.get(peer)
+                if sender is None:
+                    sender = self.senders[peer] = await self.transport.connect(descriptor, timeout=timeout)
+                return sender
+
+    def _forget_sender(self, peer: str, sender) -> None:
+        if self.senders.get(peer) is sender:
+            del self.senders[peer]
+
+    async def _close_sender(self, sender) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await sender.aclose()
+        except (TransportError, TimeoutError) as exc:
+            log.debug("closing a sender: %r", exc)
 
 
 async def serve(settings, workflow: Workflow, stage: str) -> int:
