@@ -10,6 +10,8 @@ Routes::
     DELETE /v1/jobs/{id}            cancel
     GET    /v1/stages               workers per stage, queue lengths, missing stages, and with a
                                     node manager its allocation, slots and recent decisions
+    GET    /v1/signals              cumulative per-stage counters, for a node manager elsewhere
+    POST   /v1/workers/{id}/drain   bind nothing new to a worker; it finishes its work and leaves
     GET    /v1/openapi.json         OpenAPI 3.1 description of all of this
     GET    /healthz                 the process is up
     GET    /readyz                  every served stage has a live worker
@@ -17,8 +19,10 @@ Routes::
 
 Every error is JSON ``{"error": "<message naming the field>", "field": "<name>"}``
 with a 4xx status; bad input never reaches the broker and never costs a 500.
-The request fields, their defaults and bounds are one table (``FIELDS``) that
-both the validator and the OpenAPI document read, so they cannot disagree.
+The request fields, their defaults and bounds are one table (``FIELDS``), and
+what each workflow requires is one function (``required_fields``): the
+validator and the OpenAPI document (``openapi_document``) both read them, so
+they cannot disagree.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from .service import Broker
 
 log = logging.getLogger("onepiece.broker.api")
 
-__all__ = ["FIELDS", "Invalid", "make_app", "start_api", "validate_job"]
+__all__ = ["FIELDS", "Invalid", "make_app", "openapi_document", "required_fields", "start_api", "validate_job"]
 
 DEFAULT_WORKFLOW = "wan_i2v"
 IMAGE_KINDS = frozenset({"image_encode", "vae_encode"})  # stage kinds that read the input image
@@ -109,7 +113,7 @@ class Text:
     def schema(self) -> dict:
         s: dict[str, Any] = {"type": "string", "maxLength": self.max_length, "description": self.description}
         if self.required:
-            s["minLength"] = 1
+            s.update(minLength=1, pattern=r"\S")  # not blank: parse() strips before it checks
         else:
             s["default"] = self.default
         return s
@@ -135,6 +139,8 @@ class Integer:
             if not _INT_RE.fullmatch(raw.strip()):
                 raise Invalid(self.name, f"{self.name} must be an integer, got {_show(raw)}")
             raw = int(raw)
+        if isinstance(raw, float) and raw.is_integer():  # JSON Schema's "integer" admits 480.0
+            raw = int(raw)
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise Invalid(self.name, f"{self.name} must be an integer, not {_type_name(raw)}")
         if not self.minimum <= raw <= self.maximum:
@@ -159,7 +165,12 @@ class Integer:
         if self.multiple_of:
             s["multipleOf"] = self.multiple_of
         if self.congruent:
-            s["x-congruent"] = {"modulus": self.congruent[0], "remainder": self.congruent[1]}
+            m, r = self.congruent
+            s["x-congruent"] = {"modulus": m, "remainder": r}
+            # JSON Schema has no "x % m == r"; a bounded range can list its values instead
+            first = self.minimum + (r - self.minimum) % m
+            if (self.maximum - first) // m < 256:
+                s["enum"] = list(range(first, self.maximum + 1, m))
         return s
 
 
@@ -214,6 +225,12 @@ OTHER_FIELDS = ("image", "workflow")
 
 def needs_image(workflow) -> bool:
     return any(spec.kind in IMAGE_KINDS for spec in workflow.stages.values())
+
+
+def required_fields(workflow) -> list[str]:
+    """The fields a submission for ``workflow`` must carry. The validator refuses a request
+    without one of them and the OpenAPI document lists them per workflow: one rule for both."""
+    return [f.name for f in FIELDS.values() if f.required] + (["image"] if needs_image(workflow) else [])
 
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -298,7 +315,7 @@ def validate_job(body: Mapping[str, Any], workflows: Mapping[str, Any], form: bo
             params[field.name] = field.parse(raw, form)
     image = body.get("image")
     if image is None or (isinstance(image, (str, bytes, bytearray)) and not image):
-        if needs_image(workflows[name]):
+        if "image" in required_fields(workflows[name]):
             raise Invalid("image", f"image is required by workflow {name!r}")
         image = None
     elif not isinstance(image, (str, bytes, bytearray)):
@@ -538,10 +555,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    missing = request.app[BROKER].missing_stages()
-    if missing:
-        return web.json_response({"status": "not ready", "missing": missing}, status=503)
-    return web.json_response({"status": "ready", "missing": []})
+    missing, reasons = request.app[BROKER].readiness()
+    reasons = [f"no live worker serves stage {s}" for s in missing] + reasons
+    if reasons:
+        return web.json_response({"status": "not ready", "missing": missing, "reasons": reasons}, status=503)
+    return web.json_response({"status": "ready", "missing": [], "reasons": []})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -550,12 +568,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi_json(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
-    doc = openapi.document({f.name: f.schema() for f in FIELDS.values()},
-                           [f.name for f in FIELDS.values() if f.required],
-                           sorted(broker.workflows), DEFAULT_WORKFLOW, broker.settings.max_request_bytes,
-                           {"max_side": IMAGE_MAX_SIDE, "min_side": IMAGE_MIN_SIDE,
-                            "formats": sorted(set(IMAGE_FORMATS.values()))})
-    return web.json_response(doc)
+    return web.json_response(openapi_document(broker.workflows, broker.settings.max_request_bytes))
+
+
+def openapi_document(workflows: Mapping[str, Any], max_request_bytes: int) -> dict:
+    """The OpenAPI document of this API serving ``workflows``, from the declarations the validator reads."""
+    return openapi.document(
+        {f.name: f.schema() for f in FIELDS.values()},
+        {name: required_fields(wf) for name, wf in workflows.items()},
+        DEFAULT_WORKFLOW if DEFAULT_WORKFLOW in workflows else None,
+        max_request_bytes,
+        {"max_side": IMAGE_MAX_SIDE, "min_side": IMAGE_MIN_SIDE, "formats": sorted(set(IMAGE_FORMATS.values()))})
 
 
 # -- the application ---------------------------------------------------------------------
