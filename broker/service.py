@@ -59,7 +59,7 @@ class Broker:
         self._endings: list[tuple[str, dict]] = []  # terminal events, published once committed
         self._commit_timer: asyncio.TimerHandle | None = None
         self._running: set[str] = set()  # jobs already marked 'running' in the store
-        # services that run beside the broker and show in its API: "manager" -> manager.service.Manager
+        # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
         self.extensions: dict[str, object] = {}
 
     # -- lifecycle ----------------------------------------------------------
@@ -220,6 +220,19 @@ class Broker:
         """Bind nothing new to the worker and tell it to finish its tasks and leave
         (UnknownWorker if it is not registered)."""
         self._apply(self.core.drain(worker_id, time.time()))
+
+    def stage_signals(self, now: float) -> dict:
+        return self.core.stage_signals(now)
+
+    def attach(self, name: str, extension) -> None:
+        self.extensions[name] = extension
+
+    def detach(self, name: str, extension) -> None:
+        if self.extensions.get(name) is extension:
+            del self.extensions[name]
+
+    def metrics_registry(self):
+        return self.metrics.registry
 
     def worker_stats(self) -> dict[str, dict]:
         """The last ``stats`` each registered worker's heartbeat reported: peer data, its shape

@@ -1,8 +1,8 @@
 """The broker seen from a node manager in another process (compose, Kubernetes).
 
-:class:`manager.service.Manager` reads the broker synchronously
-(``core.stage_signals``, ``core.stages``, ``drain``). :class:`RemoteBroker`
-offers the same surface over the REST API: a background task refreshes a
+:class:`manager.service.Manager` reads the broker synchronously through
+``onepiece.links.BrokerLink``. :class:`RemoteBroker` offers that interface
+over the REST API: a background task refreshes a
 snapshot of ``GET /v1/signals`` a few times a second, and drains are sent as
 ``POST /v1/workers/{id}/drain``. The manager's own metrics live in this
 process's registry, served by :func:`start_manager_api`.
@@ -29,17 +29,6 @@ class _Metrics:
         self.registry = CollectorRegistry()
 
 
-class _Core:
-    def __init__(self, remote: RemoteBroker):
-        self._remote = remote
-
-    def stage_signals(self, now: float) -> dict:
-        return self._remote.snapshot["signals"]
-
-    def stages(self) -> dict:
-        return self._remote.snapshot["stages"]
-
-
 class RemoteBroker:
     """A read-mostly proxy of a broker's REST API (see the module docstring)."""
 
@@ -47,9 +36,7 @@ class RemoteBroker:
         self.url = url.rstrip("/")
         self.workflows = {wf.name: wf for wf in map(load_workflow, workflows)}
         self.refresh_s = refresh_s
-        self.core = _Core(self)
         self.metrics = _Metrics()
-        self.extensions: dict[str, object] = {}
         self.snapshot: dict = {"signals": {}, "stages": {}}
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -94,6 +81,18 @@ class RemoteBroker:
     def stages(self) -> dict:
         return self.snapshot["stages"]
 
+    def stage_signals(self, now: float) -> dict:
+        return self.snapshot["signals"]
+
+    def attach(self, name: str, extension) -> None:
+        pass  # the broker's API is in another process: the manager serves its own (start_manager_api)
+
+    def detach(self, name: str, extension) -> None:
+        pass
+
+    def metrics_registry(self):
+        return self.metrics.registry
+
     def drain(self, worker_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._drain(worker_id))
         self._pending.add(task)
@@ -112,7 +111,7 @@ async def start_manager_api(manager, host: str, port: int) -> web.AppRunner:
     """``/metrics``, ``/v1/allocation`` and ``/healthz`` of a stand-alone manager."""
 
     async def metrics(request):
-        return web.Response(body=generate_latest(manager.broker.metrics.registry),
+        return web.Response(body=generate_latest(manager.broker.metrics_registry()),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def allocation(request):

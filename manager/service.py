@@ -21,6 +21,10 @@ tasks are re-run by the broker). A draining worker finishes its in-flight
 task and keeps its outputs until the consumer has them, so no task is lost
 or run twice.
 
+The broker is reached only through ``onepiece.links.BrokerLink`` (the
+broker in this process, or ``manager.remote.RemoteBroker`` over REST); the
+manager attaches itself to it as a ``ManagerLink``.
+
 Lifecycle: :meth:`start` makes the first decision at once (floors, i.e. the
 initial allocation; a policy that cannot fit the pool raises
 ``PolicyError`` here), then runs the loop. :meth:`stop` stops deciding,
@@ -41,6 +45,8 @@ from pathlib import Path
 
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
+
+from onepiece.links import BrokerLink
 
 from .launcher import Launcher, WorkerHandle
 from .policy import Change, Policy, StageSignals
@@ -129,7 +135,7 @@ class Manager:
 
     def __init__(
         self,
-        broker,
+        broker: BrokerLink,
         launcher: Launcher,
         policy: Policy,
         *,
@@ -194,9 +200,7 @@ class Manager:
         except BaseException:
             self._unregister_metrics()
             raise
-        extensions = getattr(self.broker, "extensions", None)
-        if extensions is not None:  # the broker's API shows the allocation, readiness skips on-demand stages
-            extensions["manager"] = self
+        self.broker.attach("manager", self)  # its API shows the allocation, readiness skips on-demand stages
         # the initial workers are launched (not yet registered) when start() returns
         await asyncio.gather(*(r.launch for r in self._records if r.launch is not None), return_exceptions=True)
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="manager")
@@ -221,9 +225,7 @@ class Manager:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._unregister_metrics()
-        extensions = getattr(self.broker, "extensions", None)
-        if extensions is not None and extensions.get("manager") is self:
-            del extensions["manager"]
+        self.broker.detach("manager", self)
 
     def wake(self) -> None:
         """Decide now instead of at the end of the period."""
@@ -260,7 +262,7 @@ class Manager:
         return changes
 
     def signals(self) -> dict[str, StageSignals]:
-        raw = self.broker.core.stage_signals(time.time())
+        raw = self.broker.stage_signals(time.time())
         starting: dict[str, int] = collections.Counter()
         draining: dict[str, int] = collections.Counter()
         for rec in self._records:
@@ -334,7 +336,7 @@ class Manager:
         """Drain the least-loaded live worker of ``stage`` that we started."""
         ours = {r.handle.id: r for r in self._records
                 if r.stage == stage and r.handle is not None and r.registered and not r.draining}
-        live = [w for w in self.broker.core.stages().get(stage, {}).get("workers", [])
+        live = [w for w in self.broker.stages().get(stage, {}).get("workers", [])
                 if w["id"] in ours and not w["draining"]]
         if not live:
             log.warning("node manager: no worker of %s that it started is live to drain (%s)", stage, reason)
@@ -365,7 +367,7 @@ class Manager:
         """Notice registrations (measuring start-up time) and exits that nobody asked for."""
         if not self._records:
             return
-        registered = {w["id"]: (stage, w) for stage, s in self.broker.core.stages().items() for w in s["workers"]}
+        registered = {w["id"]: (stage, w) for stage, s in self.broker.stages().items() for w in s["workers"]}
         for stage, w in registered.values():
             load_s = (w.get("info") or {}).get("load_s")
             if load_s is not None:
@@ -404,7 +406,7 @@ class Manager:
 
     def _cold_stage(self, now: float) -> bool:
         """A stage with no worker, none starting, and a queued task: decide now (once per period)."""
-        raw = self.broker.core.stage_signals(time.time())
+        raw = self.broker.stage_signals(time.time())
         starting = {r.stage for r in self._records if not r.draining}
         for stage, r in raw.items():
             if (r["queue_len"] and r["workers"] - r["draining"] == 0 and stage not in starting
@@ -424,7 +426,7 @@ class Manager:
     # -- views ------------------------------------------------------------------------
     def allocation(self) -> dict[str, dict]:
         """Per stage: live workers (registered, not draining), starting, draining, and the target."""
-        stages = self.broker.core.stages()
+        stages = self.broker.stages()
         aims = getattr(self.policy, "targets", None) or {}
         out: dict[str, dict] = {}
         for stage in self.gpu:
@@ -456,7 +458,7 @@ class Manager:
 
     # -- metrics ----------------------------------------------------------------------
     def _register_metrics(self) -> None:
-        registry = getattr(getattr(self.broker, "metrics", None), "registry", None)
+        registry = self.broker.metrics_registry()
         if registry is None:
             return
         self._decisions_metric = Counter("onepiece_manager_decisions", "Workers started (up) or drained (down)",
@@ -465,7 +467,7 @@ class Manager:
         registry.register(self._collector)
 
     def _unregister_metrics(self) -> None:
-        registry = getattr(getattr(self.broker, "metrics", None), "registry", None)
+        registry = self.broker.metrics_registry()
         for m in (self._decisions_metric, self._collector):
             if registry is not None and m is not None:
                 registry.unregister(m)
