@@ -550,6 +550,16 @@ async def drain_worker(request: web.Request) -> web.Response:
     return web.json_response({"id": worker_id, "state": "draining"}, status=202)
 
 
+async def lost_worker(request: web.Request) -> web.Response:
+    """A launcher saw the worker's process exit: its work is re-run now, not when heartbeats lapse."""
+    broker, worker_id = request.app[BROKER], request.match_info["id"]
+    try:
+        broker.lost(worker_id, "its launcher saw its process exit")
+    except CoreError:
+        raise Invalid("id", f"no registered worker {_show(worker_id)}", status=404, reason="unknown_worker") from None
+    return web.json_response({"id": worker_id, "state": "lost"}, status=202)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -638,6 +648,7 @@ def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S) -> web.Applicatio
     app.router.add_get("/v1/stages", stages)
     app.router.add_get("/v1/signals", signals)
     app.router.add_post("/v1/workers/{id}/drain", drain_worker)
+    app.router.add_post("/v1/workers/{id}/lost", lost_worker)
     app.router.add_get("/v1/openapi.json", openapi_json)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

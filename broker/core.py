@@ -444,6 +444,20 @@ class Core:
         return t, f"was queued for {now - t.queued:.1f} s behind {len(self._queued[t.stage]) - 1} other task(s) " \
                   f"({len(able)} worker(s), none free)"
 
+    def registered(self, worker_id: str) -> bool:
+        return worker_id in self._workers
+
+    def lost(self, worker_id: str, why: str, now: float) -> list[Command]:
+        """The worker is gone (its launcher saw its process exit): lose it now rather than when
+        its heartbeats are overdue. Unknown ids (already lost, re-registered) change nothing."""
+        w = self._workers.get(worker_id)
+        if w is None:
+            return []
+        out: list[Command] = []
+        self._lose(w, f"worker {worker_id} lost ({why})", now, out)
+        self._dispatch(now, out)
+        return out
+
     def drain(self, worker_id: str, now: float) -> list[Command]:
         """Bind nothing new to the worker and tell it to finish and leave.
         It should disconnect only once its held outputs are released."""
@@ -547,8 +561,8 @@ class Core:
             why = f"worker {worker_id} could not deliver outputs: {reason}"
             if not self._needed(task):
                 pass  # every consumer already has them; lineage re-makes them if one must run again
-            elif retryable:
-                self._retry(task, why, now, out)
+            elif retryable:  # the holder lost them (a reset, a restart): re-making them spends no attempt
+                self._retry(task, why, now, out, count=False)
             else:
                 self._fail(j, task, f"stage {stage} failed on worker {worker_id}: {reason}", now, out)
             self._dispatch(now, out)
@@ -560,6 +574,33 @@ class Core:
             self._retry(found, f"worker {worker_id}: {reason}", now, out)
         else:
             self._fail(j, found, f"stage {stage} failed on worker {worker_id}: {reason}", now, out)
+        self._dispatch(now, out)
+        return out
+
+    def unreachable(
+        self, worker_id: str, job: str, stage: str, to: str, to_stage: str, reason: str, now: float
+    ) -> list[Command]:
+        """The holder of ``stage``'s outputs could not deliver them to worker ``to``, where
+        ``to_stage`` is bound. The outputs are fine; the consumer's worker is unreachable from
+        the holder (most likely dead, its heartbeats not yet overdue): bind the consumer
+        elsewhere, uncounted, and the holder SENDs again. One peer's word never removes a
+        worker; if ``to`` is dead, its heartbeats say so soon."""
+        j = self._jobs.get(job)
+        task = j.tasks.get(stage) if j is not None else None
+        consumer = j.tasks.get(to_stage) if j is not None else None
+        if (
+            worker_id not in self._workers or task is None or consumer is None or j.state in TERMINAL
+            or not task.held or task.worker != worker_id or to_stage not in j.workflow.downstream(stage)
+        ):
+            return [Stale("FAILED", worker_id, job, stage, "not the holder of these outputs")]
+        self._workers[worker_id].last_seen = now
+        if consumer.state != ASSIGNED or consumer.worker != to:  # running: it has its inputs already
+            return [Stale("FAILED", worker_id, job, stage, f"{to_stage} is not waiting for inputs on {to}")]
+        out: list[Command] = []
+        if to in self._workers:
+            out.append(ToWorker(to, "CANCEL", {"job": job, "stage": to_stage}))
+        self._retry(consumer, f"worker {worker_id} holding {stage} could not reach it on {to}: {reason}", now,
+                    out, count=False)
         self._dispatch(now, out)
         return out
 

@@ -297,6 +297,21 @@ def document(fields: Mapping[str, dict], workflows: Mapping[str, Sequence[str]],
                 },
             },
         },
+        "/v1/workers/{id}/lost": {
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "Worker id (see /v1/stages)."}],
+            "post": {
+                "summary": "Report a worker gone",
+                "description": "For launchers (the node manager): the worker's process exited, so its tasks and "
+                               "the outputs it held are re-made now instead of once its heartbeats lapse.",
+                "responses": {
+                    "202": _json({"type": "object", "required": ["id", "state"],
+                                  "properties": {"id": {"type": "string"}, "state": {"const": "lost"}}},
+                                 "Its work is being re-made."),
+                    "404": _error("No registered worker with this id."),
+                },
+            },
+        },
         "/v1/openapi.json": {"get": {"summary": "This document",
                                      "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")}}},
         "/healthz": {"get": {"summary": "The process is up",

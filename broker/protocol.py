@@ -16,7 +16,7 @@ Worker to broker::
     STARTED    job, stage
     PROGRESS   job, stage, step, total
     DONE       job, stage, timings, result?
-    FAILED     job, stage, reason, retryable
+    FAILED     job, stage, reason, retryable, to?, to_stage?
     DISCONNECT                                   (graceful leave after a drain)
 
 Broker to worker::
@@ -347,7 +347,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "PROGRESS": {"job": JOB_ID, "stage": STAGE, "step": Int(0, MAX_COUNT), "total": Int(0, MAX_COUNT)},
     "DONE": {"job": JOB_ID, "stage": STAGE, "timings": Opt(Map(Num(), max_items=32)),
              "result": Opt(Data(max_depth=8, max_items=1024, max_str=4096))},
-    "FAILED": {"job": JOB_ID, "stage": STAGE, "reason": Str(REASON), "retryable": Bool()},
+    # to/to_stage: the held outputs are fine, but the consumer's worker ``to`` could not be reached
+    "FAILED": {"job": JOB_ID, "stage": STAGE, "reason": Str(REASON), "retryable": Bool(),
+               "to": Opt(Str()), "to_stage": Opt(STAGE)},
     "DISCONNECT": {},
     # client -> broker
     "SUBMIT": {"workflow": Str(), "params": PARAMS, "payload": Opt(PAYLOAD)},

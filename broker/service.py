@@ -221,6 +221,15 @@ class Broker:
         (UnknownWorker if it is not registered)."""
         self._apply(self.core.drain(worker_id, time.time()))
 
+    def lost(self, worker_id: str, why: str) -> None:
+        """The worker is gone (its launcher saw it exit): re-run its work now. UnknownWorker if
+        it is not registered (already lost, or never was)."""
+        if not self.core.registered(worker_id):
+            raise UnknownWorker(worker_id)
+        self._worker_stats.pop(worker_id, None)
+        self._apply(self.core.lost(worker_id, why[:200], time.time()))
+        log.warning("worker %s lost: %s", worker_id, why[:200])
+
     def stage_signals(self, now: float) -> dict:
         return self.core.stage_signals(now)
 
@@ -330,6 +339,8 @@ class Broker:
         if kind == "DONE":
             return core.done(wid, m["job"], m["stage"], now, timings=m.get("timings"), result=m.get("result"))
         if kind == "FAILED":
+            if m.get("to") is not None and m.get("to_stage") is not None:
+                return core.unreachable(wid, m["job"], m["stage"], m["to"], m["to_stage"], m["reason"], now)
             return core.failed(wid, m["job"], m["stage"], m["reason"], m["retryable"], now)
         if kind == "DISCONNECT":
             self._worker_stats.pop(wid, None)

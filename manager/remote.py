@@ -98,6 +98,19 @@ class RemoteBroker:
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def lost(self, worker_id: str, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._lost(worker_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _lost(self, worker_id: str) -> None:
+        try:
+            async with self._session.post(f"{self.url}/v1/workers/{worker_id}/lost") as resp:
+                if resp.status not in (202, 404):  # 404: the broker noticed first
+                    log.warning("lost report of %s refused (%d): %s", worker_id, resp.status, await resp.text())
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.warning("lost report of %s not delivered: %s (its heartbeats will lapse)", worker_id, exc)
+
     async def _drain(self, worker_id: str) -> None:
         try:
             async with self._session.post(f"{self.url}/v1/workers/{worker_id}/drain") as resp:

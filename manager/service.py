@@ -385,6 +385,11 @@ class Manager:
                 code = rec.handle.process.returncode if rec.handle.process is not None else None
                 log.warning("node manager: worker %s of %s exited on its own (code %s)", rec.handle.id,
                             rec.stage, code)
+                if rec.handle.id in registered:  # its work is re-made now, not once its heartbeats lapse
+                    try:
+                        self.broker.lost(rec.handle.id, f"its process exited with code {code}")
+                    except Exception as exc:  # noqa: BLE001 - the heartbeats still tell the broker
+                        log.warning("node manager: could not report %s lost: %r", rec.handle.id, exc)
                 self._exited(rec, code, "exited")
 
     def _exited(self, rec: _Record, code: int | None, how: str) -> None:

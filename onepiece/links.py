@@ -41,6 +41,9 @@ class BrokerLink(Protocol):
     def drain(self, worker_id: str) -> None:
         """Bind nothing new to the worker and tell it to finish and leave."""
 
+    def lost(self, worker_id: str, why: str) -> None:
+        """The worker's process exited: re-make its work now (not once its heartbeats lapse)."""
+
     def attach(self, name: str, extension: ManagerLink) -> None:
         """Show ``extension`` in the broker's API under ``name`` (one at a time)."""
 

@@ -719,11 +719,12 @@ class Worker:
                             attempt + 1, exc)
         if self._sends.get(key, {}).get(to_stage) != seq:
             return  # released meanwhile, or a newer SEND to that stage decides
-        # Nothing else will move these outputs: drop them and say so, and the broker re-makes them.
-        self._release(key)
+        # The outputs are fine and stay held; the consumer's worker is unreachable from here (most
+        # likely dead): say which, and the broker binds the consumer elsewhere and SENDs again.
         reason = (f"outputs of {key[0]}/{key[1]} could not be sent to {m['to']} ({to_stage}) after "
                   f"{SEND_ATTEMPTS} attempts: {error!r}")
-        self._send("FAILED", job=key[0], stage=key[1], reason=reason, retryable=True)
+        self._send("FAILED", job=key[0], stage=key[1], reason=reason[:protocol.REASON - 64], retryable=True,
+                   to=m["to"], to_stage=to_stage)
 
     async def _sender(self, peer: str, descriptor: dict):
         """The open sender to ``peer``, connecting at most once at a time (bounded)."""

@@ -405,6 +405,20 @@ async def test_not_ready_while_queued_work_has_no_worker(client, broker):
     assert stuck[0]["job"] == job and stuck[0]["reason"] == "no live worker serves it"
 
 
+async def test_a_worker_reported_lost_has_its_work_redone_at_once(client, broker):
+    now = time.time()
+    for stage in ("a", "b", "c"):
+        broker.core.register(f"w-{stage}", stage, 1, {}, now)
+    job = broker.submit("synthetic3", {"prompt": "p"})
+    assert broker.core.job(job)["stages"]["a"]["worker"] == "w-a"
+    resp = await client.post("/v1/workers/w-a/lost")
+    assert resp.status == 202 and await resp.json() == {"id": "w-a", "state": "lost"}
+    stage_a = broker.core.job(job)["stages"]["a"]
+    assert stage_a["state"] == "queued" and "w-a lost (its launcher saw its process exit)" in stage_a["error"]
+    resp = await client.post("/v1/workers/w-a/lost")
+    assert resp.status == 404 and "no registered worker" in (await resp.json())["error"]
+
+
 async def test_stages(client):
     body = await (await client.get("/v1/stages")).json()
     assert {"text_encode", "denoise", "video_encode", "a", "b", "c"} <= set(body["stages"])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.core import Core, JobEvent, ToWorker
+from broker.core import Core, JobEvent, Stale, ToWorker
 from broker.errors import CoreError
 from stages.workflow import load_workflow, workflow_from_dict
 
@@ -164,6 +164,32 @@ def test_failed_delivery_when_every_consumer_already_runs_remakes_nothing():
     core.started("vd1", "j1", "vae_decode", 3.0)
     cmds = core.failed("dn1", "j1", "denoise", "outputs not held here", True, 4.0)
     assert brief(cmds) == [("RELEASE", "dn1", "j1", "denoise")]
+    core.check_invariants()
+
+
+def test_a_holder_that_cannot_reach_the_consumer_gets_it_bound_elsewhere_without_rerunning():
+    """A consumer's worker died, its heartbeats not yet overdue: the producer's word re-binds the
+    consumer (spending no attempt of either), and the producer, still holding, sends again."""
+    core = wan_core()
+    core.submit("j1", "wan_i2v", {}, None, 0.0)
+    run_encoders(core, "j1")
+    finish(core, "dn1", "j1", "denoise", 2.0)
+    cmds = core.unreachable("dn1", "j1", "denoise", "vd1", "vae_decode", "connection refused", 3.0)
+    assert brief(cmds) == [
+        ("CANCEL", "vd1", "j1", "vae_decode"), ("stage_retry", "j1", "vae_decode"),
+        ("TASK", "vd2", "j1", "vae_decode"), ("stage_assigned", "j1", "vae_decode"),
+        ("SEND", "dn1", "j1", "denoise", "vd2"),
+    ]
+    assert "could not reach it on vd1" in cmds[1].data["reason"]
+    assert core.job("j1")["stages"]["vae_decode"]["attempt"] == 1
+    assert core.job("j1")["stages"]["denoise"]["state"] == "done"  # nothing re-made
+    core.check_invariants()
+    # a late or lying report changes nothing
+    assert isinstance(core.unreachable("dn1", "j1", "denoise", "vd1", "vae_decode", "x", 3.1)[0], Stale)
+    assert isinstance(core.unreachable("vd2", "j1", "denoise", "vd2", "vae_decode", "x", 3.1)[0], Stale)
+    assert isinstance(core.unreachable("dn1", "j1", "denoise", "vd2", "video_encode", "x", 3.1)[0], Stale)
+    core.started("vd2", "j1", "vae_decode", 3.2)
+    assert isinstance(core.unreachable("dn1", "j1", "denoise", "vd2", "vae_decode", "x", 3.3)[0], Stale)
     core.check_invariants()
 
 
@@ -339,7 +365,7 @@ CHAIN = workflow_from_dict({
 })
 
 OPS = ("submit", "submit", "done", "done", "done", "done", "deliver", "deliver", "deliver", "deliver",
-       "kill_holder", "kill_holder", "kill", "stall", "lose_send", "fail", "tick", "cancel")
+       "kill_holder", "kill_holder", "kill", "stall", "lose_send", "unreachable", "fail", "tick", "cancel")
 
 
 @pytest.mark.parametrize("wf", [FAN, CHAIN, WAN], ids=["fan", "chain", "wan"])
@@ -387,6 +413,10 @@ def test_random_deaths_stalls_and_losses_every_job_ends(wf, ops):
                 sim.stalled.add(w)
         elif op == "lose_send" and sim.inflight:
             sim.inflight.pop(a % len(sim.inflight))
+        elif op == "unreachable" and sim.inflight:  # the holder could not deliver: it says to whom
+            src, job, stage, to, to_stage = sim.inflight.pop(a % len(sim.inflight))
+            if src in sim.tasks:
+                sim.apply(core.unreachable(src, job, stage, to, to_stage, "refused", sim.now))
         elif op == "fail":
             busy = [w for w in workers if sim.tasks[w]]
             if busy:
