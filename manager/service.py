@@ -223,7 +223,17 @@ class Manager:
             if rec.handle is not None and not rec.draining:
                 self._drain(rec, "manager stopping", timeout)
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # drains begun earlier wait up to drain_timeout_s; stopping waits ``timeout`` for all of them
+            _, late = await asyncio.wait(self._tasks, timeout=timeout)
+            if late:
+                for rec in list(self._records):
+                    if rec.handle is not None:
+                        log.warning("node manager: %s did not leave within %.0f s of stopping: killing it",
+                                    rec.handle.id, timeout)
+                        await self.launcher.kill(rec.handle)
+                _, stuck = await asyncio.wait(late, timeout=10.0)
+                for t in stuck:  # a launcher that cannot say its worker is gone: stop waiting for it
+                    t.cancel()
         self._unregister_metrics()
         self.broker.detach("manager", self)
 

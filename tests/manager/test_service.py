@@ -66,6 +66,7 @@ class MemoryLauncher(Launcher):
         self.exited: dict[str, float] = {}
         self.gates: dict[str, asyncio.Event] = {}
         self.hold_drains = False
+        self.killed: list[str] = []
         self._n = 0
 
     async def start(self, workflow: str, stage: str) -> WorkerHandle:
@@ -88,6 +89,8 @@ class MemoryLauncher(Launcher):
 
     async def kill(self, handle: WorkerHandle) -> None:
         self.handles.pop(handle.id, None)
+        self.killed.append(handle.id)
+        self.gates.setdefault(handle.id, asyncio.Event()).set()  # a drain waiting for it ends
 
     def workers(self) -> list[WorkerHandle]:
         return list(self.handles.values())
@@ -150,6 +153,18 @@ async def test_a_re_purposed_slot_is_used_only_once_the_drained_worker_has_exite
         await until(lambda: manager.allocation()["c"]["workers"] == 2, 5, "c registered")
         assert manager.allocation()["b"] == {"workers": 0, "starting": 0, "draining": 0, "target": 0,
                                               "pool": "cpu"}
+
+
+async def test_stop_is_bounded_by_its_timeout_even_for_drains_begun_earlier(tmp_path):
+    """A worker drained before the stop (it holds outputs nobody releases, so it never leaves)
+    is killed once stop's timeout passes, instead of keeping the manager for drain_timeout_s."""
+    policy = StaticPolicy({"a": 1, "b": 1, "c": 1})
+    async with memory_stack(tmp_path, policy) as (broker, launcher, manager):
+        launcher.hold_drains = True
+        policy.targets["b"] = 0
+        assert [(c.stage, c.delta) for c in manager.tick()] == [("b", -1)]  # drains with drain_timeout_s=600
+        await asyncio.wait_for(manager.stop(timeout=0.5), 30)
+        assert "b-2" in launcher.killed
 
 
 async def test_a_worker_that_dies_frees_its_slot_and_is_replaced(tmp_path):
