@@ -406,8 +406,8 @@ class Core:
             return self.progress_cap_s
         return self.progress_bound(t.stage)
 
-    def _stalled(self, now: float) -> list[tuple[_Task, float, float]]:
-        """Bound tasks silent past their bound, with how long and the bound."""
+    def _stalled(self, now: float, fraction: float = 1.0) -> list[tuple[_Task, float, float]]:
+        """Bound tasks silent past ``fraction`` of their bound, with how long and the bound."""
         out = []
         for w in self._workers.values():
             for key in w.tasks:
@@ -415,7 +415,7 @@ class Core:
                 if t.state == ASSIGNED and not self._inputs_held(t):
                     continue  # what it waits for is being made, under its own bound
                 silent, bound = now - t.alive, self._bound(t, now)
-                if silent > bound:
+                if silent > bound * fraction:
                     out.append((t, silent, bound))
         return out
 
@@ -727,15 +727,9 @@ class Core:
         """Per stage, tasks that look stuck: bound and silent for over half their progress
         bound (with their inputs all sent), or queued while no live worker serves the stage."""
         out: dict[str, list[dict]] = {s: [] for s in self._stage_order}
-        for w in self._workers.values():
-            for key in w.tasks:
-                t = self._task(key)
-                if t.state == ASSIGNED and not self._inputs_held(t):
-                    continue
-                silent, bound = now - t.alive, self._bound(t, now)
-                if silent > bound / 2:
-                    out[t.stage].append({"job": t.job, "state": t.state, "worker": t.worker, "attempt": t.attempt,
-                                         "silent_s": round(silent, 3), "bound_s": bound})
+        for t, silent, bound in self._stalled(now, fraction=0.5):
+            out[t.stage].append({"job": t.job, "state": t.state, "worker": t.worker, "attempt": t.attempt,
+                                 "silent_s": round(silent, 3), "bound_s": bound})
         for stage, queue in self._queued.items():
             if queue and not self._can_serve(stage, now):
                 out[stage].extend({"job": t.job, "state": QUEUED, "worker": None, "attempt": t.attempt,
