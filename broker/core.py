@@ -70,9 +70,13 @@ broker: a queued task for a worker            the job's deadline (``/readyz`` sa
 broker: a SUBMIT reply for its commit         ``commit_interval_s``; a failing commit is retried
                                               and logged each time, the replies held meanwhile
 worker: the broker's next message             ``heartbeat_s * liveness``, then reconnect/re-register
+worker: loading its model, opening its port   ``load_timeout_s``, ``connect_timeout_s``, then exit 1
 worker: a task's inputs                       the broker's progress bound (it CANCELs and re-binds)
-worker: sending outputs                       ``send_timeout_s`` per attempt, then FAILED (re-run)
-worker: drain                                 ``DRAIN_TIMEOUT_S``
+worker: a stage's run                         ``task_timeout_s``, then FAILED (retryable)
+worker: sending outputs                       ``send_timeout_s`` per attempt, then FAILED naming the
+                                              unreachable consumer (bound elsewhere)
+worker: drain, shutdown                       ``DRAIN_TIMEOUT_S``, ``CLOSE_TIMEOUT_S``
+node manager: stop                            its ``timeout`` (then it kills what did not leave)
 transports: ring credit, connect, handshake   each transport's own timeouts (``transports/``)
 REST: a server-sent event stream              none while the job lives (a keep-alive every 15 s);
                                               the job itself ends by its deadline
