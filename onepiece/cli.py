@@ -51,6 +51,9 @@ SETTINGS_FLAGS = {
     "progress_floor_s": ("--progress-floor-s", float,
                          "least silence after which a task is lost and re-run (default 30)"),
     "progress_cap_s": ("--progress-cap-s", float, "most silence after which a task is lost and re-run (default 900)"),
+    "orphan_bytes": ("--orphan-bytes", int, "data-plane bytes kept for tasks not yet assigned (default 64 MiB)"),
+    "send_timeout_s": ("--send-timeout-s", float, "one attempt to send a task's outputs (default 60)"),
+    "task_timeout_s": ("--task-timeout-s", float, "one run of a stage before it is failed (default 3600)"),
 }
 
 
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id", default=None)
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
-                   "rdma_port", "rdma_gid_index")
+                   "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s")
     wk.set_defaults(func=cmd_worker)
 
     sb = sub.add_parser("submit", help="submit an image and save the video")

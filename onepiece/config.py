@@ -49,7 +49,7 @@ class Settings:
     rdma_port: int = 1
     rdma_gid_index: int | None = None  # default: a RoCEv2 IPv4-mapped GID, else 0
     # worker bounds (stages/worker.py lists every wait and its bound)
-    orphan_bytes: int = 256 << 20  # data-plane bytes kept for tasks not (yet) assigned; oldest dropped past it
+    orphan_bytes: int = 64 << 20  # data-plane bytes kept for tasks not (yet) assigned; oldest dropped past it
     orphan_ttl_s: float = 300.0  # the longest such inputs wait for their TASK
     send_timeout_s: float = 60.0  # one attempt to send a task's outputs to its consumer
     connect_timeout_s: float = 30.0  # opening the data-plane endpoint, or a connection to a peer
