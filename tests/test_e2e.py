@@ -164,6 +164,31 @@ async def test_garbage_on_the_router_socket_does_not_disturb_it(wan):
         assert resp.status == 200
 
 
+async def test_denoise_worker_killed_right_after_finishing_the_job_still_succeeds(wan):
+    """Issue 10's hang: the denoise worker is SIGKILLed as soon as it reports its stage finished,
+    holding the latents, maybe before vae_decode has them. If vae_decode had not started, denoise
+    runs again, and its inputs (released when it first finished) are made again by re-running the
+    encoders (lineage); if it had, nothing is re-made. Either way the job succeeds, and in time."""
+    stack, session = wan
+    job = await client.submit(session, stack.url, SAMPLE.read_bytes(), prompt="lineage", seed=3, **SMALL)
+    killed = []
+
+    async def kill_after_finish(e):
+        if e["type"] == "stage_finished" and e["data"]["stage"] == "denoise" and not killed:
+            victim = handle_of(stack, e["data"]["worker"])
+            victim.process.send_signal(signal.SIGKILL)
+            killed.append(victim.id)
+
+    seen = await asyncio.wait_for(events_until_end(session, stack.url, job, kill_after_finish), 240)
+    assert killed and seen[-1]["type"] == "succeeded", seen[-1]
+    retried = [e["data"]["stage"] for e in seen if e["type"] == "stage_retry"]
+    if "denoise" in retried:  # vae_decode had not started: the encoders' outputs were made again
+        assert {"text_encode", "image_encode", "vae_encode"} <= set(retried), retried
+    await stack.launcher.start("wan_i2v", "denoise")  # two again, for the test after this one
+    while len([w for w in stack.broker.stages()["denoise"]["workers"] if w["id"] != killed[0]]) < 2:
+        await asyncio.sleep(0.1)
+
+
 async def test_denoise_worker_killed_mid_job_the_job_still_succeeds(wan):
     """Runs last for its stack: it leaves one denoise worker."""
     stack, session = wan
