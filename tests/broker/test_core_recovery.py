@@ -96,7 +96,7 @@ def test_holder_lost_while_its_consumer_is_queued(victim):
     the result stage die holding outputs whose consumer has no worker free yet."""
     core = wan_core(per_stage=2)
     consumer = {"text_encode": "denoise", "denoise": "vae_decode", "vae_decode": "video_encode"}[victim]
-    for i in (1, 2):  # both consumer workers busy, so the victim's outputs wait for a binding
+    for i in (1, 2):  # no consumer worker takes work, so the victim's outputs wait, held, for a binding
         core.drain(f"{SHORT[consumer]}{i}", 0.0)
     core.submit("j1", "wan_i2v", {}, None, 0.0)
     now = 1.0
