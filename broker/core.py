@@ -742,20 +742,20 @@ class Core:
         return out
 
     def health(self, now: float) -> list[dict]:
-        """What keeps work from progressing, as ``{"stage", "reason", "waiting_s"}``: stages with
-        queued work and no live worker that can take it, and jobs past their deadline (the next
-        :meth:`expire` fails them). Empty when every job can progress."""
+        """What keeps work from progressing, as ``{"stage", "reason", "waiting_s", "overdue"}``:
+        stages with queued work and no live worker that can take it, and jobs past their deadline
+        (``overdue``; the next :meth:`expire` fails them). Empty when every job can progress."""
         problems: list[dict] = []
         for stage, queue in self._queued.items():
             if queue and not self._can_serve(stage, now):
                 oldest = now - min(t.queued for t in queue.values())
-                problems.append({"stage": stage, "waiting_s": round(oldest, 3),
+                problems.append({"stage": stage, "waiting_s": round(oldest, 3), "overdue": False,
                                  "reason": f"{len(queue)} task(s) of {stage} queued (oldest {oldest:.1f} s) "
                                            "and no worker can take them"})
         for j in self._jobs.values():
             if j.state not in TERMINAL and now > j.deadline:
                 t, why = self._blocking(j, now)
-                problems.append({"stage": t.stage, "waiting_s": round(now - j.created, 3),
+                problems.append({"stage": t.stage, "waiting_s": round(now - j.created, 3), "overdue": True,
                                  "reason": f"job {j.id} is past its deadline: stage {t.stage} {why}"})
         return problems
 

@@ -199,8 +199,7 @@ class Broker:
         now = time.time()
         for p in self.core.health(now):
             # a stage scaled to zero gets a worker when work comes: not a fault until that is overdue
-            if p["stage"] in on_demand and "deadline" not in p["reason"] and \
-                    p["waiting_s"] <= self.core.progress_bound(p["stage"]):
+            if p["stage"] in on_demand and not p["overdue"] and p["waiting_s"] <= self.core.progress_bound(p["stage"]):
                 continue
             reasons.append(p["reason"])
         return missing, reasons
@@ -246,8 +245,7 @@ class Broker:
     def worker_stats(self) -> dict[str, dict]:
         """The last ``stats`` each registered worker's heartbeat reported: peer data, its shape
         checked by the protocol's schema, its values not. Those of workers gone are dropped."""
-        live = {w["id"] for s in self.core.stages().values() for w in s["workers"]}
-        for wid in [wid for wid in self._worker_stats if wid not in live]:
+        for wid in [wid for wid in self._worker_stats if not self.core.registered(wid)]:
             del self._worker_stats[wid]
         return self._worker_stats
 
