@@ -25,9 +25,11 @@ earlier binding of the same task are never taken for the current one's, and a
 re-send that beats its TASK here is kept for it. A TASK whose early inputs
 were dropped is answered FAILED (retryable), so the broker re-binds it and its
 producers send again, instead of waiting for inputs that never come.
-Held outputs are released by RELEASE/CANCEL; a SEND for outputs this worker
-does not hold, or a send that fails after its attempts, is answered FAILED
-(retryable): the broker re-makes the outputs. The heartbeat reports
+Held outputs are released by RELEASE/CANCEL. A SEND for outputs this worker
+does not hold is answered FAILED (retryable): the broker re-makes them. A
+send that fails after its attempts keeps the outputs and is answered FAILED
+naming the consumer it could not reach (``to``): the broker binds that
+consumer elsewhere and SENDs again. The heartbeat reports
 ``orphans_dropped``, ``orphan_bytes_dropped`` and ``orphan_bytes_held``.
 
 Every wait in the worker and its bound:
@@ -48,7 +50,7 @@ a task's run (executor thread)               ``task_timeout_s``, then FAILED ret
                                              cancel flag set (the thread ends at its next check)
 connecting to a consumer (lock + handshake)  ``connect_timeout_s`` per attempt
 sending outputs                              ``send_timeout_s`` per attempt, ``SEND_ATTEMPTS``
-                                             attempts, then FAILED retryable (re-run)
+                                             attempts, then FAILED naming the consumer
 drain: tasks to end, held outputs released   ``DRAIN_TIMEOUT_S``, then DISCONNECT anyway
 stopping: cancelled loops and sends          ``CLOSE_TIMEOUT_S``
 closing each sender and the endpoint         ``CLOSE_TIMEOUT_S`` each
@@ -552,10 +554,14 @@ class Worker:
         self._early_bytes += nbytes
         self._early_messages += 1
 
-    def _drop_early(self, key: Key, why: str, lost: bool = True) -> None:
+    def _pop_early(self, key: Key) -> _Early:
         entry = self.early.pop(key)
         self._early_bytes -= entry.nbytes
         self._early_messages -= len(entry.inputs)
+        return entry
+
+    def _drop_early(self, key: Key, why: str, lost: bool = True) -> None:
+        entry = self._pop_early(key)
         self.orphans_dropped += len(entry.inputs)
         self.orphan_bytes_dropped += entry.nbytes
         if lost:
@@ -570,10 +576,7 @@ class Worker:
         if not _same(entry.binding, binding):  # sent for another binding of the task
             self._drop_early(key, f"sent for binding {entry.binding}, not {binding}", lost=False)
             return {}
-        del self.early[key]
-        self._early_bytes -= entry.nbytes
-        self._early_messages -= len(entry.inputs)
-        return entry.inputs
+        return self._pop_early(key).inputs
 
     def _expire_early(self) -> None:
         cutoff = time.monotonic() - self.settings.orphan_ttl_s
