@@ -12,9 +12,10 @@ Routes::
                                     node manager its allocation, slots and recent decisions
     GET    /v1/signals              cumulative per-stage counters, for a node manager elsewhere
     POST   /v1/workers/{id}/drain   bind nothing new to a worker; it finishes its work and leaves
+    POST   /v1/workers/{id}/lost    a launcher saw the worker's process exit: its work is re-made now
     GET    /v1/openapi.json         OpenAPI 3.1 description of all of this
     GET    /healthz                 the process is up
-    GET    /readyz                  every served stage has a live worker
+    GET    /readyz                  every served stage has a live worker and no work is stuck
     GET    /metrics                 Prometheus text format
 
 Every error is JSON ``{"error": "<message naming the field>", "field": "<name>"}``
