@@ -1,13 +1,18 @@
-"""The components of Wan2.1 image-to-video, loaded per stage.
+"""The components of the Wan video models, loaded per stage.
 
-Each stage service holds only the parts it runs (``STAGE_PARTS``). The parts are
-exactly the modules ``diffusers.WanImageToVideoPipeline`` is built from, so the
-split stages can reproduce the pipeline's arithmetic operation for operation.
+Each stage service holds only the parts it runs: the parts of the model
+*identity* its workflow stage declares (``IDENTITIES``: ``model = "umt5-xxl"``,
+``"wan2.2-i2v-a14b-high"``, ...), or of a stage kind (``STAGE_PARTS``). The parts
+are exactly the modules diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline``
+are built from, so the split stages can reproduce the pipelines' arithmetic
+operation for operation.
 
 ``model="tiny"`` builds every part from small fixed-seed configs, fully offline,
-so tests and demos run on a CPU in seconds. Any other value is a local diffusers
-directory (e.g. ``Wan2.1-I2V-14B-480P-Diffusers``) read with
-``local_files_only=True``.
+so tests and demos run on a CPU in seconds; parts that identities share (the
+text encoder, the VAE) are the same tiny weights whichever identity loads them.
+Any other value is a local diffusers directory (e.g.
+``Wan2.1-I2V-14B-480P-Diffusers``, ``Wan2.1-T2V-14B-Diffusers``,
+``Wan2.2-I2V-A14B-Diffusers``) read with ``local_files_only=True``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "added_kv_proj_dim": 24,
     "rope_max_seq_len": 32,
 }
+# Text-to-video DiTs take the latents alone and no image tokens.
+TINY_T2V_TRANSFORMER_CONFIG: dict[str, Any] = {
+    **TINY_TRANSFORMER_CONFIG,
+    "in_channels": 16,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+}
+# Wan2.2 A14B I2V experts: the Wan2.1 I2V input layout (latents + mask +
+# condition) but no CLIP image tokens, as in Wan2.2-I2V-A14B's transformer config.
+TINY_WAN22_I2V_TRANSFORMER_CONFIG: dict[str, Any] = {
+    **TINY_TRANSFORMER_CONFIG,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+}
 TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "d_model": 32,
     "d_kv": 8,
@@ -97,15 +116,103 @@ TINY_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "flow_shift": 3.0,
 }
+# Wan2.2 A14B: the flow shifts of Wan's reference configs (wan/configs/
+# wan_i2v_A14B.py and wan_t2v_A14B.py: sample_shift 5.0 and 12.0). The
+# scheduler_config.json of the Diffusers conversions was not checked against
+# them; a real directory's own scheduler config is always what gets loaded.
+TINY_WAN22_I2V_SCHEDULER_CONFIG: dict[str, Any] = {**TINY_SCHEDULER_CONFIG, "flow_shift": 5.0}
+TINY_WAN22_T2V_SCHEDULER_CONFIG: dict[str, Any] = {**TINY_SCHEDULER_CONFIG, "flow_shift": 12.0}
 TINY_SEED = 0
+
+# The tiny DiTs: (config, seed). Every DiT has a seed of its own, so the two
+# experts of a Wan2.2 model are different networks.
+TINY_TRANSFORMERS: dict[str, tuple[Mapping[str, Any], int]] = {
+    "wan2.1-i2v": (TINY_TRANSFORMER_CONFIG, TINY_SEED),
+    "wan2.1-t2v": (TINY_T2V_TRANSFORMER_CONFIG, 1),
+    "wan2.2-i2v-high": (TINY_WAN22_I2V_TRANSFORMER_CONFIG, 2),
+    "wan2.2-i2v-low": (TINY_WAN22_I2V_TRANSFORMER_CONFIG, 3),
+    "wan2.2-t2v-high": (TINY_T2V_TRANSFORMER_CONFIG, 4),
+    "wan2.2-t2v-low": (TINY_T2V_TRANSFORMER_CONFIG, 5),
+}
+TINY_SCHEDULERS: dict[str, Mapping[str, Any]] = {
+    "wan2.1": TINY_SCHEDULER_CONFIG,
+    "wan2.2-i2v": TINY_WAN22_I2V_SCHEDULER_CONFIG,
+    "wan2.2-t2v": TINY_WAN22_T2V_SCHEDULER_CONFIG,
+}
+
+EXPERTS = ("high", "low")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a workflow stage's ``model = "<identity>"`` names.
+
+    Attributes:
+        parts: the parts a worker of this identity holds.
+        tiny_transformer, tiny_scheduler: keys of ``TINY_TRANSFORMERS`` /
+            ``TINY_SCHEDULERS`` for the tiny build (``None``: no such part).
+        tiny_boundary_ratio: the tiny two-expert model's ``boundary_ratio``
+            (a directory's comes from its ``model_index.json``).
+        expert: ``"high"`` (diffusers' ``transformer``: the steps whose timestep
+            is at or above the boundary) or ``"low"`` (``transformer_2``: the
+            rest) for one expert of a two-expert model, else ``None``.
+        subfolders: the subfolder of a local diffusers directory holding a part,
+            where it is not the part's own name.
+    """
+
+    parts: frozenset[str]
+    tiny_transformer: str | None = None
+    tiny_scheduler: str | None = None
+    tiny_boundary_ratio: float | None = None
+    expert: str | None = None
+    subfolders: Mapping[str, str] = field(default_factory=dict)
+
+    def subfolder(self, part: str) -> str:
+        return self.subfolders.get(part, part)
+
+
+_DIT = frozenset({"transformer", "scheduler"})
+
+
+def _expert(family: str, expert: str, boundary_ratio: float) -> ModelIdentity:
+    return ModelIdentity(
+        parts=_DIT,
+        tiny_transformer=f"{family}-{expert}",
+        tiny_scheduler=family,
+        tiny_boundary_ratio=boundary_ratio,
+        expert=expert,
+        subfolders={"transformer": "transformer" if expert == "high" else "transformer_2"},
+    )
+
+
+# Wan2.2's boundaries (Wan's reference configs: i2v_A14B.boundary 0.900,
+# t2v_A14B.boundary 0.875; the Diffusers conversions' model_index.json has them).
+IDENTITIES: dict[str, ModelIdentity] = {
+    "umt5-xxl": ModelIdentity(parts=frozenset({"tokenizer", "text_encoder"})),
+    "clip-vit-h-14": ModelIdentity(parts=frozenset({"image_processor", "image_encoder"})),
+    "wan2.1-vae": ModelIdentity(parts=frozenset({"vae"})),
+    "wan2.1-i2v-14b": ModelIdentity(parts=_DIT, tiny_transformer="wan2.1-i2v", tiny_scheduler="wan2.1"),
+    "wan2.1-t2v-14b": ModelIdentity(parts=_DIT, tiny_transformer="wan2.1-t2v", tiny_scheduler="wan2.1"),
+    "wan2.2-i2v-a14b-high": _expert("wan2.2-i2v", "high", 0.900),
+    "wan2.2-i2v-a14b-low": _expert("wan2.2-i2v", "low", 0.900),
+    "wan2.2-t2v-a14b-high": _expert("wan2.2-t2v", "high", 0.875),
+    "wan2.2-t2v-a14b-low": _expert("wan2.2-t2v", "low", 0.875),
+}
+
+# identity=None: the whole Wan2.1 I2V pipeline, as load_components always loaded it.
+_WAN21_I2V_PIPELINE = ModelIdentity(parts=ALL_PARTS, tiny_transformer="wan2.1-i2v", tiny_scheduler="wan2.1")
 
 
 @dataclass(kw_only=True)
 class WanComponents:
-    """The loaded parts of a Wan2.1 I2V model plus the facts every stage needs.
+    """The loaded parts of a Wan model plus the facts every stage needs.
 
     Parts that were not asked for are ``None``. ``dtype`` is the transformer's
     dtype, which is also the dtype of the embeddings shipped to denoise.
+    ``identity`` is the identity loaded (``None``: the whole Wan2.1 I2V model).
+    For one expert of a two-expert model (Wan2.2 A14B), ``expert`` says which
+    (``"high"``/``"low"``) ``transformer`` is and ``boundary_ratio`` is the
+    model's; both are ``None`` otherwise.
     """
 
     device: torch.device
@@ -123,6 +230,9 @@ class WanComponents:
     transformer: Any = None
     scheduler: Any = None
     parts: frozenset[str] = field(default_factory=frozenset)
+    identity: str | None = None
+    boundary_ratio: float | None = None
+    expert: str | None = None
 
 
 def _init_value(cls: type, config: Mapping[str, Any], key: str) -> Any:
@@ -173,11 +283,18 @@ def build_tiny_tokenizer() -> Any:
     )
 
 
-def _build_tiny(name: str) -> Any:
+def _build_tiny(name: str, identity: ModelIdentity) -> Any:
     """One tiny part; the seed is reset per part so each is identical whichever
-    other parts a process builds."""
+    other parts a process builds. Only the DiT and the scheduler depend on the
+    identity: every identity holding the text encoder or the VAE gets the same."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+    if name == "transformer":
+        config, seed = TINY_TRANSFORMERS[str(identity.tiny_transformer)]
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(**config)
+    if name == "scheduler":
+        return UniPCMultistepScheduler(**TINY_SCHEDULERS[str(identity.tiny_scheduler)])
     torch.manual_seed(TINY_SEED)
     if name == "tokenizer":
         return build_tiny_tokenizer()
@@ -190,10 +307,6 @@ def _build_tiny(name: str) -> Any:
         return CLIPVisionModel(CLIPVisionConfig(**TINY_IMAGE_ENCODER_CONFIG))
     if name == "vae":
         return AutoencoderKLWan(**TINY_VAE_CONFIG)
-    if name == "transformer":
-        return WanTransformer3DModel(**TINY_TRANSFORMER_CONFIG)
-    if name == "scheduler":
-        return UniPCMultistepScheduler(**TINY_SCHEDULER_CONFIG)
     raise AssertionError(name)
 
 
@@ -211,12 +324,12 @@ def _read_config(root: Path, name: str, filename: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _load_part(root: Path, name: str, dtype: torch.dtype) -> Any:
-    """One part from a local diffusers directory, as DiffusionPipeline.from_pretrained
-    would resolve it, never touching the network."""
+def _load_part(root: Path, name: str, subfolder: str, dtype: torch.dtype) -> Any:
+    """One part from ``subfolder`` of a local diffusers directory, as
+    DiffusionPipeline.from_pretrained would resolve it, never touching the network."""
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-    folder = _subfolder(root, name)
+    folder = _subfolder(root, subfolder)
     if name == "tokenizer":
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if name == "text_encoder":
@@ -231,9 +344,7 @@ def _load_part(root: Path, name: str, dtype: torch.dtype) -> Any:
             root, subfolder="vae", dtype=torch.float32, local_files_only=True
         )
     if name == "transformer":
-        return WanTransformer3DModel.from_pretrained(
-            root, subfolder="transformer", dtype=dtype, local_files_only=True
-        )
+        return WanTransformer3DModel.from_pretrained(root, subfolder=subfolder, dtype=dtype, local_files_only=True)
     if name == "scheduler":
         import diffusers
 
@@ -245,48 +356,92 @@ def _load_part(root: Path, name: str, dtype: torch.dtype) -> Any:
     raise AssertionError(name)
 
 
+def _resolve_identity(identity: str | None) -> ModelIdentity:
+    if identity is None:
+        return _WAN21_I2V_PIPELINE
+    found = IDENTITIES.get(identity)
+    if found is None:
+        raise ValueError(f"identity: unknown {identity!r}; expected one of {sorted(IDENTITIES)}")
+    return found
+
+
+def _boundary_ratio(root: Path, identity: ModelIdentity, name: str | None, wanted: frozenset[str]) -> float | None:
+    """The directory's ``boundary_ratio`` (``model_index.json``), which a
+    two-expert identity needs and any other identity must not meet: holding one
+    expert as a whole DiT would silently run it over every step."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        if identity.expert is not None:
+            raise FileNotFoundError(f"model {str(root)!r}: missing {str(index_path)!r} (boundary_ratio of {name!r})")
+        return None
+    ratio = json.loads(index_path.read_text()).get("boundary_ratio")
+    if identity.expert is None:
+        if ratio is not None and "transformer" in wanted:
+            raise ValueError(f"identity: {name!r} is one DiT, but {str(root)!r} is a two-expert model")
+        return None
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1:
+        raise ValueError(
+            f"identity: {name!r} needs a two-expert model; {str(index_path)!r} has boundary_ratio {ratio!r}"
+        )
+    return float(ratio)
+
+
 def load_components(
     model: str | os.PathLike[str] = "tiny",
     *,
+    identity: str | None = None,
     parts: Iterable[str] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> WanComponents:
-    """Load the parts of a Wan2.1 I2V model that a stage needs.
+    """Load the parts of a Wan model that a stage needs.
 
     Args:
         model: ``"tiny"`` for small random fixed-seed components built offline, or
-            the path of a local diffusers directory with the subfolders tokenizer,
-            text_encoder, image_processor, image_encoder, vae, transformer, scheduler.
-        parts: names from ``ALL_PARTS`` (see ``STAGE_PARTS``); ``None`` loads all.
+            the path of a local diffusers directory (subfolders tokenizer,
+            text_encoder, image_processor, image_encoder, vae, transformer,
+            transformer_2, scheduler, as the identity needs them).
+        identity: a key of ``IDENTITIES`` (a workflow stage's ``model``): load its
+            parts. ``None``: the whole Wan2.1 I2V model (every part of ``ALL_PARTS``).
+        parts: names from ``ALL_PARTS`` (see ``STAGE_PARTS``) to load only some of
+            the identity's parts; ``None`` loads all of them.
         device: default ``"cuda"`` when available, else ``"cpu"``.
         dtype: dtype of the transformer and text encoder. Default bfloat16 on cuda
             for a real model, float32 otherwise. The VAE and the image encoder
             always run in float32, as Wan's model card recommends.
 
     Raises:
-        ValueError: an unknown part or dtype.
+        ValueError: an unknown identity, part or dtype, a part the identity does
+            not hold, or a directory of the wrong kind for the identity.
         FileNotFoundError: ``model`` is not a directory or lacks a needed subfolder.
     """
-    wanted = ALL_PARTS if parts is None else frozenset(parts)
+    ident = _resolve_identity(identity)
+    wanted = ident.parts if parts is None else frozenset(parts)
     unknown = wanted - ALL_PARTS
     if unknown:
         raise ValueError(f"parts: unknown {sorted(unknown)}; expected some of {sorted(ALL_PARTS)}")
+    foreign = wanted - ident.parts
+    if foreign:
+        raise ValueError(f"parts: {sorted(foreign)} are not parts of identity {identity!r}")
     tiny = model == "tiny"
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev, tiny)
+    # The tiny DiTs share their patch size; a VAE or text worker needs it too (check_params).
+    transformer_key = ident.tiny_transformer or _WAN21_I2V_PIPELINE.tiny_transformer
 
     if tiny:
         vae_config: Mapping[str, Any] = TINY_VAE_CONFIG
-        transformer_config: Mapping[str, Any] = TINY_TRANSFORMER_CONFIG
-        loaded = {name: _build_tiny(name) for name in sorted(wanted)}
+        transformer_config: Mapping[str, Any] = TINY_TRANSFORMERS[str(transformer_key)][0]
+        boundary_ratio = ident.tiny_boundary_ratio
+        loaded = {name: _build_tiny(name, ident) for name in sorted(wanted)}
     else:
         root = Path(model)
         if not root.is_dir():
             raise FileNotFoundError(f"model directory {str(root)!r} does not exist")
         vae_config = _read_config(root, "vae", "config.json")
-        transformer_config = _read_config(root, "transformer", "config.json")
-        loaded = {name: _load_part(root, name, dt) for name in sorted(wanted)}
+        transformer_config = _read_config(root, ident.subfolder("transformer"), "config.json")
+        boundary_ratio = _boundary_ratio(root, ident, identity, wanted)
+        loaded = {name: _load_part(root, name, ident.subfolder(name), dt) for name in sorted(wanted)}
 
     for name, module in loaded.items():
         if not isinstance(module, torch.nn.Module):
@@ -309,5 +464,8 @@ def load_components(
         latent_channels=int(_init_value(AutoencoderKLWan, vae_config, "z_dim")),
         patch_size=tuple(_init_value(WanTransformer3DModel, transformer_config, "patch_size")),
         parts=wanted,
+        identity=identity,
+        boundary_ratio=boundary_ratio,
+        expert=ident.expert,
         **loaded,
     )

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,9 +37,18 @@ from stages.wan import (
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "stages" / "assets" / "sample.png"
-PARAMS = WanParams(prompt="a red house below a mountain", negative_prompt="blurry", seed=7)
+PARAMS = WanParams(
+    prompt="a red house below a mountain",
+    negative_prompt="blurry",
+    height=256,
+    width=256,
+    num_frames=17,
+    steps=4,
+    guidance_scale=5.0,
+    seed=7,
+)
 # small enough that the tests needing several runs stay quick
-SMALL = WanParams(prompt="a red house", negative_prompt="blurry", height=64, width=64, num_frames=5, steps=3)
+SMALL = replace(PARAMS, prompt="a red house", height=64, width=64, num_frames=5, steps=3, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +135,7 @@ def test_tiny_components_are_identical_across_processes(components):
 
 
 def test_no_guidance_means_no_negative_embeds(components, image):
-    p = WanParams(prompt=SMALL.prompt, height=64, width=64, num_frames=5, steps=2, guidance_scale=1.0)
+    p = replace(SMALL, negative_prompt="", steps=2, guidance_scale=1.0)
     text = text_encode(components, p)
     assert set(text) == {"prompt_embeds"}
     latents = denoise(components, {**text, **image_encode(components, image, p), **vae_encode(components, image, p)}, p)
@@ -171,7 +181,7 @@ def test_denoise_leaves_the_shared_scheduler_alone(components, small_inputs):
 
 def test_denoise_rejects_inputs_that_do_not_fit(components, small_inputs):
     with pytest.raises(ValueError, match="condition"):
-        denoise(components, small_inputs, WanParams(prompt="x", height=128, width=64, num_frames=5))
+        denoise(components, small_inputs, replace(SMALL, height=128))
     missing = {k: v for k, v in small_inputs.items() if k != "negative_prompt_embeds"}
     with pytest.raises(ValueError, match="negative_prompt_embeds"):
         denoise(components, missing, SMALL)
@@ -189,26 +199,37 @@ def test_denoise_rejects_inputs_that_do_not_fit(components, small_inputs):
     ],
 )
 def test_resolution_is_checked_not_adjusted(components, image, overrides, field):
-    p = WanParams.from_dict({"prompt": "x", **overrides})
+    p = WanParams.from_dict({**asdict(SMALL), **overrides})
     with pytest.raises(ValueError, match=f"^{field}:"):
         vae_encode(components, image, p)
 
 
 def test_params_from_dict():
-    p = WanParams.from_dict({"prompt": "hi", "steps": "6", "guidance_scale": 3, "seed": 5.0, "unknown": [1]})
-    assert p == WanParams(prompt="hi", steps=6, guidance_scale=3.0, seed=5)
+    full = {"prompt": "hi", "negative_prompt": "", "height": 64, "width": 64, "num_frames": 5,
+            "steps": "6", "guidance_scale": 3, "seed": 5.0}
+    p = WanParams.from_dict({**full, "unknown": [1]})
+    assert p == WanParams(prompt="hi", negative_prompt="", height=64, width=64, num_frames=5, steps=6,
+                          guidance_scale=3.0, seed=5)
+    assert p.guidance_scale_2 is None and p.max_sequence_length == 512
+    assert WanParams.from_dict({**full, "guidance_scale_2": "2.5"}).guidance_scale_2 == 2.5
+    assert WanParams.from_dict({**full, "guidance_scale_2": None}).guidance_scale_2 is None
+    # no job defaults here: every job field comes from the workflow's [params.*]
+    for name in full:
+        with pytest.raises(ValueError, match=f"^{name}: missing"):
+            WanParams.from_dict({k: v for k, v in full.items() if k != name})
     for bad, field in [
-        ({"steps": 4}, "prompt"),
-        ({"prompt": "x", "steps": "four"}, "steps"),
-        ({"prompt": "x", "steps": 0}, "steps"),
-        ({"prompt": "x", "height": 1.5}, "height"),
-        ({"prompt": "x", "guidance_scale": "nan"}, "guidance_scale"),
-        ({"prompt": "x", "seed": -1}, "seed"),
-        ({"prompt": "x", "guidance_scale": True}, "guidance_scale"),
+        ({"steps": "four"}, "steps"),
+        ({"steps": 0}, "steps"),
+        ({"height": 1.5}, "height"),
+        ({"guidance_scale": "nan"}, "guidance_scale"),
+        ({"guidance_scale_2": "inf"}, "guidance_scale_2"),
+        ({"guidance_scale_2": True}, "guidance_scale_2"),
+        ({"seed": -1}, "seed"),
+        ({"guidance_scale": True}, "guidance_scale"),
         ({"prompt": 3}, "prompt"),
     ]:
         with pytest.raises(ValueError, match=f"^{field}:"):
-            WanParams.from_dict(bad)
+            WanParams.from_dict({**full, **bad})
 
 
 def test_decode_image_rejects_garbage():

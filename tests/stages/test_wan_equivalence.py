@@ -124,5 +124,8 @@ def test_checkpoint_loading_matches_pipeline_from_pretrained(components, image, 
     )
     loaded = load_components(str(tmp_path), device="cpu", dtype=torch.bfloat16)
     assert loaded.dtype == pipe.transformer.dtype == torch.bfloat16
-    p = WanParams(prompt="a house", negative_prompt="blur", height=128, width=128, num_frames=9, steps=3, seed=3)
+    p = WanParams(
+        prompt="a house", negative_prompt="blur", height=128, width=128, num_frames=9, steps=3, guidance_scale=5.0,
+        seed=3,
+    )
     assert_same_video(run_stages(loaded, image, p), run_pipeline(pipe, image, p))
