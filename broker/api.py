@@ -11,6 +11,9 @@ Routes::
     GET    /v1/stages               workers per stage, queue lengths, missing stages, and with a
                                     node manager its allocation, slots and recent decisions
     GET    /v1/signals              cumulative per-stage counters, for a node manager elsewhere
+    GET    /v1/workflows            served workflows: stages, parameters (type, default, bounds)
+    GET    /v1/workflows/{name}     one workflow: its stages (kind, model, after, outputs, gpu), its
+                                    parameters with their JSON Schema, the models it uses, its result
     POST   /v1/workers/{id}/drain   bind nothing new to a worker; it finishes its work and leaves
     POST   /v1/workers/{id}/lost    a launcher saw the worker's process exit: its work is re-made now
     GET    /v1/openapi.json         OpenAPI 3.1 description of all of this
@@ -20,10 +23,12 @@ Routes::
 
 Every error is JSON ``{"error": "<message naming the field>", "field": "<name>"}``
 with a 4xx status; bad input never reaches the broker and never costs a 500.
-The request fields, their defaults and bounds are one table (``FIELDS``), and
-what each workflow requires is one function (``required_fields``): the
-validator and the OpenAPI document (``openapi_document``) both read them, so
-they cannot disagree.
+The request fields, their defaults and bounds are the ``[params.NAME]`` tables
+of each served workflow (:mod:`stages.params`): the validator
+(:func:`validate_job`, through :meth:`Workflow.resolve_params`), the OpenAPI
+document (:func:`openapi_document`, one request schema per workflow) and
+``GET /v1/workflows`` all read them, so they cannot disagree. A submission
+that names no workflow is one of the default workflow (:func:`default_workflow`).
 """
 
 from __future__ import annotations
@@ -34,15 +39,15 @@ import binascii
 import io
 import json
 import logging
-import math
 import re
-import secrets
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from PIL import Image, UnidentifiedImageError
+
+from stages.params import ParamError, show, type_name
+from stages.workflow import Workflow
 
 from . import openapi
 from .errors import CoreError, UnknownJob
@@ -50,10 +55,10 @@ from .service import Broker
 
 log = logging.getLogger("onepiece.broker.api")
 
-__all__ = ["FIELDS", "Invalid", "make_app", "openapi_document", "required_fields", "start_api", "validate_job"]
+__all__ = ["Invalid", "default_workflow", "make_app", "openapi_document", "start_api", "validate_job",
+           "workflow_view"]
 
 DEFAULT_WORKFLOW = "wan_i2v"
-IMAGE_KINDS = frozenset({"image_encode", "vae_encode"})  # stage kinds that read the input image
 IMAGE_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WEBP"}  # MPO: multi-picture camera JPEG
 IMAGE_MAX_SIDE = 4096
 IMAGE_MIN_SIDE = 16
@@ -77,172 +82,28 @@ class Invalid(Exception):
         self.reason = reason or (f"invalid_{field}" if field else "invalid")
 
 
-def _show(value: Any, limit: int = 40) -> str:
-    """A value for an error message, cut short: a client's input is never echoed at length."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-# -- the request fields ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Text:
-    name: str
-    max_length: int
-    required: bool = False
-    default: str = ""
-    description: str = ""
-
-    def parse(self, raw: Any, form: bool) -> str:
-        if not isinstance(raw, str):
-            raise Invalid(self.name, f"{self.name} must be a string, not {_type_name(raw)}")
-        if self.required and not raw.strip():
-            raise Invalid(self.name, f"{self.name} must not be empty")
-        if len(raw) > self.max_length:
-            raise Invalid(self.name, f"{self.name} is {len(raw)} characters long; the limit is {self.max_length}")
-        return raw
-
-    def make_default(self) -> str:
-        return self.default
-
-    def schema(self) -> dict:
-        s: dict[str, Any] = {"type": "string", "maxLength": self.max_length, "description": self.description}
-        if self.required:
-            s.update(minLength=1, pattern=r"\S")  # not blank: parse() strips before it checks
-        else:
-            s["default"] = self.default
-        return s
-
-
-_INT_RE = re.compile(r"[+-]?\d{1,25}")
-
-
-@dataclass(frozen=True)
-class Integer:
-    name: str
-    minimum: int
-    maximum: int
-    default: int | None = None
-    default_factory: Callable[[], int] | None = None
-    multiple_of: int | None = None
-    congruent: tuple[int, int] | None = None  # (m, r): value % m == r, as for 4k+1 frames
-    description: str = ""
-    required: bool = False
-
-    def parse(self, raw: Any, form: bool) -> int:
-        if form and isinstance(raw, str):
-            if not _INT_RE.fullmatch(raw.strip()):
-                raise Invalid(self.name, f"{self.name} must be an integer, got {_show(raw)}")
-            raw = int(raw)
-        if isinstance(raw, float) and raw.is_integer():  # JSON Schema's "integer" admits 480.0
-            raw = int(raw)
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise Invalid(self.name, f"{self.name} must be an integer, not {_type_name(raw)}")
-        if not self.minimum <= raw <= self.maximum:
-            raise Invalid(self.name, f"{self.name} must be between {self.minimum} and {self.maximum},"
-                                     f" got {_show(raw)}")
-        if self.multiple_of and raw % self.multiple_of:
-            raise Invalid(self.name, f"{self.name} must be a multiple of {self.multiple_of}, got {raw}")
-        if self.congruent and raw % self.congruent[0] != self.congruent[1]:
-            m, r = self.congruent
-            examples = ", ".join(str(m * k + r) for k in range(1, 4))
-            raise Invalid(self.name, f"{self.name} must be {m}k+{r} ({examples}, ...), got {raw}")
-        return raw
-
-    def make_default(self) -> int | None:
-        return self.default_factory() if self.default_factory else self.default
-
-    def schema(self) -> dict:
-        s: dict[str, Any] = {"type": "integer", "minimum": self.minimum, "maximum": self.maximum,
-                             "description": self.description}
-        if self.default is not None:
-            s["default"] = self.default
-        if self.multiple_of:
-            s["multipleOf"] = self.multiple_of
-        if self.congruent:
-            m, r = self.congruent
-            s["x-congruent"] = {"modulus": m, "remainder": r}
-            # JSON Schema has no "x % m == r"; a bounded range can list its values instead
-            first = self.minimum + (r - self.minimum) % m
-            if (self.maximum - first) // m < 256:
-                s["enum"] = list(range(first, self.maximum + 1, m))
-        return s
-
-
-@dataclass(frozen=True)
-class Number:
-    name: str
-    minimum: float
-    maximum: float
-    default: float
-    description: str = ""
-    required: bool = False
-
-    def parse(self, raw: Any, form: bool) -> float:
-        if form and isinstance(raw, str):
-            try:
-                raw = float(raw)
-            except ValueError:
-                raise Invalid(self.name, f"{self.name} must be a number, got {_show(raw)}") from None
-        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise Invalid(self.name, f"{self.name} must be a number, not {_type_name(raw)}")
-        raw = float(raw)
-        if not math.isfinite(raw) or not self.minimum <= raw <= self.maximum:
-            raise Invalid(self.name, f"{self.name} must be between {self.minimum:g} and {self.maximum:g},"
-                                     f" got {_show(raw)}")
-        return raw
-
-    def make_default(self) -> float:
-        return self.default
-
-    def schema(self) -> dict:
-        return {"type": "number", "minimum": self.minimum, "maximum": self.maximum, "default": self.default,
-                "description": self.description}
-
-
-FIELDS: dict[str, Text | Integer | Number] = {f.name: f for f in (
-    Text("prompt", 2000, required=True, description="What the video shows."),
-    Text("negative_prompt", 2000, description="What it must not show."),
-    Integer("height", 64, 1280, default=480, multiple_of=16, description="Frame height in pixels."),
-    Integer("width", 64, 1280, default=832, multiple_of=16, description="Frame width in pixels."),
-    Integer("num_frames", 1, 161, default=81, congruent=(4, 1),
-            description="Frames in the video; (num_frames - 1) must be a multiple of 4."),
-    Integer("steps", 1, 100, default=40, description="Denoising steps."),
-    Number("guidance_scale", 0.0, 20.0, default=5.0, description="Classifier-free guidance scale."),
-    Integer("seed", 0, 2**63 - 1, default_factory=lambda: secrets.randbelow(2**63),
-            description="Random seed; a random one when left out."),
-)}
-OTHER_FIELDS = ("image", "workflow")
-
-
 # -- validation ----------------------------------------------------------------------
 
 
-def needs_image(workflow) -> bool:
-    return any(spec.kind in IMAGE_KINDS for spec in workflow.stages.values())
-
-
-def required_fields(workflow) -> list[str]:
-    """The fields a submission for ``workflow`` must carry. The validator refuses a request
-    without one of them and the OpenAPI document lists them per workflow: one rule for both."""
-    return [f.name for f in FIELDS.values() if f.required] + (["image"] if needs_image(workflow) else [])
+def default_workflow(workflows: Mapping[str, Workflow]) -> str | None:
+    """The workflow of a submission that names none: wan_i2v where it is served, else the only
+    served workflow, else None (the submission must name one)."""
+    if DEFAULT_WORKFLOW in workflows:
+        return DEFAULT_WORKFLOW
+    if len(workflows) == 1:
+        return next(iter(workflows))
+    return None
 
 
 _DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 
 
-def decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, whitespace and a ``data:`` URL prefix allowed."""
+def decode_base64(text: str, field: str = "image") -> bytes:
+    """Standard or URL-safe base64, whitespace and a ``data:`` URL prefix allowed; errors name ``field``."""
     if text[:5].lower() == "data:":
         m = _DATA_URL.match(text)
         if m is None:
-            raise Invalid("image", "image is a data: URL but not a base64 one (expected data:<type>;base64,...)")
+            raise Invalid(field, f"{field} is a data: URL but not a base64 one (expected data:<type>;base64,...)")
         text = text[m.end():]
     text = "".join(text.split())
     if "-" in text or "_" in text:
@@ -251,26 +112,26 @@ def decode_base64(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise Invalid("image", f"image is not valid base64: {exc}") from None
+        raise Invalid(field, f"{field} is not valid base64: {exc}") from None
 
 
-def check_image(data: bytes, max_bytes: int) -> None:
+def check_image(data: bytes, max_bytes: int, field: str = "image") -> None:
     """Refuse anything that is not a whole PNG/JPEG/WEBP of sane size. CPU-bound: run it in a thread."""
     if not data:
-        raise Invalid("image", "image is empty")
+        raise Invalid(field, f"{field} is empty")
     if len(data) > max_bytes:
-        raise Invalid("image", f"image is {len(data)} bytes; the limit is {max_bytes}", reason="image_too_large")
+        raise Invalid(field, f"{field} is {len(data)} bytes; the limit is {max_bytes}", reason="image_too_large")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format
             if fmt not in IMAGE_FORMATS:
-                raise Invalid("image", f"image is {fmt or 'of an unknown format'}; use PNG, JPEG or WEBP")
+                raise Invalid(field, f"{field} is {fmt or 'of an unknown format'}; use PNG, JPEG or WEBP")
             w, h = im.size
             if w > IMAGE_MAX_SIDE or h > IMAGE_MAX_SIDE:
-                raise Invalid("image", f"image is {w}x{h}; the largest accepted is {IMAGE_MAX_SIDE}x{IMAGE_MAX_SIDE}",
+                raise Invalid(field, f"{field} is {w}x{h}; the largest accepted is {IMAGE_MAX_SIDE}x{IMAGE_MAX_SIDE}",
                               reason="image_too_large")
             if w < IMAGE_MIN_SIDE or h < IMAGE_MIN_SIDE:
-                raise Invalid("image", f"image is {w}x{h}; the smallest accepted is {IMAGE_MIN_SIDE}x{IMAGE_MIN_SIDE}")
+                raise Invalid(field, f"{field} is {w}x{h}; the smallest accepted is {IMAGE_MIN_SIDE}x{IMAGE_MIN_SIDE}")
             im.verify()
         # verify() leaves the image unusable and misses truncated pixel data: decode it for real
         with Image.open(io.BytesIO(data)) as im:
@@ -278,56 +139,81 @@ def check_image(data: bytes, max_bytes: int) -> None:
     except Invalid:
         raise
     except Image.DecompressionBombError:
-        raise Invalid("image", "image has too many pixels", reason="image_too_large") from None
+        raise Invalid(field, f"{field} has too many pixels", reason="image_too_large") from None
     except UnidentifiedImageError:
-        raise Invalid("image", "image could not be decoded: not a PNG, JPEG or WEBP file") from None
+        raise Invalid(field, f"{field} could not be decoded: not a PNG, JPEG or WEBP file") from None
     except Exception as exc:  # Pillow raises many kinds of error on hostile input
-        raise Invalid("image", f"image could not be decoded ({type(exc).__name__}: {_show(str(exc), 80)})") from None
+        raise Invalid(field, f"{field} could not be decoded ({type(exc).__name__}: {show(str(exc), 80)})") from None
 
 
-def validate_job(body: Mapping[str, Any], workflows: Mapping[str, Any], form: bool = False
-                 ) -> tuple[str, dict, Any]:
-    """Check a submission without touching the image bytes' contents.
+def validate_job(body: Mapping[str, Any], workflows: Mapping[str, Workflow], form: bool = False
+                 ) -> tuple[str, dict, dict[str, str | bytes]]:
+    """Check a submission against its workflow's declared parameters, without touching the
+    image bytes' contents.
 
-    Returns ``(workflow name, params, image)`` where ``image`` is None, a base64
-    ``str`` or raw ``bytes``, still to go through :func:`decode_base64` and
-    :func:`check_image`. ``form`` allows numbers written as strings.
+    Returns ``(workflow name, params, images)``: ``params`` with every default
+    filled (what the stages receive), ``images`` each given image param's value
+    as sent, a base64 ``str`` or raw ``bytes``, still to go through
+    :func:`decode_base64` and :func:`check_image`. ``form`` allows numbers and
+    maps written as text, and bytes parts that are UTF-8 text.
     """
-    unknown = sorted(set(body) - set(FIELDS) - set(OTHER_FIELDS))
-    if unknown:
-        named = ", ".join(map(_show, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise Invalid(unknown[0][:100], f"unknown field{'s' if len(unknown) > 1 else ''}: {named};"
-                      f" accepted: {', '.join([*FIELDS, *OTHER_FIELDS])}", reason="unknown_field")
     name = body.get("workflow")
+    if isinstance(name, (bytes, bytearray)) and form:
+        name = _form_text("workflow", name)
     if name is None or name == "":
-        name = DEFAULT_WORKFLOW
+        name = default_workflow(workflows)
+        if name is None:
+            raise Invalid("workflow", f"workflow is required; served: {', '.join(sorted(workflows))}")
     if not isinstance(name, str):
-        raise Invalid("workflow", f"workflow must be a string, not {_type_name(name)}")
+        raise Invalid("workflow", f"workflow must be a string, not {type_name(name)}")
     if name not in workflows:
-        raise Invalid("workflow", f"unknown workflow {_show(name)}; served: {', '.join(sorted(workflows))}")
-    params: dict[str, Any] = {}
-    for field in FIELDS.values():
-        raw = body.get(field.name)
-        if raw is None:
-            if field.required:
-                raise Invalid(field.name, f"{field.name} is required")
-            params[field.name] = field.make_default()
-        else:
-            params[field.name] = field.parse(raw, form)
-    image = body.get("image")
-    if image is None or (isinstance(image, (str, bytes, bytearray)) and not image):
-        if "image" in required_fields(workflows[name]):
-            raise Invalid("image", f"image is required by workflow {name!r}")
-        image = None
-    elif not isinstance(image, (str, bytes, bytearray)):
-        raise Invalid("image", f"image must be a base64 string, not {_type_name(image)}")
-    return name, params, image
+        raise Invalid("workflow", f"unknown workflow {show(name)}; served: {', '.join(sorted(workflows))}")
+    wf = workflows[name]
+    fields = {k: v for k, v in body.items() if k != "workflow"}
+    if "image" in fields and "image" not in wf.params:
+        raise Invalid("image", f"workflow {name!r} takes no image: leave image out (its parameters: "
+                      f"{', '.join(wf.params) or 'none'})", reason="unknown_field")
+    if form:  # a part sent as a file is text, but for an image
+        texts = set(wf.params) - set(wf.images())
+        fields = {k: _form_text(k, v) if isinstance(v, (bytes, bytearray)) and k in texts else v
+                  for k, v in fields.items()}
+    try:
+        params = wf.resolve_params(fields, form=form)
+    except ParamError as exc:
+        raise Invalid(exc.field, exc.message, reason=None if exc.reason in ("invalid", "missing") else exc.reason
+                      ) from None
+    images: dict[str, str | bytes] = {}
+    for image in wf.images():  # resolve_params leaves them to the caller
+        value = fields.get(image)
+        if value is None or (isinstance(value, (str, bytes, bytearray)) and not value):
+            if wf.params[image].required:
+                raise Invalid(image, f"{image} is required by workflow {name!r}")
+            continue
+        try:
+            images[image] = wf.params[image].parse(value, form)
+        except ParamError as exc:
+            raise Invalid(exc.field, exc.message) from None
+    return name, params, images
 
 
-def _image_bytes(image: str | bytes, max_bytes: int) -> bytes:
-    data = decode_base64(image) if isinstance(image, str) else bytes(image)
-    check_image(data, max_bytes)
+def _form_text(name: str, value: bytes) -> str:
+    """A multipart part sent as bytes (a file part, or a part with a non-text type) as text."""
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid(name, f"{show(name)} is not UTF-8 text") from None
+
+
+def _image_bytes(name: str, image: str | bytes, max_bytes: int) -> bytes:
+    data = decode_base64(image, name) if isinstance(image, str) else bytes(image)
+    check_image(data, max_bytes, name)
     return data
+
+
+def _log_params(params: Mapping[str, Any]) -> str:
+    """The short parameters of a job for its log line: numbers and flags, not texts or maps."""
+    short = [f"{k}={v}" for k, v in params.items() if isinstance(v, (int, float)) and k != "seed"]
+    return (", " + " ".join(short)) if short else ""
 
 
 # -- request bodies ----------------------------------------------------------------------
@@ -340,36 +226,46 @@ async def _json_body(request: web.Request) -> dict:
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise Invalid("body", "body is not valid JSON", reason="malformed_body") from None
     if not isinstance(body, dict):
-        raise Invalid("body", f"body must be a JSON object, not {_type_name(body)}", reason="malformed_body")
+        raise Invalid("body", f"body must be a JSON object, not {type_name(body)}", reason="malformed_body")
     return body
 
 
 async def _form_body(request: web.Request) -> dict:
+    """The parts of a multipart/form-data body by name: text parts as str, the others (files,
+    parts of a non-text type, text that is not UTF-8) as bytes, for validate_job to sort out once
+    it knows which fields are images. A part without a filename may still be an image."""
+    limit = request.app[BROKER].settings.max_request_bytes
+    parts: dict[str, list] = {}
+    total = 0
     try:
-        form = await request.post()
-    except web.HTTPException:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                raise Invalid("body", "every part of the multipart/form-data body must be a named field",
+                              reason="malformed_body")
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                total += len(chunk)
+                if total > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+                data.extend(chunk)
+            value: str | bytes = part.decode(bytes(data))
+            ctype = part.headers.get("Content-Type", "text/plain")
+            if part.filename is None and ctype.startswith("text/"):
+                try:
+                    value = value.decode(part.get_charset(default="utf-8"))
+                except (UnicodeDecodeError, LookupError):
+                    pass  # stays bytes: an image part sent without a filename, or text validate_job refuses
+            parts.setdefault(part.name, []).append(value)
+    except (Invalid, web.HTTPException):
         raise
     except Exception as exc:  # aiohttp's multipart reader raises ValueError, AssertionError, ...
-        raise Invalid("body", f"body is not valid multipart/form-data: {_show(str(exc), 80)}",
+        raise Invalid("body", f"body is not valid multipart/form-data: {show(str(exc), 80)}",
                       reason="malformed_body") from None
-    body: dict[str, Any] = {}
-    for name in form:
-        values = form.getall(name)
+    for name, values in parts.items():
         if len(values) > 1:
-            raise Invalid(name, f"{_show(name)} is given {len(values)} times", reason="duplicate_field")
-        value = values[0]
-        if isinstance(value, web.FileField):
-            with value.file:
-                value = await asyncio.to_thread(value.file.read)
-        if isinstance(value, (bytes, bytearray)) and (name in FIELDS or name == "workflow"):
-            try:
-                value = bytes(value).decode("utf-8")
-            except UnicodeDecodeError:
-                raise Invalid(name, f"{_show(name)} is not UTF-8 text") from None
-        if name == "image" and isinstance(value, str) and not value:
-            value = None
-        body[name] = value
-    return body
+            raise Invalid(name, f"{show(name)} is given {len(values)} times", reason="duplicate_field")
+    return {name: values[0] for name, values in parts.items()}
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -400,7 +296,7 @@ def _job_view(job: dict) -> dict:
 def _job_or_404(broker: Broker, job_id: str) -> dict:
     job = broker.job(job_id)
     if job is None:
-        raise Invalid("id", f"no job with id {_show(job_id)}", status=404, reason="unknown_job")
+        raise Invalid("id", f"no job with id {show(job_id)}", status=404, reason="unknown_job")
     return job
 
 
@@ -414,17 +310,17 @@ async def submit(request: web.Request) -> web.Response:
     else:
         raise Invalid("Content-Type", f"Content-Type {ctype!r} is not accepted; send application/json"
                       " or multipart/form-data", status=415, reason="unsupported_media_type")
-    workflow, params, image = validate_job(body, broker.workflows, form)
+    workflow, params, images = validate_job(body, broker.workflows, form)
     payload = None
-    if image is not None:
-        payload = {"image": await asyncio.to_thread(_image_bytes, image, broker.settings.max_request_bytes)}
+    if images:
+        limit = broker.settings.max_request_bytes
+        payload = {k: await asyncio.to_thread(_image_bytes, k, v, limit) for k, v in images.items()}
     try:
         job_id = broker.submit(workflow, params, payload)
     except CoreError as exc:
         raise Invalid("workflow", str(exc), reason="refused") from None
     links = _links(job_id)
-    log.info("job %s accepted: %s, %dx%d, %d frames, %d steps", job_id, workflow, params["width"],
-             params["height"], params["num_frames"], params["steps"])
+    log.info("job %s accepted: %s%s", job_id, workflow, _log_params(params))
     return web.json_response({"id": job_id, "state": "queued", "links": links}, status=201,
                              headers={"Location": links["self"]})
 
@@ -436,7 +332,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     except ValueError:
         limit = -1
     if not 1 <= limit <= MAX_LIST:
-        raise Invalid("limit", f"limit must be an integer between 1 and {MAX_LIST}, got {_show(raw)}")
+        raise Invalid("limit", f"limit must be an integer between 1 and {MAX_LIST}, got {show(raw)}")
     jobs = request.app[BROKER].store.recent(limit)
     return web.json_response({"jobs": [{**j, "links": _links(j["id"])} for j in jobs]})
 
@@ -452,7 +348,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     try:
         cancelled = broker.cancel(job_id)
     except UnknownJob:
-        raise Invalid("id", f"no job with id {_show(job_id)}", status=404, reason="unknown_job") from None
+        raise Invalid("id", f"no job with id {show(job_id)}", status=404, reason="unknown_job") from None
     if not cancelled:
         state = (broker.job(job_id) or {}).get("state", "gone")
         raise Invalid("id", f"job is already {state}", status=409, reason="conflict")
@@ -483,7 +379,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
     try:
         last = int(raw) if raw else -1
     except ValueError:
-        raise Invalid("Last-Event-ID", f"Last-Event-ID must be an event id (an integer), got {_show(raw)}",
+        raise Invalid("Last-Event-ID", f"Last-Event-ID must be an event id (an integer), got {show(raw)}",
                       reason="invalid_last_event_id") from None
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
@@ -531,6 +427,44 @@ async def stages(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
 
 
+def workflow_view(wf: Workflow, default: bool, detail: bool = False) -> dict:
+    """A workflow as ``GET /v1/workflows`` shows it; ``detail`` adds what ``/v1/workflows/{name}`` shows.
+
+    Each param is its declaration in the workflow file's words (``type``,
+    ``required``, ``default``, bounds, ``description``), so a client can build
+    the same checks (``onepiece submit`` does); the detail adds its JSON Schema.
+    """
+    view: dict[str, Any] = {"name": wf.name, "description": wf.description, "default": default,
+                            "result": wf.result, "links": {"self": f"/v1/workflows/{wf.name}"}}
+    if detail:
+        view["stages"] = {s: {"kind": spec.kind, "model": spec.model, "after": list(spec.after),
+                              "outputs": list(spec.outputs), "gpu": spec.gpu, "progress": spec.progress}
+                          for s, spec in wf.stages.items()}
+        view["models"] = wf.models()
+        view["images"] = wf.images()
+        view["params"] = {n: {**p.declaration(), "schema": p.schema()} for n, p in wf.params.items()}
+    else:
+        view["stages"] = list(wf.stages)
+        view["params"] = {n: {k: v for k, v in p.declaration().items() if k in ("type", "required", "default")}
+                          for n, p in wf.params.items()}
+    return view
+
+
+async def list_workflows(request: web.Request) -> web.Response:
+    workflows = request.app[BROKER].workflows
+    default = default_workflow(workflows)
+    return web.json_response({"default": default, "workflows": [workflow_view(wf, name == default)
+                                                                for name, wf in sorted(workflows.items())]})
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    workflows, name = request.app[BROKER].workflows, request.match_info["name"]
+    if name not in workflows:
+        raise Invalid("name", f"no workflow {show(name)} is served; served: {', '.join(sorted(workflows))}",
+                      status=404, reason="unknown_workflow")
+    return web.json_response(workflow_view(workflows[name], name == default_workflow(workflows), detail=True))
+
+
 async def signals(request: web.Request) -> web.Response:
     """Cumulative per-stage counters for a node manager running in another process."""
     import time
@@ -547,7 +481,7 @@ async def drain_worker(request: web.Request) -> web.Response:
     try:
         broker.drain(worker_id)
     except CoreError:
-        raise Invalid("id", f"no registered worker {_show(worker_id)}", status=404, reason="unknown_worker") from None
+        raise Invalid("id", f"no registered worker {show(worker_id)}", status=404, reason="unknown_worker") from None
     return web.json_response({"id": worker_id, "state": "draining"}, status=202)
 
 
@@ -557,7 +491,7 @@ async def lost_worker(request: web.Request) -> web.Response:
     try:
         broker.lost(worker_id, "its launcher saw its process exit")
     except CoreError:
-        raise Invalid("id", f"no registered worker {_show(worker_id)}", status=404, reason="unknown_worker") from None
+        raise Invalid("id", f"no registered worker {show(worker_id)}", status=404, reason="unknown_worker") from None
     return web.json_response({"id": worker_id, "state": "lost"}, status=202)
 
 
@@ -582,12 +516,13 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(broker.workflows, broker.settings.max_request_bytes))
 
 
-def openapi_document(workflows: Mapping[str, Any], max_request_bytes: int) -> dict:
+def openapi_document(workflows: Mapping[str, Workflow], max_request_bytes: int) -> dict:
     """The OpenAPI document of this API serving ``workflows``, from the declarations the validator reads."""
     return openapi.document(
-        {f.name: f.schema() for f in FIELDS.values()},
-        {name: required_fields(wf) for name, wf in workflows.items()},
-        DEFAULT_WORKFLOW if DEFAULT_WORKFLOW in workflows else None,
+        {name: {"description": wf.description, "params": {n: p.schema() for n, p in wf.params.items()},
+                "required": [n for n, p in wf.params.items() if p.required], "images": wf.images()}
+         for name, wf in workflows.items()},
+        default_workflow(workflows),
         max_request_bytes,
         {"max_side": IMAGE_MAX_SIDE, "min_side": IMAGE_MIN_SIDE, "formats": sorted(set(IMAGE_FORMATS.values()))})
 
@@ -614,9 +549,9 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
                 return _error(413, "body", exc.text)
             return _error(413, "body", f"body is larger than the limit of {limit} bytes")
         if exc.status == 404:
-            return _error(404, "path", f"no route {request.method} {_show(request.path, 80)}")
+            return _error(404, "path", f"no route {request.method} {show(request.path, 80)}")
         if exc.status == 405:
-            resp = _error(405, "method", f"{request.method} is not allowed on {_show(request.path, 80)}")
+            resp = _error(405, "method", f"{request.method} is not allowed on {show(request.path, 80)}")
             if "Allow" in exc.headers:
                 resp.headers["Allow"] = exc.headers["Allow"]
             return resp
@@ -648,6 +583,8 @@ def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S) -> web.Applicatio
     app.router.add_get("/v1/jobs/{id}/result", get_result)
     app.router.add_get("/v1/stages", stages)
     app.router.add_get("/v1/signals", signals)
+    app.router.add_get("/v1/workflows", list_workflows)
+    app.router.add_get("/v1/workflows/{name}", get_workflow)
     app.router.add_post("/v1/workers/{id}/drain", drain_worker)
     app.router.add_post("/v1/workers/{id}/lost", lost_worker)
     app.router.add_get("/v1/openapi.json", openapi_json)

@@ -1,25 +1,29 @@
 """The OpenAPI 3.1 document of the REST API (``GET /v1/openapi.json``).
 
 Generated, never written by hand where the validator has a say: the caller
-(``broker.api.openapi_document``) passes the validator's own declarations,
+(``broker.api.openapi_document``) passes, for each served workflow, what its
+``[params.NAME]`` tables declare:
 
-- ``fields``: each request field but ``image`` and ``workflow``, as the JSON
-  Schema its declaration produces (bounds, ``multipleOf``, ``maxLength``, the
-  values of a ``4k+1`` field);
-- ``workflows``: each served workflow and the fields a submission for it must
-  carry (``image`` where the workflow reads one),
+- ``params``: each parameter's JSON Schema as its declaration produces it
+  (bounds, ``multipleOf``, ``maxLength``, the values of a ``4k+1`` integer,
+  the default);
+- ``required``: the parameters a submission must carry;
+- ``images``: the image parameters, sent as base64 in JSON and as a file part
+  in a form,
 
-so the documented rules are the enforced ones. The request schema is the
-union of the fields (``additionalProperties: false``) and a ``oneOf`` with one
-branch per workflow, which names the workflow and its required fields; the
-default workflow's branch also matches a request without ``workflow``.
-What JSON Schema cannot say (an image that decodes, its size, the body
-limit) is a documented 4xx.
+so the documented rules are the enforced ones. Each workflow has its own
+request schema (``JobRequest_<name>``, ``additionalProperties: false``): its
+parameters and ``workflow`` as a constant, which it requires unless it is the
+default workflow (that one also takes ``workflow`` left out, null or empty).
+``JobRequest`` is the ``oneOf`` of them, and exactly one branch matches any
+request that names a served workflow or none; ``JobRequestForm`` is the same
+for multipart/form-data. What JSON Schema cannot say (an image that decodes,
+its size, the body limit) is a documented 4xx.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 VERSION = "0.1.0"
@@ -39,62 +43,131 @@ def _error(description: str) -> dict:
     return _json(_ref("Error"), description)
 
 
-def request_schema(fields: Mapping[str, dict], image: dict, workflows: Mapping[str, Sequence[str]],
-                   default_workflow: str | None) -> dict:
-    """One submission body: every field, and per workflow which of them it requires.
+def component_name(workflow: str, form: bool = False) -> str:
+    """The component of ``workflow``'s request schema: ``JobRequest_<name>`` (``JobRequestForm_<name>``)."""
+    return f"JobRequest{'Form' if form else ''}_{workflow}"
 
-    ``workflows`` maps each served workflow to its required fields; the branch
-    of ``default_workflow`` (None: no default is served) also matches when
-    ``workflow`` is left out, the others require it, so exactly one branch
-    matches any request that names a served workflow or none.
-    """
-    names = sorted(workflows)
-    workflow: dict[str, Any] = {"type": "string", "enum": names, "description": "The workflow to run."}
-    if default_workflow in workflows:
-        workflow["default"] = default_workflow
-        workflow["description"] += f" Left out, null or empty: {default_workflow}."
+
+def request_schema(name: str, workflow: Mapping[str, Any], image: dict, default: bool, form: bool = False) -> dict:
+    """The body of a ``name`` job: its declared params, ``image`` standing in for each image param's
+    schema, and ``workflow``, required unless ``default`` (then also null or empty; a form has no null)."""
+    params = workflow["params"]
+    required = list(workflow["required"])
+    properties = {}
+    for p, schema in params.items():
+        if p in workflow["images"]:
+            schema = {**image, "description": f"{schema.get('description', '')} {image['description']}".strip()}
+        elif not form and p not in required:
+            schema = nullable(schema)
+        properties[p] = schema
+    if default:
+        properties["workflow"] = {"enum": [name, ""] if form else [name, "", None], "default": name,
+                                  "description": f"{name}, the default workflow: it may be left out, null or empty."}
     else:
-        workflow["description"] += " Required: the default workflow is not served here."
-    first = list(workflows[names[0]]) if names else []
-    common = [f for f in first if all(f in workflows[n] for n in names)]
-    schema: dict[str, Any] = {
-        "type": "object", "additionalProperties": False, "required": common,
-        "properties": {**fields, "workflow": workflow, "image": image},
-        "description": "A job. An optional field left out or null takes its default.",
+        properties["workflow"] = {"const": name, "description": "The workflow to run."}
+        required.append("workflow")
+    described = workflow["description"] or name
+    return {
+        "type": "object", "title": name, "additionalProperties": False, "required": required,
+        "properties": properties,
+        "description": f"A {name} job ({described}). It requires {', '.join(required) or 'nothing'}; an optional"
+                       " parameter left out or null takes its default.",
     }
-    branches = []
-    for name in names:
-        required = list(workflows[name])
-        if name != default_workflow:
-            required.append("workflow")
-        branches.append({"title": name, "description": f"A {name} job: it requires {', '.join(required)}.",
-                         "properties": {"workflow": {"const": name}}, "required": required})
-    if branches:
-        schema["oneOf"] = branches
+
+
+def nullable(schema: dict) -> dict:
+    """``schema`` that also admits null: in JSON, an optional parameter sent as null is left out."""
+    out = {**schema, "type": [schema["type"], "null"]}
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None]
+    return out
+
+
+def request_union(workflows: Mapping[str, Any], default_workflow: str | None, form: bool) -> dict:
+    """``oneOf`` the per-workflow request schemas; exactly one matches a request for a served workflow."""
+    names = sorted(workflows)
+    refs = [_ref(component_name(n, form)) for n in names]
+    how = (f"Left out, `workflow` is {default_workflow}." if default_workflow
+           else "`workflow` is required: more than one workflow is served and the default one is not.")
+    schema: dict[str, Any] = {"oneOf": refs, "description": f"A job of one of the served workflows. {how}"}
+    if default_workflow is None and names:  # every branch requires `workflow`: it tells them apart
+        schema["discriminator"] = {"propertyName": "workflow",
+                                   "mapping": {n: ref["$ref"] for n, ref in zip(names, refs, strict=True)}}
     return schema
 
 
-def document(fields: Mapping[str, dict], workflows: Mapping[str, Sequence[str]], default_workflow: str | None,
-             max_request_bytes: int, image: Mapping[str, Any]) -> dict:
+def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str | None, max_request_bytes: int,
+             image: Mapping[str, Any]) -> dict:
     """The whole document.
 
-    ``fields`` maps each request field but ``image`` and ``workflow`` to its JSON
-    Schema; ``workflows`` maps each served workflow to the fields it requires;
+    ``workflows`` maps each served workflow to its ``description``, ``params``
+    (name -> JSON Schema), ``required`` and ``images`` (param names);
+    ``default_workflow`` is the one a request naming none gets (None: none);
     ``image`` holds the accepted ``formats`` and ``min_side``/``max_side``.
     """
     image_rule = (f"{', '.join(image['formats'])}, {image['min_side']}x{image['min_side']} to "
-                  f"{image['max_side']}x{image['max_side']} pixels, at most {max_request_bytes} bytes. Required by "
-                  "workflows with an image_encode or vae_encode stage (see each workflow's branch).")
+                  f"{image['max_side']}x{image['max_side']} pixels, at most {max_request_bytes} bytes.")
     json_image = {"type": "string", "minLength": 1, "contentEncoding": "base64",
-                  "description": "Base64 image (a data: URL prefix is accepted): " + image_rule}
+                  "description": "Base64 (a data: URL prefix is accepted): " + image_rule}
     form_image = {"type": "string", "minLength": 1, "contentMediaType": "application/octet-stream",
-                  "description": "The image as a file part: " + image_rule}
+                  "description": "A file part: " + image_rule}
     job_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Job id."}
     not_found = _error("No job with this id.")
     nullable_number = {"type": ["number", "null"]}
+    requests = {}
+    for name, workflow in sorted(workflows.items()):
+        requests[component_name(name)] = request_schema(name, workflow, json_image, name == default_workflow,
+                                                        form=False)
+        requests[component_name(name, form=True)] = request_schema(name, workflow, form_image,
+                                                                   name == default_workflow, form=True)
+    # how a form sends what is not text: images as files, maps as JSON (the validator reads both)
+    encoding = {p: {"contentType": "image/png, image/jpeg, image/webp, application/octet-stream"}
+                for w in workflows.values() for p in w["images"]}
+    encoding.update({p: {"contentType": "application/json"} for w in workflows.values()
+                     for p, schema in w["params"].items() if schema.get("type") == "object"})
+    declared = {"type": "object", "description": "The declaration as the workflow file writes it.",
+                "required": ["type", "required"],
+                "properties": {"type": {"type": "string",
+                                        "enum": ["string", "integer", "number", "boolean", "image", "map"]},
+                               "required": {"type": "boolean"}, "default": {"description": "Its default; "
+                                                                            "\"random\" for a random integer."},
+                               "description": {"type": "string"}}}
     schemas = {
-        "JobRequest": request_schema(fields, json_image, workflows, default_workflow),
-        "JobRequestForm": request_schema(fields, form_image, workflows, default_workflow),
+        "JobRequest": request_union(workflows, default_workflow, form=False),
+        "JobRequestForm": request_union(workflows, default_workflow, form=True),
+        **requests,
+        "Param": {**declared, "properties": {**declared["properties"],
+                                             "schema": {"type": "object", "description": "Its JSON Schema."}}},
+        "WorkflowSummary": {
+            "type": "object", "required": ["name", "description", "default", "result", "stages", "params", "links"],
+            "properties": {"name": {"type": "string"}, "description": {"type": "string"},
+                           "default": {"type": "boolean", "description": "Whether a job naming no workflow "
+                                                                         "gets this one."},
+                           "result": {"type": "string", "description": "The stage whose output is the result."},
+                           "stages": {"type": "array", "items": {"type": "string"}},
+                           "params": {"type": "object", "additionalProperties": declared},
+                           "links": {"type": "object", "properties": {"self": {"type": "string"}}}},
+        },
+        "Workflow": {
+            "type": "object",
+            "required": ["name", "description", "default", "result", "stages", "params", "models", "images"],
+            "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"}, "default": {"type": "boolean"},
+                "result": {"type": "string", "description": "The stage whose output is the job's result."},
+                "stages": {"type": "object", "additionalProperties": {
+                    "type": "object", "required": ["kind", "model", "after", "outputs", "gpu"],
+                    "properties": {"kind": {"type": "string"},
+                                   "model": {"type": "string", "description": "The weights it holds; \"\": none."},
+                                   "after": {"type": "array", "items": {"type": "string"}},
+                                   "outputs": {"type": "array", "items": {"type": "string"}},
+                                   "gpu": {"type": "boolean"}, "progress": {"type": "boolean"}}}},
+                "models": {"type": "array", "items": {"type": "string"}},
+                "images": {"type": "array", "items": {"type": "string"},
+                           "description": "The image params: sent base64 in JSON, as a file part in a form."},
+                "params": {"type": "object", "additionalProperties": _ref("Param")},
+                "links": {"type": "object", "properties": {"self": {"type": "string"}}},
+            },
+        },
         "Error": {
             "type": "object", "required": ["error", "field"],
             "properties": {"error": {"type": "string", "description": "What is wrong, naming the field."},
@@ -214,13 +287,14 @@ def document(fields: Mapping[str, dict], workflows: Mapping[str, Sequence[str]],
                 "summary": "Submit a job",
                 "requestBody": {"required": True, "content": {
                     "application/json": {"schema": _ref("JobRequest")},
-                    "multipart/form-data": {"schema": _ref("JobRequestForm")},
+                    "multipart/form-data": {"schema": _ref("JobRequestForm"), "encoding": encoding},
                 }},
                 "responses": {
                     "201": {**_json(_ref("JobCreated"), "Accepted and durable; Location names the job."),
                             "headers": {"Location": {"schema": {"type": "string"}}}},
-                    "400": _error("A field is missing, malformed or out of bounds, the image does not decode or "
-                                  "is too small or large, or the body is not valid."),
+                    "400": _error("The workflow is unknown (or left out where no default is served), a parameter "
+                                  "is unknown to it, missing, malformed or out of bounds, the image does not "
+                                  "decode or is too small or large, or the body is not valid."),
                     "413": _error(f"The body is larger than {max_request_bytes} bytes."),
                     "415": _error("The body is neither application/json nor multipart/form-data."),
                 },
@@ -283,6 +357,27 @@ def document(fields: Mapping[str, dict], workflows: Mapping[str, Sequence[str]],
                                "responses": {"200": _json(_ref("Stages"), "Stages.")}}},
         "/v1/signals": {"get": {"summary": "Cumulative per-stage counters, for a node manager in another process",
                                 "responses": {"200": _json(_ref("Signals"), "Signals.")}}},
+        "/v1/workflows": {"get": {
+            "summary": "The served workflows",
+            "description": "Each with its stages and parameters (type, required, default); `default` names the "
+                           "workflow of a job that names none (null: a job must name one).",
+            "responses": {"200": _json({"type": "object", "required": ["default", "workflows"],
+                                        "properties": {"default": {"type": ["string", "null"]},
+                                                       "workflows": {"type": "array",
+                                                                     "items": _ref("WorkflowSummary")}}},
+                                       "Workflows, by name.")}}},
+        "/v1/workflows/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                            "description": "Workflow name (see /v1/workflows)."}],
+            "get": {
+                "summary": "One served workflow",
+                "description": "Its stages (kind, model, after, outputs, gpu), the models it uses, its result "
+                               "stage and its parameters: each declaration with its JSON Schema, as the request "
+                               "schema JobRequest_<name> uses them.",
+                "responses": {"200": _json(_ref("Workflow"), "The workflow."),
+                              "404": _error("No workflow of this name is served.")},
+            },
+        },
         "/v1/workers/{id}/drain": {
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
                             "description": "Worker id (see /v1/stages)."}],
@@ -327,7 +422,8 @@ def document(fields: Mapping[str, dict], workflows: Mapping[str, Sequence[str]],
     return {
         "openapi": "3.1.0",
         "info": {"title": "OnePiece broker", "version": VERSION,
-                 "description": "Multi-stage image-to-video jobs: submit, follow, fetch, cancel. "
+                 "description": "Multi-stage video jobs, one request schema per workflow: submit, follow, "
+                                "fetch, cancel. "
                                 "Every error is JSON with `error` and `field`."},
         "paths": paths,
         "components": {"schemas": schemas},

@@ -23,8 +23,19 @@ async def _error(resp: aiohttp.ClientResponse) -> str:
         return (await resp.text())[:200]
 
 
-async def submit(session: aiohttp.ClientSession, url: str, image: bytes | None, **params) -> str:
-    body = {k: v for k, v in params.items() if v is not None}
+async def submit(session: aiohttp.ClientSession, url: str, image: bytes | None, workflow: str | None = None,
+                 **params) -> str:
+    """Submit a job of ``workflow`` (None: the broker's default) and return its id.
+
+    ``image`` is the input image (None for a workflow that takes none, e.g.
+    text-to-video); ``params`` are the workflow's parameters as its
+    declaration names them, None meaning left out (the broker fills in the
+    defaults). A ``bytes`` value is another image parameter, sent as base64.
+    """
+    body = {k: base64.b64encode(v).decode() if isinstance(v, (bytes, bytearray)) else v
+            for k, v in params.items() if v is not None}
+    if workflow is not None:
+        body["workflow"] = workflow
     if image is not None:
         body["image"] = base64.b64encode(image).decode()
     async with session.post(f"{url}/v1/jobs", json=body) as resp:
@@ -45,7 +56,8 @@ async def events(session: aiohttp.ClientSession, url: str, job_id: str) -> Async
                 if "data" in event:
                     # The data line is the stored event: {seq, ts, type, data}.
                     body = json.loads(event["data"])
-                    yield {"type": event.get("event", body.get("type", "message")), "data": body.get("data", {})}
+                    yield {"type": event.get("event", body.get("type", "message")), "data": body.get("data", {}),
+                           "seq": body.get("seq"), "ts": body.get("ts")}
                 event = {}
             elif not line.startswith(":"):
                 key, _, value = line.partition(":")

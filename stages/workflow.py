@@ -1,9 +1,10 @@
-"""Workflows as data: a DAG of stages read from a TOML file.
+"""Workflows as data: a DAG of stages and the job parameters, read from a TOML file.
 
-A workflow file names its stages, what each one runs (``kind``), which
-stages it waits for (``after``) and the tensors it hands on (``outputs``).
-The broker only ever looks at this graph, so a new workflow (text-to-video,
-a phase-split denoise) is a new file, not a broker change::
+A workflow file names its stages, what each one runs (``kind``) with which
+weights (``model``), which stages it waits for (``after``) and the tensors it
+hands on (``outputs``), and declares the parameters a job takes. The broker
+only ever looks at this file, so a new workflow (text-to-video, a phase-split
+denoise) is a new file, not a broker change::
 
     name = "wan_i2v"
     description = "Wan2.1 image-to-video"
@@ -11,32 +12,56 @@ a phase-split denoise) is a new file, not a broker change::
 
     [stages.denoise]
     kind = "denoise"               # implementation a worker runs (default: the stage name)
+    model = "wan2.1-i2v-14b"       # the weights it holds (default "": none, or not named)
     gpu = true                     # default false
     after = ["text_encode", "image_encode", "vae_encode"]   # default [] (a root)
     outputs = ["latents"]          # default []
     progress = true                # reports per-step progress, default false
     # any other key (e.g. a [stages.denoise.synthetic] table) lands in `options`
 
+    [params.steps]                 # one table per job parameter (see stages/params.py)
+    type = "integer"               # string, integer, number, boolean, image or map
+    default = 40                   # or required = true
+    minimum = 1
+    maximum = 100
+    description = "Denoising steps."
+
+The ``[params.NAME]`` tables are the one declaration of a job's parameters:
+REST validation and its messages, the OpenAPI document, ``GET /v1/workflows``,
+the options of ``onepiece submit`` and the values the stages receive all come
+from them (:meth:`Workflow.resolve_params` fills the defaults, so a stage sees
+every declared value). A workflow without ``[params]`` accepts no parameters.
+An ``image`` param is the job's input image: it travels in the job's payload,
+not among the parameters.
+
 Bare names resolve to the files shipped in ``stages/workflows/``.
 
 Rules checked at load time, each failure a :class:`WorkflowError` naming the
-file and the stage: at least one stage; every ``after`` names a known stage,
-not itself, without repeats; no cycles; ``result`` names a stage that no
+file and the stage or param: at least one stage; every ``after`` names a known
+stage, not itself, without repeats; no cycles; ``result`` names a stage that no
 other stage waits for; every stage feeds the result (a stage that does not
 would be cancelled when the job ends, so it could never be useful); synthetic
-stages carry a valid ``synthetic`` table. Fan-out (one stage feeding several)
+stages carry a valid ``synthetic`` table; every param is a valid declaration
+(a known type and keys, a default within its bounds, not both required and
+defaulted) with an identifier for a name. Fan-out (one stage feeding several)
 and fan-in (several feeding one) are both allowed.
-"""
 
+The workflows one broker serves share one namespace of stages, checked by
+:func:`check_shared`: a stage name names one (kind, model) and one worker of it
+serves every workflow that uses it.
+"""
 from __future__ import annotations
 
 import math
 import random
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .params import DeclarationError, Image, Param, ParamError, param_from_table, show
 
 __all__ = [
     "StageSpec",
@@ -44,6 +69,7 @@ __all__ = [
     "Workflow",
     "WorkflowError",
     "available_workflows",
+    "check_shared",
     "load_workflow",
     "loads_workflow",
     "workflow_from_dict",
@@ -51,8 +77,11 @@ __all__ = [
 
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 
-_STAGE_KEYS = {"kind", "after", "outputs", "gpu", "progress"}
-_TOP_KEYS = {"name", "description", "result", "stages"}
+_STAGE_KEYS = {"kind", "model", "after", "outputs", "gpu", "progress"}
+_TOP_KEYS = {"name", "description", "result", "stages", "params"}
+_WORKFLOW_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+RESERVED_PARAMS = frozenset({"workflow"})  # the REST body's own field
 
 
 class WorkflowError(ValueError):
@@ -61,7 +90,11 @@ class WorkflowError(ValueError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage of a workflow. Treat ``options`` as read-only."""
+    """One stage of a workflow. Treat ``options`` as read-only.
+
+    ``model`` names the weights the stage holds ("" where it holds none); the
+    stage's name stands for its (kind, model) in every workflow a broker serves.
+    """
 
     name: str
     kind: str
@@ -70,6 +103,7 @@ class StageSpec:
     gpu: bool = False
     progress: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    model: str = ""
 
     @property
     def synthetic(self) -> SyntheticSpec | None:
@@ -80,13 +114,59 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Workflow:
-    """A validated DAG of stages; ``stages`` is in topological order."""
+    """A validated DAG of stages and its job parameters; ``stages`` is in topological order,
+    ``params`` in file order."""
 
     name: str
     description: str
     stages: Mapping[str, StageSpec]
     result: str
     source: str = "<dict>"
+    params: Mapping[str, Param] = field(default_factory=dict)
+
+    def images(self) -> list[str]:
+        """The names of the image params: what a job carries in its payload."""
+        return [name for name, p in self.params.items() if isinstance(p, Image)]
+
+    def models(self) -> list[str]:
+        """The models the stages hold, each once, in stage order."""
+        return list(dict.fromkeys(s.model for s in self.stages.values() if s.model))
+
+    def resolve_params(self, raw: Mapping[str, Any], *, form: bool = False) -> dict[str, Any]:
+        """The job parameters of a submission, checked and with every default filled.
+
+        ``raw`` holds JSON values (with ``form``, multipart text is parsed too);
+        None counts as left out. Image params are checked by the caller and
+        are not in the result: their bytes travel in the job's payload. A param
+        neither given, required nor defaulted is absent. Resolving the result
+        again gives it back unchanged (a random seed is drawn once). Raises
+        :class:`ParamError` naming the param: ``unknown_field`` for a name
+        this workflow does not declare, ``missing`` for a required one left
+        out, ``invalid`` for a value out of its bounds or of the wrong type.
+        """
+        unknown = sorted(str(k) for k in raw if k not in self.params)
+        if unknown:
+            named = ", ".join(map(show, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            accepted = ", ".join(self.params) or f"none ({self.name!r} declares no parameters)"
+            raise ParamError(unknown[0][:100], f"unknown field{'s' if len(unknown) > 1 else ''} {named} for workflow"
+                             f" {self.name!r}; accepted: {accepted}", reason="unknown_field")
+        out: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if isinstance(param, Image):
+                continue
+            value = raw.get(name)
+            if value is None:
+                if param.required:
+                    raise ParamError(name, f"{name} is required by workflow {self.name!r}", reason="missing")
+                value = param.make_default()
+                if value is not None:
+                    out[name] = value
+                continue
+            try:
+                out[name] = param.parse(value, form)
+            except ParamError as exc:
+                raise ParamError(exc.field, f"{exc.message} (workflow {self.name!r})", exc.reason) from None
+        return out
 
     def roots(self) -> list[str]:
         """Stages that wait for nothing, in file order."""
@@ -245,6 +325,9 @@ def workflow_from_dict(
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise fail("missing 'name' (a non-empty string)")
+    if not _WORKFLOW_NAME.fullmatch(name):
+        raise fail(f"'name' {name!r} may hold only letters, digits, '.', '_' and '-': it is part of URLs and"
+                   " of the OpenAPI document")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise fail("'description' must be a string")
@@ -291,7 +374,26 @@ def workflow_from_dict(
         stages={s: specs[s] for s in order},
         result=result,
         source=source,
+        params=_params(data.get("params", {}), source),
     )
+
+
+def _params(tables: Any, source: str) -> dict[str, Param]:
+    """The ``[params.NAME]`` tables, each a checked declaration."""
+    if not isinstance(tables, Mapping):
+        raise WorkflowError(f"{source}: 'params' must be a table of [params.NAME] tables")
+    out: dict[str, Param] = {}
+    for pname, table in tables.items():
+        where = f"{source}: param {pname!r}: "
+        if not _PARAM_NAME.fullmatch(pname):
+            raise WorkflowError(where + "a param name is an identifier of up to 64 characters (letters, digits, _)")
+        if pname in RESERVED_PARAMS:
+            raise WorkflowError(where + f"{pname!r} is reserved: the REST API's body uses it to name the workflow")
+        try:
+            out[pname] = param_from_table(pname, table)
+        except DeclarationError as exc:
+            raise WorkflowError(where + str(exc)) from None
+    return out
 
 
 def _stage(name: str, table: Mapping[str, Any], fail) -> StageSpec:
@@ -314,8 +416,11 @@ def _stage(name: str, table: Mapping[str, Any], fail) -> StageSpec:
             raise fail(f"{key!r} must be true or false, not {value!r}", name)
         return value
 
+    model = table.get("model", "")
+    if not isinstance(model, str):
+        raise fail(f"'model' must be a string, not {model!r}", name)
     options = {k: v for k, v in table.items() if k not in _STAGE_KEYS}
-    spec = StageSpec(name, kind, names("after"), names("outputs"), flag("gpu"), flag("progress"), options)
+    spec = StageSpec(name, kind, names("after"), names("outputs"), flag("gpu"), flag("progress"), options, model)
     if kind == "synthetic" or "synthetic" in options:
         try:
             SyntheticSpec.from_mapping(options.get("synthetic", {}))
@@ -350,3 +455,47 @@ def _topological(specs: Mapping[str, StageSpec], fail) -> list[str]:
             raise fail("cycle: " + " -> ".join(reversed(cycle)), cycle[-1])
         seen[nxt] = len(path)
         path.append(nxt)
+
+
+# -- the workflows of one broker ------------------------------------------------------
+
+_SHARED = ("kind", "model", "outputs", "gpu", "progress", "options")
+
+
+def check_shared(workflows: Mapping[str, Workflow]) -> None:
+    """Refuse workflows that cannot be served together; WorkflowError names both sides.
+
+    A stage name is global across the workflows one broker serves: one worker
+    of a stage serves every workflow that uses it, so each workflow's stage of
+    that name must be the same stage (kind, model, outputs, gpu, progress and
+    options such as the synthetic table; only ``after`` may differ). And a
+    (kind, model) is one stage: two stages that run the same kind with the
+    same non-empty model must share a name, else two workers would each hold
+    the same weights.
+    """
+    by_name: dict[str, tuple[Workflow, StageSpec]] = {}
+    by_model: dict[tuple[str, str], tuple[Workflow, StageSpec]] = {}
+    for wf in workflows.values():
+        for spec in wf.stages.values():
+            if spec.name in by_name:
+                other_wf, other = by_name[spec.name]
+                for key in _SHARED:
+                    mine, theirs = getattr(spec, key), getattr(other, key)
+                    if mine != theirs:
+                        raise WorkflowError(
+                            f"{wf.source}: stage {spec.name!r}: its {key} {mine!r} differs from {theirs!r} in stage"
+                            f" {other.name!r} of workflow {other_wf.name!r} ({other_wf.source}); a stage name is"
+                            " shared by every workflow a broker serves and one worker serves it for all of them:"
+                            " make them the same or give this stage another name")
+            else:
+                by_name[spec.name] = (wf, spec)
+            if not spec.model:
+                continue
+            key = (spec.kind, spec.model)
+            if key in by_model and by_model[key][1].name != spec.name:
+                other_wf, other = by_model[key]
+                raise WorkflowError(
+                    f"{wf.source}: stage {spec.name!r}: runs kind {spec.kind!r} with model {spec.model!r} like stage"
+                    f" {other.name!r} of workflow {other_wf.name!r} ({other_wf.source}); name it {other.name!r} so"
+                    " that one worker serves both")
+            by_model.setdefault(key, (wf, spec))

@@ -12,6 +12,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The job parameters the test workflows declare (append it: a TOML table takes the keys after it):
+# a label, and what the synthetic stages read.
+SYNTHETIC_PARAMS = """
+[params.prompt]
+type = "string"
+max_length = 200
+[params.steps]
+type = "integer"
+default = 1
+minimum = 1
+maximum = 1000
+[params.work]
+type = "map"
+minimum = 0.0
+maximum = 1000.0
+"""
+
+
 def chain3(name: str, b_service: float) -> str:
     """A synthetic workflow a -> b -> c whose middle stage takes ``b_service`` seconds."""
     return f"""
@@ -35,4 +53,4 @@ kind = "synthetic"
 after = ["b"]
 [stages.c.synthetic]
 service_time = 0.01
-"""
+""" + SYNTHETIC_PARAMS

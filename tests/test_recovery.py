@@ -22,6 +22,7 @@ import pytest_asyncio
 from onepiece import client
 from onepiece.stack import Stack
 
+from .helpers import SYNTHETIC_PARAMS
 from .test_e2e import events_until_end, handle_of, settings_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -68,7 +69,7 @@ kind = "synthetic"
 after = ["v_decode"]
 [stages.v_encode.synthetic]
 service_time = 0.3
-"""
+""" + SYNTHETIC_PARAMS
 
 CONSUMER = {"t_encode": "dn", "dn": "v_decode", "v_decode": "v_encode"}
 BUSY_S = 6.0  # how long the earlier jobs keep the consumer stage busy
@@ -99,7 +100,6 @@ async def test_worker_killed_holding_finished_outputs_the_job_still_succeeds(wan
     if consumer is not None:
         # two earlier jobs hold both consumer workers for BUSY_S: work = a per-stage time factor
         work = {consumer: BUSY_S / 0.3}
-        # (submitted to the broker directly: the REST API takes only the served parameters)
         busy = [stack.broker.submit("wanlike", {"prompt": f"busy {i}", "steps": 4, "work": work})
                 for i in range(2)]
         while stack.broker.stages()[consumer]["busy"] < 2:

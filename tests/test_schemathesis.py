@@ -10,9 +10,12 @@ how the document and the validator are held to agree. Afterwards, a valid
 job still runs through the workers to ``succeeded``, and the operations on
 real jobs (which random ids never reach) are checked the same way.
 
-The stack serves ``synthetic3`` with workers and ``wan_i2v`` without any
-(its stages are on demand but never started): the REST layer validates
-both, and ``wan_i2v`` jobs stay queued until they are cancelled.
+The stack serves ``synthetic3`` with workers and three Wan workflows without
+any (their stages are on demand but never started): one request schema per
+workflow, each with its own parameters, defaults and image rule (wan_i2v and
+wan22_i2v take one, wan_t2v none), so the fuzzer puts every branch of the
+request's ``oneOf`` to the validator; Wan jobs stay queued until they are
+cancelled.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ pytestmark = pytest.mark.timeout(300)
 os.environ.setdefault("ONEPIECE_LOG_LEVEL", "WARNING")  # worker processes inherit it
 
 SYNTHETIC = ("a", "b", "c")
+WORKFLOWS = ["synthetic3", "wan_i2v", "wan_t2v", "wan22_i2v"]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance, positive_data_acceptance, negative_data_rejection, unsupported_method]
 FUZZ = {
@@ -108,7 +112,7 @@ class StackThread:
 @pytest.fixture(scope="module")
 def stack_url(tmp_path_factory):
     settings = load_settings(env={}, data_dir=tmp_path_factory.mktemp("fuzz"), control="tcp://127.0.0.1:*",
-                             rest_port=0, workflows=["synthetic3", "wan_i2v"], heartbeat_s=0.5, liveness=3,
+                             rest_port=0, workflows=WORKFLOWS, heartbeat_s=0.5, liveness=3,
                              max_request_bytes=1 << 20)
     running = StackThread(settings)
     try:
@@ -163,7 +167,7 @@ def test_a_valid_job_succeeds_after_the_fuzzing_and_real_jobs_keep_the_contract(
         if job["state"] in ("queued", "running"):
             assert session.delete(f"{stack_url}/v1/jobs/{job['id']}", timeout=10).status_code in (202, 409)
     jobs, job = api_schema["/v1/jobs"]["POST"], api_schema["/v1/jobs/{id}"]
-    done = jobs.Case(body={"prompt": "after the storm", "workflow": "synthetic3"}, media_type="application/json")
+    done = jobs.Case(body={"workflow": "synthetic3", "steps": 3, "work": {"b": 0.5}}, media_type="application/json")
     done_id = done.call_and_validate(base_url=stack_url, checks=CHECKS).json()["id"]
     assert wait_until_ended(session, stack_url, done_id) == "succeeded"
     assert live_workers(stack_url), "the fuzzer drained a worker"
@@ -171,6 +175,19 @@ def test_a_valid_job_succeeds_after_the_fuzzing_and_real_jobs_keep_the_contract(
     waiting = jobs.Case(body={"prompt": "no workers for this one", "image": base64.b64encode(PNG).decode()},
                         media_type="application/json")
     waiting_id = waiting.call_and_validate(base_url=stack_url, checks=CHECKS).json()["id"]
+    # every served workflow is validated from its own declaration, over the documented contract
+    text = jobs.Case(body={"workflow": "wan_t2v", "prompt": "no image here", "steps": 2},
+                     media_type="application/json")
+    text_id = text.call_and_validate(base_url=stack_url, checks=CHECKS).json()["id"]
+    assert session.get(f"{stack_url}/v1/jobs/{text_id}", timeout=10).json()["params"]["steps"] == 2
+    refused = jobs.Case(body={"workflow": "wan_t2v", "prompt": "p", "image": base64.b64encode(PNG).decode()},
+                        media_type="application/json").call_and_validate(base_url=stack_url, checks=CHECKS)
+    assert refused.status_code == 400 and refused.json()["field"] == "image"
+    assert session.delete(f"{stack_url}/v1/jobs/{text_id}", timeout=10).status_code == 202
+    workflows = api_schema["/v1/workflows/{name}"]["GET"]
+    for name in WORKFLOWS:
+        resp = workflows.Case(path_parameters={"name": name}).call_and_validate(base_url=stack_url, checks=CHECKS)
+        assert resp.json()["name"] == name
     # The documented shapes of real jobs: views, event streams as sent, cancel, and results not there.
     events, result = api_schema["/v1/jobs/{id}/events"]["GET"], api_schema["/v1/jobs/{id}/result"]["GET"]
     calls = [(job["GET"], done_id, 200), (job["GET"], waiting_id, 200), (job["DELETE"], done_id, 409),

@@ -15,11 +15,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from broker.api import FIELDS, STREAMS, Invalid, check_image, decode_base64, make_app, start_api, validate_job
+from broker.api import STREAMS, Invalid, check_image, decode_base64, make_app, start_api, validate_job
 from broker.service import Broker
 from onepiece.config import Settings
+from stages.workflow import Image as ImageParam
+from stages.workflow import load_workflow
 
 LIMIT = 1 << 20  # a small body limit keeps the over-limit cases quick
+SHIPPED = ["wan_i2v", "wan_t2v", "wan22_i2v", "wan22_t2v", "synthetic3"]
 
 
 def image_bytes(w: int = 64, h: int = 48, fmt: str = "PNG", noise: bool = False) -> bytes:
@@ -55,8 +58,7 @@ def form(**fields) -> aiohttp.FormData:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    return Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path, workflows=["wan_i2v", "synthetic3"],
-                    max_request_bytes=LIMIT)
+    return Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path, workflows=SHIPPED, max_request_bytes=LIMIT)
 
 
 @pytest.fixture
@@ -135,8 +137,32 @@ BAD = [
     ("seed_too_big", dict(json=valid(seed=2**63)), 400, "seed", "between 0 and"),
     ("bool_for_int", dict(json=valid(steps=True)), 400, "steps", "not a boolean"),
     ("bool_for_number", dict(json=valid(guidance_scale=False)), 400, "guidance_scale", "not a boolean"),
-    ("unknown_field", dict(json=valid(strength=0.5)), 400, "strength", "unknown field"),
-    ("unknown_workflow", dict(json=valid(workflow="t2v_huge")), 400, "workflow", "unknown workflow"),
+    ("unknown_field", dict(json=valid(strength=0.5)), 400, "strength",
+     "unknown field 'strength' for workflow 'wan_i2v'; accepted: prompt, negative_prompt, height"),
+    ("unknown_workflow", dict(json=valid(workflow="t2v_huge")), 400, "workflow", "unknown workflow 't2v_huge'"),
+    # each workflow checks its own declaration
+    ("t2v_with_image", dict(json=valid(workflow="wan_t2v")), 400, "image", "workflow 'wan_t2v' takes no image"),
+    ("t2v_unknown_field", dict(json={"workflow": "wan_t2v", "prompt": "p", "foo": 1}), 400, "foo",
+     "unknown field 'foo' for workflow 'wan_t2v'; accepted: prompt,"),
+    ("t2v_steps_too_many", dict(json={"workflow": "wan_t2v", "prompt": "p", "steps": 101}), 400, "steps",
+     "steps must be between 1 and 100, got 101 (workflow 'wan_t2v')"),
+    ("wan22_no_image", dict(json=valid(workflow="wan22_i2v", image=...)), 400, "image",
+     "image is required by workflow 'wan22_i2v'"),
+    ("i2v_no_image_named", dict(json=valid(image=None)), 400, "image", "image is required by workflow 'wan_i2v'"),
+    ("wan22_guidance_2_wrong_type", dict(json={"workflow": "wan22_t2v", "prompt": "p", "guidance_scale_2": "4"}),
+     400, "guidance_scale_2", "guidance_scale_2 must be a number, not a string (workflow 'wan22_t2v')"),
+    ("i2v_guidance_2_unknown", dict(json=valid(guidance_scale_2=4.0)), 400, "guidance_scale_2",
+     "unknown field 'guidance_scale_2' for workflow 'wan_i2v'"),
+    ("synthetic_steps_too_many", dict(json={"workflow": "synthetic3", "steps": 1001}), 400, "steps",
+     "steps must be between 1 and 1000, got 1001 (workflow 'synthetic3')"),
+    ("synthetic_work_negative", dict(json={"workflow": "synthetic3", "work": {"b": -1}}), 400, "work",
+     "work['b'] must be between 0 and 1000, got -1"),
+    ("synthetic_work_not_map", dict(json={"workflow": "synthetic3", "work": 2}), 400, "work",
+     "work must be an object of numbers, not an integer"),
+    ("synthetic_with_image", dict(json={"workflow": "synthetic3", "image": PNG_B64}), 400, "image",
+     "workflow 'synthetic3' takes no image"),
+    ("form_synthetic_work_not_json", dict(data=lambda: form(workflow="synthetic3", work=b"{b: 2}")), 400, "work",
+     "work must be a JSON object"),
     ("workflow_not_string", dict(json=valid(workflow=3)), 400, "workflow", "must be a string"),
     ("form_steps_not_int", dict(data=lambda: form(prompt="p", image=PNG, steps="ten")),
      400, "steps", "must be an integer"),
@@ -194,7 +220,7 @@ async def test_service_survives_every_bad_request_then_accepts_json_and_multipar
         assert (await resp.json())["state"] == "queued"
     view = await (await client.get(f"/v1/jobs/{created['id']}")).json()
     assert view["params"] == {"prompt": "a dog", "negative_prompt": "", "height": 256, "width": 256,
-                              "num_frames": 17, "steps": 4, "guidance_scale": 3.5, "seed": 11}
+                              "num_frames": 17, "steps": 4, "guidance_scale": 3.5, "seed": 11, "fps": 16}
     assert broker.store.counts() == {"queued": 2}
     text = (await (await client.get("/metrics")).read()).decode()
     assert 'onepiece_rejected_requests_total{reason="invalid_image"}' in text
@@ -218,15 +244,71 @@ async def test_defaults_and_what_reaches_the_broker(client, broker, monkeypatch)
     seed = params.pop("seed")
     assert isinstance(seed, int) and 0 <= seed < 2**63
     assert params == {"prompt": "p", "negative_prompt": "", "height": 480, "width": 832, "num_frames": 81,
-                      "steps": 40, "guidance_scale": 5.0}
+                      "steps": 40, "guidance_scale": 5.0, "fps": 16}
 
 
-async def test_workflow_without_image_stages_needs_no_image(client, broker):
-    job = await submit(client, {"prompt": "load test", "workflow": "synthetic3"})
+def minimal(name: str) -> dict:
+    """A body with only what ``name``'s declaration requires, built from the declaration."""
+    wf = load_workflow(name)
+    made = {"string": "a prompt", "image": PNG_B64, "integer": 1, "number": 1.0, "boolean": True, "map": {}}
+    return {"workflow": name, **{n: made[p.TYPE] for n, p in wf.params.items() if p.required}}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+async def test_each_shipped_workflow_is_validated_from_its_declaration(client, broker, monkeypatch, name):
+    """A minimal body is accepted and the broker receives every declared value, defaults filled in;
+    leaving out any required field is refused, naming the field and the workflow."""
+    wf = load_workflow(name)
+    seen = []
+    real = broker.submit
+    monkeypatch.setattr(broker, "submit", lambda w, params, payload=None: seen.append((w, params, payload))
+                        or real(w, params, payload))
+    body = minimal(name)
+    await submit(client, body)
+    (got, params, payload), = seen
+    assert got == name
+    images = [n for n, p in wf.params.items() if isinstance(p, ImageParam)]
+    assert (payload or {}).keys() == set(images)
+    defaulted = {n for n, p in wf.params.items() if p.required or p.has_default} - set(images)
+    assert set(params) == defaulted
+    for n in defaulted - set(body):
+        assert params[n] == wf.params[n].default or wf.params[n].default == "random", n
+    assert wf.resolve_params(params) == params  # what the broker resolves again is unchanged
+    for field in set(body) - {"workflow"}:
+        resp = await client.post("/v1/jobs", json={k: v for k, v in body.items() if k != field})
+        error = await resp.json()
+        assert resp.status == 400 and error["field"] == field, error
+        assert f"{field} is required by workflow {name!r}" in error["error"]
+    assert len(seen) == 1
+
+
+async def test_wan22_second_guidance_is_absent_unless_given(client, broker):
+    job = await submit(client, {"workflow": "wan22_t2v", "prompt": "p"})
+    params = (await (await client.get(f"/v1/jobs/{job}")).json())["params"]
+    assert "guidance_scale_2" not in params and params["guidance_scale"] == 4.0 and params["steps"] == 40
+    job = await submit(client, {"workflow": "wan22_t2v", "prompt": "p", "guidance_scale_2": 3})
+    assert (await (await client.get(f"/v1/jobs/{job}")).json())["params"]["guidance_scale_2"] == 3.0
+    job = await submit(client, {"workflow": "wan_t2v", "prompt": "p"})
+    assert (await (await client.get(f"/v1/jobs/{job}")).json())["params"]["steps"] == 50  # wan_t2v's own default
+
+
+async def test_synthetic3_is_submittable_over_rest(client, broker):
+    job = await submit(client, {"workflow": "synthetic3", "steps": 3, "work": {"b": 0.5}})
     view = await (await client.get(f"/v1/jobs/{job}")).json()
     assert view["workflow"] == "synthetic3"
+    assert view["params"] == {"steps": 3, "work": {"b": 0.5}}
     assert set(view["stages"]) == {"a", "b", "c"}
     assert view["stages"]["a"]["state"] == "queued"
+    job = await submit(client, {"workflow": "synthetic3"})
+    assert (await (await client.get(f"/v1/jobs/{job}")).json())["params"] == {"steps": 1}
+    data = aiohttp.FormData()
+    data.add_field("workflow", "synthetic3")
+    data.add_field("steps", "7")
+    data.add_field("work", '{"a": 2, "c": 0}', content_type="application/json")  # a JSON part, as OpenAPI encodes it
+    resp = await client.post("/v1/jobs", data=data)
+    assert resp.status == 201, await resp.text()
+    view = await (await client.get(f"/v1/jobs/{(await resp.json())['id']}")).json()
+    assert view["params"] == {"steps": 7, "work": {"a": 2.0, "c": 0.0}}
 
 
 async def test_webp_and_multipart_raw_image_part(client):
@@ -345,8 +427,7 @@ async def test_health_ready_metrics(client, broker):
     assert resp.status == 503
     body = await resp.json()
     assert body["status"] == "not ready"
-    assert body["missing"] == sorted(["text_encode", "image_encode", "vae_encode", "denoise", "vae_decode",
-                                      "video_encode", "a", "b", "c"])
+    assert body["missing"] == sorted({s for name in SHIPPED for s in load_workflow(name).stages})
     await submit(client)
     resp = await client.get("/metrics")
     assert resp.status == 200
@@ -432,16 +513,57 @@ async def test_openapi_document(client):
     doc = await (await client.get("/v1/openapi.json")).json()
     assert doc["openapi"].startswith("3.1")
     assert {"/v1/jobs", "/v1/jobs/{id}", "/v1/jobs/{id}/events", "/v1/jobs/{id}/result", "/v1/stages",
-            "/healthz", "/readyz", "/metrics", "/v1/openapi.json"} <= set(doc["paths"])
-    request = doc["components"]["schemas"]["JobRequest"]
-    assert request["required"] == ["prompt"]
-    assert request["properties"]["height"] == {**request["properties"]["height"], "minimum": 64, "maximum": 1280,
-                                               "multipleOf": 16}
-    assert request["properties"]["workflow"]["enum"] == ["synthetic3", "wan_i2v"]
-    assert set(request["properties"]) == set(FIELDS) | {"image", "workflow"}
+            "/v1/workflows", "/v1/workflows/{name}", "/healthz", "/readyz", "/metrics",
+            "/v1/openapi.json"} <= set(doc["paths"])
+    schemas = doc["components"]["schemas"]
+    assert [r["$ref"].rsplit("_", 1)[-1] for r in schemas["JobRequest"]["oneOf"]][-2:] == ["i2v", "t2v"]
+    for name in SHIPPED:
+        request = schemas[f"JobRequest_{name}"]
+        assert set(request["properties"]) == set(load_workflow(name).params) | {"workflow"}
+        assert request["additionalProperties"] is False
+    assert schemas["JobRequest_wan_i2v"]["required"] == ["prompt", "image"]
+    assert schemas["JobRequest_wan_t2v"]["required"] == ["prompt", "workflow"]
+    assert schemas["JobRequest_wan_t2v"]["properties"]["height"] == {
+        **schemas["JobRequest_wan_t2v"]["properties"]["height"], "minimum": 64, "maximum": 1280, "multipleOf": 16}
+    assert schemas["JobRequest_wan_t2v"]["properties"]["steps"]["default"] == 50
     # every $ref resolves
     refs = [m for m in json.dumps(doc).split('"$ref": "#/components/schemas/')[1:]]
-    assert all(r.split('"')[0] in doc["components"]["schemas"] for r in refs)
+    assert all(r.split('"')[0] in schemas for r in refs)
+
+
+# -- workflows -------------------------------------------------------------------------------------
+
+
+async def test_workflows_list_and_detail(client):
+    body = await (await client.get("/v1/workflows")).json()
+    assert body["default"] == "wan_i2v"
+    assert [w["name"] for w in body["workflows"]] == sorted(SHIPPED)
+    listed = {w["name"]: w for w in body["workflows"]}
+    assert listed["wan_i2v"]["default"] is True and listed["wan_t2v"]["default"] is False
+    assert listed["wan_t2v"]["stages"] == ["text_encode", "denoise_t2v", "vae_decode", "video_encode"]
+    assert listed["wan_t2v"]["params"]["prompt"] == {"type": "string", "required": True}
+    assert listed["wan_t2v"]["params"]["steps"] == {"type": "integer", "required": False, "default": 50}
+    assert listed["synthetic3"]["params"]["work"] == {"type": "map", "required": False}
+    assert listed["wan_i2v"]["links"]["self"] == "/v1/workflows/wan_i2v"
+
+    wf = await (await client.get("/v1/workflows/wan22_i2v")).json()
+    assert wf["result"] == "video_encode" and wf["images"] == ["image"]
+    assert wf["stages"]["denoise_low"] == {"kind": "denoise", "model": "wan2.2-i2v-a14b-low", "gpu": True,
+                                           "after": ["denoise_high", "text_encode", "vae_encode"],
+                                           "outputs": ["latents"], "progress": True}
+    assert wf["stages"]["video_encode"]["model"] == ""
+    assert wf["models"] == ["umt5-xxl", "wan2.1-vae", "wan2.2-i2v-a14b-high", "wan2.2-i2v-a14b-low"]
+    num_frames = wf["params"]["num_frames"]
+    assert {k: num_frames[k] for k in ("type", "default", "minimum", "maximum", "congruent")} == {
+        "type": "integer", "default": 81, "minimum": 1, "maximum": 161, "congruent": [4, 1]}
+    assert num_frames["schema"]["enum"][:3] == [1, 5, 9]
+    assert wf["params"]["seed"]["default"] == "random" and "default" not in wf["params"]["seed"]["schema"]
+    assert "default" not in wf["params"]["guidance_scale_2"]
+
+    resp = await client.get("/v1/workflows/t2v_huge")
+    assert resp.status == 404
+    error = await resp.json()
+    assert error["field"] == "name" and "'t2v_huge'" in error["error"] and "wan_t2v" in error["error"]
 
 
 # -- persistence ------------------------------------------------------------------------------------
@@ -492,23 +614,75 @@ async def test_start_api_on_port_zero(broker):
         await runner.cleanup()
 
 
+# -- the command line and the client ----------------------------------------------------------
+
+
+async def test_submit_command_takes_its_options_from_the_servers_declaration(broker):
+    from onepiece import cli, client
+
+    runner, port = await start_api(broker, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        declared = await asyncio.to_thread(cli.fetch_declaration, url, "wan22_t2v")
+        assert declared.workflow == "wan22_t2v" and declared.source == f"the broker at {url}"
+        assert declared.params == dict(load_workflow("wan22_t2v").params)
+        default = await asyncio.to_thread(cli.fetch_declaration, url, None)
+        assert default.workflow == "wan_i2v"
+        with pytest.raises(SystemExit, match="no workflow 'nope' is served"):
+            await asyncio.to_thread(cli.fetch_declaration, url, "nope")
+        offline = await asyncio.to_thread(cli.fetch_declaration, "http://127.0.0.1:9", "wan_t2v", 1.0)
+        assert offline.params == dict(load_workflow("wan_t2v").params) and "did not answer" in offline.source
+
+        parser = cli.build_parser(declared)
+        args = parser.parse_args(["submit", "--workflow", "wan22_t2v", "--prompt", "a boat", "--frames", "17",
+                                  "--guidance-scale-2", "2.5", "--url", url])
+        sent = {n: getattr(args, cli._dest(n)) for n in args.value_params if getattr(args, cli._dest(n)) is not None}
+        assert sent == {"prompt": "a boat", "num_frames": 17, "guidance_scale_2": 2.5}  # only what was given
+        assert args.image_params == [] and args.submit_workflow == "wan22_t2v"
+        with pytest.raises(SystemExit):
+            parser.parse_args(["submit", "--prompt", "p", "--steps", "101"])  # the declared bounds, client-side
+        async with aiohttp.ClientSession() as session:
+            job = await client.submit(session, url, None, workflow=args.submit_workflow, **sent)
+            params = (await (await session.get(f"{url}/v1/jobs/{job}")).json())["params"]
+            assert params["num_frames"] == 17 and params["steps"] == 40 and params["guidance_scale_2"] == 2.5
+            job = await client.submit(session, url, PNG, prompt="p", steps=None)  # the default workflow
+            assert (await (await session.get(f"{url}/v1/jobs/{job}")).json())["workflow"] == "wan_i2v"
+            job = await client.submit(session, url, None, workflow="synthetic3", work={"b": 2})
+            assert (await (await session.get(f"{url}/v1/jobs/{job}")).json())["params"]["work"] == {"b": 2.0}
+            with pytest.raises(client.JobFailed, match="takes no image"):
+                await client.submit(session, url, PNG, workflow="wan_t2v", prompt="p")
+    finally:
+        await runner.cleanup()
+
+
 # -- the validator alone ---------------------------------------------------------------------------
 
 
 def test_validate_job_without_a_server():
-    from stages.workflow import load_workflow
-
     workflows = {"wan_i2v": load_workflow("wan_i2v"), "synthetic3": load_workflow("synthetic3")}
-    name, params, image = validate_job({"prompt": "p", "image": "QUJD", "seed": "5"}, workflows, form=True)
-    assert (name, params["seed"], image) == ("wan_i2v", 5, "QUJD")
+    name, params, images = validate_job({"prompt": "p", "image": "QUJD", "seed": "5"}, workflows, form=True)
+    assert (name, params["seed"], images) == ("wan_i2v", 5, {"image": "QUJD"})
     with pytest.raises(Invalid) as err:
         validate_job({"prompt": "p", "seed": "5"}, workflows, form=False)
     assert err.value.field == "seed"
     with pytest.raises(Invalid) as err:
         validate_job({"prompt": "p", "a": 1, "b": 2}, workflows)
-    assert err.value.field == "a" and "'a', 'b'" in err.value.message
+    assert err.value.field == "a" and "'a', 'b'" in err.value.message and err.value.reason == "unknown_field"
     assert decode_base64("data:image/png;base64," + PNG_B64.rstrip("=")) == PNG
     assert decode_base64(base64.urlsafe_b64encode(PNG).decode()) == PNG
     check_image(PNG, LIMIT)
     with pytest.raises(Invalid, match="limit"):
         check_image(PNG, 10)
+
+
+def test_which_workflow_a_body_without_one_gets():
+    t2v, synthetic = load_workflow("wan_t2v"), load_workflow("synthetic3")
+    # the only served workflow is the default
+    assert validate_job({"prompt": "p"}, {"wan_t2v": t2v})[0] == "wan_t2v"
+    assert validate_job({"workflow": None}, {"synthetic3": synthetic})[0] == "synthetic3"
+    # several, none of them wan_i2v: the body must say
+    for body in ({"prompt": "p"}, {"prompt": "p", "workflow": ""}, {"workflow": None}):
+        with pytest.raises(Invalid) as err:
+            validate_job(body, {"wan_t2v": t2v, "synthetic3": synthetic})
+        assert err.value.field == "workflow"
+        assert err.value.message == "workflow is required; served: synthetic3, wan_t2v"

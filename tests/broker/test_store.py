@@ -159,7 +159,7 @@ async def test_a_submit_is_answered_only_once_its_job_is_committed(tmp_path):
     dealer.setsockopt(zmq.LINGER, 0)
     try:
         dealer.connect(broker.endpoint)
-        bodies = [protocol.pack("SUBMIT", workflow="synthetic3", params={"i": i}) for i in range(20)]
+        bodies = [protocol.pack("SUBMIT", workflow="synthetic3", params={"steps": 1 + i}) for i in range(20)]
         bodies.append(protocol.pack("SUBMIT", workflow="nope", params={}))
         for frame in protocol.frames(bodies):
             await dealer.send(frame)

@@ -16,7 +16,7 @@ from broker.service import Broker
 from onepiece import client
 from onepiece.config import load_settings
 
-from ..helpers import free_port
+from ..helpers import SYNTHETIC_PARAMS, free_port
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -34,7 +34,7 @@ kind = "synthetic"
 after = ["a"]
 [stages.b.synthetic]
 service_time = 0.05
-"""
+""" + SYNTHETIC_PARAMS
 
 
 async def test_standalone_manager_starts_workers_serves_jobs_and_drains_on_exit(tmp_path):
