@@ -57,6 +57,20 @@ after every event):
    it ends within ``job_deadline_s`` even when they do not.
 10. Every task and job state change is checked against TASK_TRANSITIONS /
    JOB_TRANSITIONS; a change outside the table raises IllegalTransition.
+11. **Step-boundary state.** A task that reports progress in steps (denoise)
+   may leave a *checkpoint* of its state with the holder of one of its inputs
+   (``checkpoint_to`` in its TASK: the holder of its first held upstream, the
+   place that survives its worker and that a re-bound task fetches inputs
+   from anyway); the bytes go worker to worker, the core only records
+   ``(holder, step)`` from CHECKPOINT. When the task is bound again, the SEND
+   to that holder carries ``resume_step`` and the holder ships the state with
+   the inputs, so the new worker resumes instead of starting at step 0. A
+   draining worker hands a running task off (HANDOFF): its state goes to the
+   holder the same way and the task is re-queued without counting an
+   attempt. A checkpoint is only ever an optimisation: a lost holder loses
+   it (the task then starts at step 0), never the job; and since the
+   compute is deterministic, any checkpoint of a job resumes to the same
+   result.
 
 Every wait in the system and its bound (``expire`` enforces the broker's):
 
@@ -83,7 +97,8 @@ REST: a server-sent event stream              none while the job lives (a keep-a
 ============================================  ======================================================
 
 Routing is late-bound: a root task is queued at submit; any other task is
-queued when its first upstream finishes. A queued task is bound to the
+queued when its first upstream finishes, or, if it reads a step-wise
+(``progress``) stage, when every such upstream has finished. A queued task is bound to the
 least-loaded live, non-draining worker of its stage that has room (ties: the
 earliest registered), oldest job first. Every upstream of a fan-in sends to
 that one worker; an upstream that finishes before its consumer is bound keeps
@@ -104,7 +119,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from broker.errors import CoreError, IllegalTransition, UnknownJob, UnknownWorker
-from stages.workflow import StageSpec, Workflow
+from stages.workflow import StageSpec, Workflow, WorkflowError, check_shared
 
 __all__ = [
     "Command",
@@ -231,6 +246,7 @@ class _Task:
     alive: float = 0.0  # last sign of life while bound: bound, inputs sent, STARTED, PROGRESS
     vouched: float = float("-inf")  # last heartbeat of its worker that listed it as running
     avoid: str | None = None  # the worker its last attempt failed on: placed elsewhere if possible
+    saved: tuple[str, str, int] | None = None  # (holder worker, upstream stage, step) of its last checkpoint
     queued: float | None = None
     assigned: float | None = None
     started: float | None = None
@@ -300,15 +316,15 @@ class Core:
         self.progress_factor = float(progress_factor)
         self.job_deadline_s = float(job_deadline_s)
         self._workflows = dict(workflows)
-        kinds: dict[str, tuple[str, str]] = {}
-        for wname, wf in self._workflows.items():
+        try:
+            check_shared(self._workflows)  # a stage name means one (kind, model) in every workflow
+        except WorkflowError as exc:
+            raise CoreError(str(exc)) from None
+        self._specs: dict[str, StageSpec] = {}
+        for wf in self._workflows.values():
             for spec in wf.stages.values():
-                seen = kinds.setdefault(spec.name, (spec.kind, wname))
-                if seen[0] != spec.kind:
-                    raise CoreError(
-                        f"stage {spec.name!r} is kind {seen[0]!r} in workflow {seen[1]!r} but "
-                        f"{spec.kind!r} in {wname!r}; a stage name must mean one implementation"
-                    )
+                self._specs.setdefault(spec.name, spec)
+        kinds = self._specs
         self._stage_order = list(kinds)  # dispatch order: deterministic
         self._workers: dict[str, _Worker] = {}  # insertion order = registration order
         self._jobs: dict[str, _Job] = {}
@@ -327,11 +343,21 @@ class Core:
         descriptor: dict,
         now: float,
         info: dict | None = None,
+        kind: str | None = None,
+        model: str | None = None,
     ) -> list[Command]:
         """A worker offers ``capacity`` task slots for ``stage``. A known id is a new
-        incarnation: the old one's tasks and held outputs are treated as lost."""
+        incarnation: the old one's tasks and held outputs are treated as lost. ``kind`` and
+        ``model``, when the worker says them, must be what the served workflows declare for
+        the stage: a stage name stands for one (kind, model), and a worker that would run
+        something else is refused rather than handed tasks it would compute differently."""
         if stage not in self._queued:
             raise CoreError(f"unknown stage {stage!r}; the loaded workflows have {self._stage_order}")
+        spec = self._specs[stage]
+        for what, offered, declared in (("kind", kind, spec.kind), ("model", model, spec.model)):
+            if offered is not None and offered != declared:
+                raise CoreError(f"stage {stage!r} runs {what} {declared!r}, not {offered!r}: "
+                                f"start the worker with the workflow the broker serves")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise CoreError(f"capacity must be an integer >= 1, not {capacity!r}")
         out: list[Command] = []
@@ -473,14 +499,46 @@ class Core:
         w.draining = True
         return [ToWorker(worker_id, "DRAIN", {})]
 
-    def started(self, worker_id: str, job: str, stage: str, now: float) -> list[Command]:
+    def started(self, worker_id: str, job: str, stage: str, now: float,
+                resumed_from_step: int | None = None) -> list[Command]:
+        """The task's inputs all arrived and it runs; ``resumed_from_step``: it continues from a
+        checkpoint of that step (invariant 11) rather than from the start."""
         found = self._reported("STARTED", worker_id, job, stage, now)
         if isinstance(found, Stale):
             return [found]
         if found.state == RUNNING:
             return [Stale("STARTED", worker_id, job, stage, "duplicate")]
         out: list[Command] = []
-        self._start(found, now, out)
+        self._start(found, now, out, resumed_from_step)
+        return out
+
+    def checkpointed(self, worker_id: str, job: str, stage: str, step: int, holder: str,
+                     now: float) -> list[Command]:
+        """The running task left its state after ``step`` steps with ``holder``, the worker
+        holding the outputs of one of its upstreams (invariant 11). A sign of life too."""
+        found = self._reported("CHECKPOINT", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        j = self._jobs[job]
+        upstream = next((up for up in found.spec.after if j.tasks[up].held and j.tasks[up].worker == holder), None)
+        if upstream is None:
+            return [Stale("CHECKPOINT", worker_id, job, stage, f"{holder} holds no input of {stage}")]
+        found.alive = now
+        if found.saved is None or step >= found.saved[2] or found.saved[0] != holder:
+            found.saved = (holder, upstream, step)
+        return []
+
+    def handoff(self, worker_id: str, job: str, stage: str, step: int, now: float) -> list[Command]:
+        """A draining worker stopped the task at a step boundary and left its state after
+        ``step`` steps with the holder its TASK named (0: it could not; the task starts over).
+        The task is bound elsewhere, uncounted, and resumes there (invariant 11)."""
+        found = self._reported("HANDOFF", worker_id, job, stage, now)
+        if isinstance(found, Stale):
+            return [found]
+        out: list[Command] = []
+        self._retry(found, f"worker {worker_id} is draining and handed {stage} off after step {step}", now, out,
+                    count=False)
+        self._dispatch(now, out)
         return out
 
     def progress(
@@ -537,7 +595,8 @@ class Core:
         for cname in consumers:
             consumer = j.tasks[cname]
             if consumer.state == PENDING:
-                self._enqueue(consumer, now)
+                if self._bindable(consumer):
+                    self._enqueue(consumer, now)
             elif consumer.state in _BOUND:
                 out.append(self._send(task, consumer, now))
             # QUEUED: its SEND goes out at binding; DONE: settled just below
@@ -851,13 +910,14 @@ class Core:
             return Stale(message, worker_id, job, stage, f"task is {task.state} on {task.worker}")
         return task
 
-    def _start(self, task: _Task, at: float, out: list[Command]) -> None:
+    def _start(self, task: _Task, at: float, out: list[Command], resumed_from_step: int | None = None) -> None:
         self._set(task, RUNNING)
         task.started = at
         task.alive = max(task.alive, at)
-        out.append(JobEvent(task.job, "stage_started", {
-            "stage": task.stage, "worker": task.worker, "attempt": task.attempt,
-        }))
+        data = {"stage": task.stage, "worker": task.worker, "attempt": task.attempt}
+        if resumed_from_step:
+            data["resumed_from_step"] = resumed_from_step
+        out.append(JobEvent(task.job, "stage_started", data))
 
     def _enqueue(self, task: _Task, now: float) -> None:
         self._set(task, QUEUED)
@@ -931,19 +991,47 @@ class Core:
         }
         if not task.spec.after and j.payload is not None:
             body["payload"] = j.payload
+        resume = self._resume(task)
+        if task.spec.progress:  # step-wise work: where it may leave checkpoints (invariant 11)
+            keeper = resume or next((j.tasks[up] for up in task.spec.after if j.tasks[up].held), None)
+            if keeper is not None:
+                holder = self._workers[keeper.worker]
+                body["checkpoint_to"] = {"worker": holder.id, "stage": keeper.stage,
+                                         "descriptor": holder.descriptor}
+        if resume is not None:
+            body["resume_step"] = task.saved[2]
         out.append(ToWorker(w.id, "TASK", body))
-        out.append(JobEvent(j.id, "stage_assigned", {
-            "stage": task.stage, "worker": w.id, "attempt": task.attempt,
-        }))
+        assigned = {"stage": task.stage, "worker": w.id, "attempt": task.attempt}
+        if resume is not None:
+            assigned["resume_from_step"] = task.saved[2]
+        out.append(JobEvent(j.id, "stage_assigned", assigned))
         for up in task.spec.after:
             producer = j.tasks[up]
             if producer.held:
                 out.append(self._send(producer, task, now))
 
+    def _bindable(self, task: _Task) -> bool:
+        """A pending task is queued once an upstream finished (its inputs then stream to it while
+        the others compute), but not while a step-wise upstream still runs: a Wan2.2 low-noise
+        expert bound at the start of its job's high-noise phase would hold its GPU idle for it."""
+        j = self._jobs[task.job]
+        return all(j.tasks[up].state == DONE for up in task.spec.after if j.workflow.stages[up].progress)
+
+    def _resume(self, task: _Task) -> _Task | None:
+        """The upstream task whose holder keeps ``task``'s last checkpoint, if it still does."""
+        if task.saved is None:
+            return None
+        holder, upstream, _ = task.saved
+        producer = self._jobs[task.job].tasks[upstream]
+        if producer.held and producer.worker == holder and holder in self._workers:
+            return producer
+        task.saved = None  # its holder was lost or released it: the state went with it
+        return None
+
     def _send(self, producer: _Task, consumer: _Task, now: float) -> ToWorker:
         to = self._workers[consumer.worker]
         consumer.alive = max(consumer.alive, now)  # its inputs are on their way: its clock starts again
-        return ToWorker(producer.worker, "SEND", {
+        body = {
             "job": producer.job,
             "stage": producer.stage,
             "to": to.id,
@@ -951,7 +1039,11 @@ class Core:
             "descriptor": to.descriptor,
             "names": list(producer.spec.outputs),
             "binding": consumer.token,
-        })
+        }
+        saved = consumer.saved
+        if saved is not None and saved[0] == producer.worker and saved[1] == producer.stage:
+            body["resume_step"] = saved[2]  # ship the consumer's checkpoint with the inputs (11)
+        return ToWorker(producer.worker, "SEND", body)
 
     def _unbind(self, task: _Task) -> None:
         w = self._workers.get(task.worker) if task.worker is not None else None

@@ -338,12 +338,19 @@ INPUTS = List(Record({"stage": STAGE, "names": List(Str(), max_items=256)}), max
 # One declaration per kind; fields not declared are ignored (never read).
 SCHEMA: dict[str, dict[str, Any]] = {
     # worker -> broker
+    # kind/model: what the worker runs; the broker refuses one that differs from the stage's declaration
     "REGISTER": {"stage": STAGE, "capacity": Int(1, MAX_CAPACITY), "descriptor": DESCRIPTOR,
-                 "info": Opt(Data(max_depth=4, max_items=64, max_str=4096))},
+                 "info": Opt(Data(max_depth=4, max_items=64, max_str=4096)), "kind": Opt(Str()),
+                 "model": Opt(Str())},
     # running: [job, stage] of each task the worker is computing now (vouches for it, core invariant 7)
     "HEARTBEAT": {"load": Opt(Int(0, MAX_COUNT)), "stats": Opt(STATS),
                   "running": Opt(List(List(Str(), max_items=2), max_items=MAX_CAPACITY))},
-    "STARTED": {"job": JOB_ID, "stage": STAGE},
+    # resumed_from_step: it continues from a checkpoint of that step (broker/core.py, invariant 11)
+    "STARTED": {"job": JOB_ID, "stage": STAGE, "resumed_from_step": Opt(Int(0, MAX_COUNT))},
+    # the task's state after `step` steps now lives with worker `holder` (its TASK's checkpoint_to)
+    "CHECKPOINT": {"job": JOB_ID, "stage": STAGE, "step": Int(1, MAX_COUNT), "holder": Str()},
+    # a draining worker stopped the task after `step` steps and left its state with checkpoint_to
+    "HANDOFF": {"job": JOB_ID, "stage": STAGE, "step": Int(0, MAX_COUNT)},
     "PROGRESS": {"job": JOB_ID, "stage": STAGE, "step": Int(0, MAX_COUNT), "total": Int(0, MAX_COUNT)},
     "DONE": {"job": JOB_ID, "stage": STAGE, "timings": Opt(Map(Num(), max_items=32)),
              "result": Opt(Data(max_depth=8, max_items=1024, max_str=4096))},
@@ -356,9 +363,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
     # broker -> worker or client
     "REGISTERED": {"heartbeat_s": Num(1e-3, 86400.0), "liveness": Int(1, 1000)},
     "TASK": {"job": JOB_ID, "workflow": Opt(Str()), "stage": STAGE, "attempt": Int(1, MAX_COUNT),
-             "params": PARAMS, "inputs": INPUTS, "payload": Opt(PAYLOAD), "binding": Opt(BINDING)},
+             "params": PARAMS, "inputs": INPUTS, "payload": Opt(PAYLOAD), "binding": Opt(BINDING),
+             "checkpoint_to": Opt(Record({"worker": Str(), "stage": STAGE, "descriptor": DESCRIPTOR})),
+             "resume_step": Opt(Int(0, MAX_COUNT))},
+    # resume_step: also ship the consumer's checkpoint of (at least) that step, kept here
     "SEND": {"job": JOB_ID, "stage": STAGE, "to": Str(), "to_stage": STAGE, "descriptor": DESCRIPTOR,
-             "names": List(Str(), max_items=256), "binding": Opt(BINDING)},
+             "names": List(Str(), max_items=256), "binding": Opt(BINDING),
+             "resume_step": Opt(Int(0, MAX_COUNT))},
     "RELEASE": {"job": JOB_ID, "stage": STAGE},
     "CANCEL": {"job": JOB_ID, "stage": STAGE},
     "DRAIN": {},
@@ -385,8 +396,8 @@ class BadMessage(ValueError):
     """A control message that is not msgpack, not ours, or has a field missing or out of bounds."""
 
 
-def pack(kind: str, **fields: Any) -> bytes:
-    return msgpack.packb({"v": VERSION, "k": kind, **fields})
+def pack(message: str, /, **fields: Any) -> bytes:
+    return msgpack.packb({"v": VERSION, "k": message, **fields})
 
 
 def frames(bodies: list[bytes], limit: int = BATCH_BYTES) -> list[bytes]:

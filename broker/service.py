@@ -21,6 +21,7 @@ from pathlib import Path
 
 import zmq
 
+from stages.params import ParamError
 from stages.workflow import Workflow, load_workflow
 
 from . import protocol
@@ -127,8 +128,18 @@ class Broker:
 
     def _accept(self, workflow: str, params: dict, payload: dict | None = None) -> str:
         """Accept a job into the core and the store's open transaction (durable at the next commit)."""
-        if workflow not in self.workflows:
+        wf = self.workflows.get(workflow)
+        if wf is None:
             raise CoreError(f"unknown workflow {workflow!r}; available: {', '.join(sorted(self.workflows))}")
+        # The workflow's declaration decides the values every stage receives, defaults included,
+        # whichever door the job came in by (REST has resolved them already: resolving is idempotent).
+        try:
+            params = wf.resolve_params(params)
+        except ParamError as exc:
+            raise CoreError(f"workflow {workflow!r}: {exc.message}") from None
+        missing = [name for name in wf.images() if wf.params[name].required and not (payload or {}).get(name)]
+        if missing:
+            raise CoreError(f"workflow {workflow!r} needs the input image {missing[0]!r} in the payload")
         job_id = new_job_id()
         now = time.time()
         self.store.add_job(job_id, workflow, params, payload, now)
@@ -324,14 +335,19 @@ class Broker:
                 self._worker_stats[wid] = m["stats"]
             return cmds
         if kind == "REGISTER":
-            cmds = core.register(wid, m["stage"], m["capacity"], m["descriptor"], now, m.get("info") or {})
+            cmds = core.register(wid, m["stage"], m["capacity"], m["descriptor"], now, m.get("info") or {},
+                                 kind=m.get("kind"), model=m.get("model"))
             self._worker_stats.pop(wid, None)  # a new incarnation counts from zero
             self._send(wid, protocol.pack("REGISTERED", heartbeat_s=self.settings.heartbeat_s,
                                           liveness=self.settings.liveness))
             log.info("worker %.64r registered for %s (%.32r)", wid, m["stage"], m["descriptor"].get("transport"))
             return cmds
         if kind == "STARTED":
-            return core.started(wid, m["job"], m["stage"], now)
+            return core.started(wid, m["job"], m["stage"], now, m.get("resumed_from_step"))
+        if kind == "CHECKPOINT":
+            return core.checkpointed(wid, m["job"], m["stage"], m["step"], m["holder"], now)
+        if kind == "HANDOFF":
+            return core.handoff(wid, m["job"], m["stage"], m["step"], now)
         if kind == "PROGRESS":
             return core.progress(wid, m["job"], m["stage"], m["step"], m["total"], now)
         if kind == "DONE":

@@ -74,7 +74,8 @@ class LocalLauncher(Launcher):
                "--worker-id", worker_id, "--control", s.control, "--transport", s.transport,
                "--model", s.model, "--data-dir", str(s.data_dir), "--heartbeat-s", str(s.heartbeat_s),
                "--liveness", str(s.liveness), "--data-host", s.data_host, "--ring-bytes", str(s.ring_bytes),
-               "--capacity", str(s.capacity)]
+               "--capacity", str(s.capacity), "--checkpoint-steps", str(s.checkpoint_steps),
+               "--checkpoint-s", str(s.checkpoint_s), "--checkpoint-bytes", str(s.checkpoint_bytes)]
         if s.device:
             cmd += ["--device", s.device]
         if s.dtype:

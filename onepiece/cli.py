@@ -4,7 +4,7 @@
     onepiece broker    the broker and its REST API alone (compose, Kubernetes)
     onepiece manager   the node manager alone, next to a broker reached over REST
     onepiece worker    one stage worker
-    onepiece submit    submit an image over REST, follow it, save the video
+    onepiece submit    submit a job over REST, follow it, save the video
     onepiece status    stages, workers and recent jobs of a running broker
 """
 
@@ -54,6 +54,11 @@ SETTINGS_FLAGS = {
     "orphan_bytes": ("--orphan-bytes", int, "data-plane bytes kept for tasks not yet assigned (default 64 MiB)"),
     "send_timeout_s": ("--send-timeout-s", float, "one attempt to send a task's outputs (default 60)"),
     "task_timeout_s": ("--task-timeout-s", float, "one run of a stage before it is failed (default 3600)"),
+    "checkpoint_steps": ("--checkpoint-steps", int,
+                         "a step-wise task leaves its state every this many steps (default 10; 0: not by steps)"),
+    "checkpoint_s": ("--checkpoint-s", float,
+                     "... or every this many seconds, whichever comes first (default 60; 0: not by time)"),
+    "checkpoint_bytes": ("--checkpoint-bytes", int, "other workers' checkpoints kept here (default 512 MiB)"),
 }
 
 
@@ -207,13 +212,26 @@ async def cmd_submit(args) -> int:
 
     from . import client
 
-    image = Path(args.image).read_bytes() if args.image else None
-    params = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-                  width=args.width, num_frames=args.frames, steps=args.steps,
-                  guidance_scale=args.guidance_scale, seed=args.seed, workflow=args.workflow)
+    images = {}
+    for name in args.image_params:
+        path = getattr(args, _dest(name))
+        if name == "image" and args.image_path is not None:
+            if path is not None:
+                print("error: give the image once, as IMAGE or as --image", file=sys.stderr)
+                return 2
+            path = args.image_path
+        if path is not None:
+            try:
+                images[name] = Path(path).read_bytes()
+            except OSError as exc:
+                print(f"error: cannot read {name} {path}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+    # only what was given: the broker fills in the defaults of its own declaration
+    params = {name: value for name in args.value_params if (value := getattr(args, _dest(name))) is not None}
+    image = images.pop("image", None)
     async with aiohttp.ClientSession() as session:
         try:
-            job_id = await client.submit(session, args.url, image, **params)
+            job_id = await client.submit(session, args.url, image, workflow=args.submit_workflow, **images, **params)
             print(f"job {job_id} submitted", file=sys.stderr)
             bar = client.ProgressBar() if not args.quiet else (lambda e: None)
             await client.wait(session, args.url, job_id, bar)
@@ -227,6 +245,162 @@ async def cmd_submit(args) -> int:
             print(f"error: cannot reach the broker at {args.url}: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+# -- the options of `onepiece submit`, from the workflow's declaration --------------------
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+#: Shorter spellings `onepiece submit` had before its options came from the declarations.
+PARAM_ALIASES = {"num_frames": ("--frames",)}
+
+
+class Declaration:
+    """A workflow's name and params, as ``onepiece submit`` builds its options from them."""
+
+    def __init__(self, workflow: str, params: dict, source: str):
+        self.workflow, self.params, self.source = workflow, params, source
+
+
+def _dest(name: str) -> str:
+    return f"param_{name}"  # apart from the command's own options (url, out, ...)
+
+
+def _get_json(url: str, timeout: float):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)
+
+
+def fetch_declaration(url: str, workflow: str | None, timeout: float = 3.0) -> Declaration:
+    """The params of ``workflow`` as the broker at ``url`` declares them (it is the one that checks
+    them); the shipped workflow file of that name where the broker cannot be reached. None: the
+    broker's default workflow (wan_i2v offline). A path to a TOML file is read as it is."""
+    import json
+    import urllib.error
+    import urllib.parse
+
+    from stages.params import param_from_table
+    from stages.workflow import WorkflowError, load_workflow
+
+    def from_file(name: str, why: str) -> Declaration:
+        try:
+            wf = load_workflow(name)
+        except WorkflowError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        return Declaration(wf.name, dict(wf.params), f"{wf.source}{why}")
+
+    if workflow is not None and (workflow.endswith(".toml") or "/" in workflow):
+        return from_file(workflow, "")
+    offline = f" (the broker at {url} did not answer)"
+    try:
+        if workflow is None:
+            listing = _get_json(f"{url}/v1/workflows", timeout)
+            workflow = listing.get("default")
+            if workflow is None:
+                served = ", ".join(w["name"] for w in listing.get("workflows", []))
+                raise SystemExit(f"error: the broker at {url} serves {served} and no default: pass --workflow")
+        view = _get_json(f"{url}/v1/workflows/{urllib.parse.quote(workflow, safe='')}", timeout)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.load(exc)
+        except ValueError:
+            body = {}
+        if exc.code == 404 and body.get("field") == "name":
+            raise SystemExit(f"error: {body.get('error')} (at {url})") from None
+        # a broker without GET /v1/workflows, or one that is failing: the shipped file says what it takes
+        return from_file(workflow or "wan_i2v", f" (the broker at {url} answered HTTP {exc.code})")
+    except (urllib.error.URLError, OSError, ValueError):
+        return from_file(workflow or "wan_i2v", offline)
+    params = {name: param_from_table(name, {k: v for k, v in decl.items() if k != "schema"})
+              for name, decl in view.get("params", {}).items()}
+    return Declaration(view.get("name", workflow), params, f"the broker at {url}")
+
+
+def _param_help(param) -> str:
+    """The description, then what the value may be, e.g. "(default 480; 64..1280, multiple of 16)"."""
+    facts = []
+    if param.required:
+        facts.append("required")
+    elif param.has_default:
+        facts.append(f"default {param.default!r}" if isinstance(param.default, str) and param.default != "random"
+                     else f"default {param.default}")
+    bounds = param.declaration()
+    lo, hi = bounds.get("minimum"), bounds.get("maximum")
+    if lo is not None or hi is not None:
+        span = f"{'' if lo is None else f'{lo:g}'}..{'' if hi is None else f'{hi:g}'}"
+        if param.TYPE == "integer":
+            span = f"{'' if lo is None else lo}..{'' if hi is None else hi}"
+        facts.append(f"values {span}" if param.TYPE == "map" else span)
+    if "multiple_of" in bounds:
+        facts.append(f"multiple of {bounds['multiple_of']}")
+    if "congruent" in bounds:
+        facts.append("{}k+{}".format(*bounds["congruent"]))
+    if "max_length" in bounds:
+        facts.append(f"at most {bounds['max_length']} characters")
+    if param.TYPE == "map":
+        facts.append('JSON object, e.g. \'{"b": 2}\'')
+    text = " ".join(filter(None, [param.description, f"({'; '.join(facts)})" if facts else ""]))
+    return text.replace("%", "%%")
+
+
+def _submit_args(sb: argparse.ArgumentParser, declared: Declaration) -> None:
+    """Add one option per declared param (--num-frames for num_frames), checked as the broker checks it."""
+    from stages.params import Boolean, Image, ParamError
+
+    def parse_with(param):
+        def parse(text: str):
+            try:
+                return param.parse(text, form=True)
+            except ParamError as exc:
+                raise argparse.ArgumentTypeError(exc.message) from None
+        parse.__name__ = param.TYPE  # argparse names the type in its messages
+        return parse
+
+    group = sb.add_argument_group(f"parameters of workflow {declared.workflow}",
+                                  f"Declared by {declared.source}; left out, the broker's default applies.")
+    values, images = [], []
+    for name, param in declared.params.items():
+        flags = [f"--{name.replace('_', '-')}", *PARAM_ALIASES.get(name, ())]
+        kw: dict = {"dest": _dest(name), "default": None, "help": _param_help(param)}
+        if isinstance(param, Image):
+            images.append(name)
+            need = "required" if param.required else "optional"
+            kw.update(metavar="PATH", help=f"{param.description} (a file; {need})".replace("%", "%%"))
+        elif isinstance(param, Boolean):
+            values.append(name)
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            values.append(name)
+            kw.update(type=parse_with(param), metavar=param.TYPE.upper(), required=param.required)
+        try:
+            group.add_argument(*flags, **kw)
+        except argparse.ArgumentError as exc:
+            raise SystemExit(f"error: workflow {declared.workflow}'s param {name!r} cannot be an option: {exc}"
+                             ) from None
+    if "image" in images:
+        sb.add_argument("image_path", nargs="?", metavar="IMAGE", help="the image, as --image")
+    else:
+        sb.set_defaults(image_path=None)
+    sb.set_defaults(submit_workflow=declared.workflow, value_params=values, image_params=images)
+
+
+def _submit_workflow(argv: list[str]) -> Declaration | None:
+    """For a ``submit`` command line, the declaration its options come from; else None."""
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--config")
+    top.add_argument("--log-level")
+    top.add_argument("command", nargs="?")
+    top.add_argument("rest", nargs=argparse.REMAINDER)
+    known, _ = top.parse_known_args(argv)
+    if known.command != "submit":
+        return None
+    sub = argparse.ArgumentParser(add_help=False)
+    sub.add_argument("--workflow")
+    sub.add_argument("--url", default=DEFAULT_URL)
+    opts, _ = sub.parse_known_args(known.rest)
+    return fetch_declaration(opts.url, opts.workflow)
 
 
 async def cmd_status(args) -> int:
@@ -281,7 +455,16 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period", type=float, default=5.0, help="node manager control period, s (default 5)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _shipped_declaration() -> Declaration:
+    from stages.workflow import load_workflow
+
+    wf = load_workflow("wan_i2v")
+    return Declaration(wf.name, dict(wf.params), wf.source)
+
+
+def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``submit`` is where ``submit``'s parameter options come from
+    (default: the shipped wan_i2v file; :func:`main` asks the broker)."""
     p = argparse.ArgumentParser(prog="onepiece", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML settings file (also ONEPIECE_CONFIG)")
@@ -322,23 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--worker-id", default=None)
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
-                   "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s")
+                   "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
+                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes")
     wk.set_defaults(func=cmd_worker)
 
-    sb = sub.add_parser("submit", help="submit an image and save the video")
-    sb.add_argument("image", nargs="?", help="input image (PNG/JPEG/WebP)")
-    sb.add_argument("--prompt", required=True)
-    sb.add_argument("--negative-prompt", default=None)
-    sb.add_argument("--height", type=int, default=None)
-    sb.add_argument("--width", type=int, default=None)
-    sb.add_argument("--frames", type=int, default=None, help="number of frames (4k+1)")
-    sb.add_argument("--steps", type=int, default=None)
-    sb.add_argument("--guidance-scale", type=float, default=None)
-    sb.add_argument("--seed", type=int, default=None)
-    sb.add_argument("--workflow", default=None)
+    sb = sub.add_parser("submit", help="submit a job over REST, follow it and save the video",
+                        description="Submit a job of --workflow (default: the broker's default workflow). Its "
+                                    "parameter options come from the workflow's declaration: "
+                                    "`onepiece submit --workflow NAME --help` lists them.")
+    sb.add_argument("--workflow", default=None, help="workflow to run (default: the broker's default, wan_i2v)")
     sb.add_argument("--out", default="video.mp4")
-    sb.add_argument("--url", default="http://127.0.0.1:8000")
+    sb.add_argument("--url", default=DEFAULT_URL)
     sb.add_argument("--quiet", action="store_true")
+    _submit_args(sb, submit if submit is not None else _shipped_declaration())
     sb.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="stages, workers and recent jobs")
@@ -349,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_submit_workflow(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
         return _run(args.func(args))

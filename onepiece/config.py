@@ -55,6 +55,12 @@ class Settings:
     connect_timeout_s: float = 30.0  # opening the data-plane endpoint, or a connection to a peer
     load_timeout_s: float = 1800.0  # loading the stage's model; past it the worker exits with 1
     task_timeout_s: float = 3600.0  # one run of a stage; past it the task is FAILED (retryable)
+    # step-wise stages (denoise) leave their state with the holder of an input every
+    # checkpoint_steps steps or checkpoint_s seconds, whichever comes first (0: not by that
+    # measure), so a job whose worker dies resumes there (broker/core.py, invariant 11)
+    checkpoint_steps: int = 10
+    checkpoint_s: float = 60.0
+    checkpoint_bytes: int = 512 << 20  # checkpoints of other workers' tasks kept here, at most
     workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
 
     @property

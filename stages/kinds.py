@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import logging
 import os
 import random
 import threading
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 
 from .workflow import StageSpec
+
+log = logging.getLogger("onepiece.stage")
 
 
 class StageCancelled(Exception):
@@ -75,8 +78,23 @@ class CancelFlag:
         return event.wait(timeout)
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class TaskContext:
+    """What a stage's run gets besides its input tensors.
+
+    The step-boundary hooks (used by kinds whose work is a sequence of steps, e.g.
+    denoise; others ignore them): ``resume`` is a state to continue from (its
+    tensors' names start with ``state.``; None: start from the beginning);
+    ``snapshot(done, make_state)`` is called after each step and calls
+    ``make_state()`` when the worker wants a checkpoint; ``yield_now()`` is
+    polled at each step boundary: True asks the stage to stop there and return
+    its state (a draining worker hands the task off).
+    """
+
     job: str
     stage: str
     params: dict
@@ -84,12 +102,17 @@ class TaskContext:
     results_dir: Path
     on_progress: Callable[[int, int], None] = lambda step, total: None
     cancelled: CancelFlag = field(default_factory=CancelFlag)
+    resume: dict[str, torch.Tensor] | None = None
+    snapshot: Callable[[int, Callable[[], dict[str, torch.Tensor]]], None] | None = None
+    yield_now: Callable[[], bool] = _never
 
 
 @dataclass
 class StageOutput:
     tensors: dict[str, torch.Tensor]
     result: dict | None = None  # the job's result, from the workflow's result stage
+    # the stage stopped at this step boundary because ctx.yield_now() asked: ``tensors`` is its state
+    handoff_step: int | None = None
 
 
 class StageKind(abc.ABC):
@@ -115,15 +138,19 @@ class StageKind(abc.ABC):
 
 
 class _Wan(StageKind):
-    """Shared loading for the Wan2.1 image-to-video kinds."""
+    """Shared loading for the Wan kinds: the parts of the model identity the stage declares
+    (``model`` in the workflow), from ``tiny`` or a local diffusers directory."""
 
     def load(self) -> None:
-        from .wan.models import STAGE_PARTS, load_components
+        from .wan.models import load_components
 
         t0 = time.perf_counter()
-        self.components = load_components(self.model, parts=STAGE_PARTS[self.spec.kind],
+        self.components = load_components(self.model, identity=self.spec.model or None,
                                            device=self.device, dtype=self.dtype)
         self.load_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return {**super().info(), "identity": self.spec.model}
 
     def params(self, ctx: TaskContext):
         from .wan.compute import WanParams
@@ -167,14 +194,43 @@ class VaeEncode(_Wan):
 
 
 class Denoise(_Wan):
-    def run(self, inputs, ctx):
-        from .wan.compute import Cancelled, denoise
+    """The denoising loop of the expert (or the whole DiT) this worker holds.
 
+    Its state crosses workers at step boundaries: a Wan2.2 low-noise expert starts
+    from the state its high-noise stage hands on (an input named ``state.*``); a
+    checkpoint (``ctx.resume``) from a worker that died or drained is taken
+    instead when it is further along. A state this code refuses (from a peer that
+    lies, or another version) is logged and the task starts from what it has.
+    """
+
+    def run(self, inputs, ctx):
+        from .wan.compute import STATE_PREFIX, Cancelled, check_state, denoise, expert_steps, is_state, state_step
+
+        conditioning = {k: v for k, v in inputs.items() if not k.startswith(STATE_PREFIX)}
+        handed = {k: v for k, v in inputs.items() if k.startswith(STATE_PREFIX)} or None
+        p = self.params(ctx)
+        state, step = None, -1
+        for name, candidate in (("the state handed on", handed), ("the checkpoint", ctx.resume)):
+            if candidate is None:
+                continue
+            try:
+                at = check_state(self.components, p, candidate)
+            except ValueError as exc:
+                if candidate is handed:  # without it a low-noise expert cannot start at all
+                    raise StageFailed(f"{name} is unusable: {exc}") from exc
+                log.warning("job %s: %s: %s is unusable (%s); going on without it", ctx.job, ctx.stage, name, exc)
+                continue
+            if at > step:
+                state, step = candidate, at
         try:
-            out = denoise(self.components, inputs, self.params(ctx), on_step=ctx.on_progress,
-                          should_stop=ctx.cancelled.is_set)
+            out = denoise(self.components, conditioning, p, state=state, on_step=ctx.on_progress,
+                          should_stop=ctx.cancelled.is_set, snapshot=ctx.snapshot, yield_now=ctx.yield_now)
         except Cancelled as exc:
             raise StageCancelled(str(exc)) from exc
+        if is_state(out):
+            done = state_step(out)
+            if done < expert_steps(self.components, p).stop:  # stopped early: yield_now asked for it
+                return StageOutput(out, handoff_step=done)
         return StageOutput(out)
 
 
@@ -194,7 +250,11 @@ class VideoEncode(StageKind):
         video = inputs.get("video")
         if video is None:
             raise StageFailed("video_encode needs a 'video' input")
-        data = video_encode(video, fps=int(ctx.params.get("fps", 16)))
+        fps = ctx.params.get("fps")
+        if not isinstance(fps, int):
+            raise StageFailed(f"video_encode needs the job parameter fps (an integer), got {fps!r}: "
+                              "declare [params.fps] in the workflow")
+        data = video_encode(video, fps=fps)
         ctx.results_dir.mkdir(parents=True, exist_ok=True)
         path = ctx.results_dir / f"{ctx.job}.mp4"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -232,11 +292,25 @@ class Synthetic(StageKind):
         factor = float(work.get(self.spec.name, 1.0)) if isinstance(work, dict) else 1.0
         seconds = self.synthetic.sample(self.rng) * self.time_scale * factor
         steps = max(1, int(ctx.params.get("steps", 1))) if self.spec.progress else 1
-        for step in range(steps):
+        # A step-wise synthetic stage keeps the step-boundary contract of denoise: its state
+        # is the step count, so checkpoints, resumes and handoffs can be exercised without a model.
+        first = 0
+        if self.spec.progress and ctx.resume is not None:
+            step = ctx.resume.get("state.step")
+            if isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= int(step) <= steps:
+                first = int(step)
+            else:
+                log.warning("job %s: %s: the checkpoint is unusable; starting over", ctx.job, ctx.stage)
+        for step in range(first, steps):
             if ctx.cancelled.wait(seconds / steps):
                 raise StageCancelled("cancelled")
             if self.spec.progress:
                 ctx.on_progress(step + 1, steps)
+                state = lambda done=step + 1: {"state.step": torch.tensor(done, dtype=torch.int64)}  # noqa: E731
+                if ctx.snapshot is not None:
+                    ctx.snapshot(step + 1, state)
+                if step + 1 < steps and ctx.yield_now():
+                    return StageOutput(state(), handoff_step=step + 1)
         n = self.synthetic.output_bytes
         tensors = {name: torch.full((n,), 7, dtype=torch.uint8) for name in self.spec.outputs}
         result = None if self.spec.outputs else {"synthetic": True, "seconds": seconds}

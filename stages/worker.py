@@ -13,6 +13,18 @@ DEALER to the broker and registers with the endpoint's descriptor. Then:
 * CANCEL stops a running task at its next step (denoise checks each step);
 * SIGTERM drains: no new work, finish what runs, wait until held outputs
   are released, say DISCONNECT, exit 0. A second signal exits at once.
+  A running task whose TASK names a ``checkpoint_to`` (a step-wise stage such
+  as denoise) is not finished but handed off at its next step boundary: its
+  state goes to that holder and HANDOFF tells the broker, which binds the
+  task elsewhere, where it resumes (broker/core.py, invariant 11).
+* Checkpoints: such a task also leaves its state with ``checkpoint_to``
+  every ``checkpoint_steps`` steps or ``checkpoint_s`` seconds (whichever
+  comes first; one in flight at a time) and says CHECKPOINT. As a holder, a
+  worker keeps the newest checkpoint per (job, stage) of jobs whose outputs
+  it holds, within ``checkpoint_bytes`` (oldest dropped first), drops them
+  with those outputs, and ships one with the outputs to that stage's next
+  worker (as ``resume.*`` tensors, waiting up to ``CHECKPOINT_WAIT_S`` for
+  the one a SEND's ``resume_step`` names).
 If the broker goes silent for longer than its liveness, the worker
 reconnects and registers again.
 
@@ -52,6 +64,8 @@ connecting to a consumer (lock + handshake)  ``connect_timeout_s`` per attempt
 sending outputs                              ``send_timeout_s`` per attempt, ``SEND_ATTEMPTS``
                                              attempts, then FAILED naming the consumer
 drain: tasks to end, held outputs released   ``DRAIN_TIMEOUT_S``, then DISCONNECT anyway
+a handoff: the next step boundary            the stage's step time; the state's send ``send_timeout_s``
+a SEND's checkpoint not yet arrived          ``CHECKPOINT_WAIT_S``, then the outputs go without it
 stopping: cancelled loops and sends          ``CLOSE_TIMEOUT_S``
 closing each sender and the endpoint         ``CLOSE_TIMEOUT_S`` each
 heartbeat period, drain poll, DISCONNECT     fixed sleeps (``heartbeat_s``, 50 ms)
@@ -93,6 +107,9 @@ SEND_ATTEMPTS = 2
 CLOSE_TIMEOUT_S = 10.0  # closing a sender or the endpoint, and cancelled tasks ending, at shutdown
 KEYS_REMEMBERED = 16384  # ended tasks, and tasks whose early inputs were dropped, remembered (each)
 EARLY_MESSAGES = 16384  # early messages kept at most, whatever their size (empty ones too)
+CHECKPOINT_WAIT_S = 2.0  # a SEND whose resume_step names a checkpoint still on its way waits this long
+RESUME = "resume."  # prefix of the checkpoint tensors a holder ships with its outputs
+RESUME_STEP = "resume.step"  # ... and of the step they are from (a 0-d int64 tensor)
 
 Key = tuple[str, str]  # (job, stage)
 
@@ -156,10 +173,33 @@ class _Task:
     received_at: float = field(default_factory=time.time)
     ctx: TaskContext | None = None
     running: bool = False
+    resume: dict[str, torch.Tensor] | None = None  # a checkpoint to continue from
+    resume_step: int = 0
+    saved_step: int = 0  # the step of its last checkpoint sent, and when
+    saved_at: float = field(default_factory=time.monotonic)
+    saving: bool = False  # a checkpoint is on its way
+    handed_off: bool = False  # it stopped at a step boundary to be handed off
 
     @property
     def binding(self) -> int | None:
         return self.body.get("binding")
+
+
+@dataclass
+class _Checkpoint:
+    """The newest state another worker's task left here: kept while this worker holds
+    ``held`` (the outputs of the job that task reads)."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+    held: Key
+
+
+def _named(tensor: str, output: str) -> bool:
+    """Whether tensor ``tensor`` belongs to the declared output ``output``: the tensor of that
+    name, or one of the group it names (``state`` covers ``state.latents``, ...)."""
+    return tensor == output or tensor.startswith(output + ".")
 
 
 def advertised_host(settings) -> str | None:
@@ -220,6 +260,8 @@ class Worker:
         # bindings whose inputs were dropped before their TASK came (None: a sender that did not say)
         self._lost_inputs: OrderedDict[Key, int | None] = OrderedDict()
         self.held: dict[Key, dict[str, torch.Tensor]] = {}
+        self.checkpoints: OrderedDict[Key, _Checkpoint] = OrderedDict()  # (job, consumer stage), oldest first
+        self._checkpoint_bytes = 0
         self._sends: dict[Key, dict[str, int]] = {}  # held key -> consumer stage -> number of its latest SEND
         self._send_seq = 0
         self.senders: dict[str, object] = {}
@@ -354,14 +396,15 @@ class Worker:
                                                                            reason))
         self._last_broker = time.monotonic()
         self._send("REGISTER", stage=self.stage, capacity=self.capacity, descriptor=self.transport.descriptor,
+                   kind=self.spec.kind, model=self.spec.model,
                    info={**self.kind.info(), "pid": os.getpid(), "host": socket.gethostname(),
                          "gpu": self.spec.gpu})
 
-    def _send(self, kind: str, **fields) -> None:
+    def _send(self, message: str, /, **fields) -> None:
         """Queue a message to the broker; what a loop turn queued leaves in one frame.
         PROGRESS and HEARTBEAT wait (briefly) for company: nothing waits on them."""
         if self._ctl is not None:  # None: not connected yet (a signal while the model loads)
-            self._ctl.send(protocol.pack(kind, **fields), urgent=kind not in ("PROGRESS", "HEARTBEAT"))
+            self._ctl.send(protocol.pack(message, **fields), urgent=message not in ("PROGRESS", "HEARTBEAT"))
 
     def orphan_stats(self) -> dict[str, int]:
         """Unsolicited and orphaned data-plane data: messages and bytes dropped so far, bytes held now."""
@@ -392,6 +435,8 @@ class Worker:
         self.tasks.clear()
         self.held.clear()
         self._sends.clear()
+        self.checkpoints.clear()
+        self._checkpoint_bytes = 0
         for key in list(self.early):
             self._drop_early(key, "the worker reset", lost=False)
         self._ended.clear()
@@ -463,6 +508,11 @@ class Worker:
     def _release(self, key: Key) -> None:
         self.held.pop(key, None)
         self._sends.pop(key, None)
+        for ckey in [c for c, cp in self.checkpoints.items() if cp.held == key]:
+            self._drop_checkpoint(ckey)
+
+    def _drop_checkpoint(self, key: Key) -> None:
+        self._checkpoint_bytes -= self.checkpoints.pop(key).nbytes
 
     # -- data plane -------------------------------------------------------------------
     async def _data(self) -> None:
@@ -486,6 +536,13 @@ class Worker:
         nbytes = _nbytes(msg.tensors)
         if not all(isinstance(x, str) for x in (job, stage, upstream)) or stage != self.stage:
             self._discard(msg, nbytes, "dropped a data message with header %r", h)
+            return
+        if "checkpoint" in h:
+            self._keep_checkpoint(msg, job, upstream, h["checkpoint"], nbytes)
+            return
+        if any(name.startswith(RESUME) for name in msg.tensors) and not self.spec.progress:
+            self._discard(msg, nbytes, "job %s: dropped input from %s: a checkpoint for %s, which takes none",
+                          job, upstream, stage)
             return
         key, binding = (job, stage), h.get("binding")
         task = self.tasks.get(key)
@@ -511,6 +568,35 @@ class Worker:
             self._discard(msg, nbytes, "job %s: dropped input from %s: %s already ended here", job, upstream, stage)
             return
         self._keep_early(key, binding, upstream, msg, nbytes)
+
+    def _keep_checkpoint(self, msg, job: str, consumer: str, step, nbytes: int) -> None:
+        """Keep the state a task of ``consumer`` left here after ``step`` steps: only for a job
+        whose outputs this worker holds (the ones that task reads), the newest per task, within
+        ``checkpoint_bytes`` (the oldest dropped first)."""
+        held = (job, self.stage)
+        if held not in self.held or type(step) is not int or step < 1:
+            self._discard(msg, nbytes, "job %s: dropped a checkpoint of %s (step %r): no outputs of the job "
+                          "are held here", job, consumer, step)
+            return
+        key = (job, consumer)
+        old = self.checkpoints.get(key)
+        if old is not None and old.step >= step:
+            self._discard(msg, nbytes, "job %s: dropped a checkpoint of %s at step %d: one of step %d is kept",
+                          job, consumer, step, old.step)
+            return
+        if old is not None:
+            self._drop_checkpoint(key)
+        bound = self.settings.checkpoint_bytes
+        while self.checkpoints and self._checkpoint_bytes + nbytes > bound:
+            oldest = next(iter(self.checkpoints))
+            log.info("dropped the checkpoint of %s/%s: over checkpoint_bytes (%d)", *oldest, bound)
+            self._drop_checkpoint(oldest)
+        if nbytes > bound:
+            self._discard(msg, nbytes, "job %s: dropped a checkpoint of %s: %d bytes, more than checkpoint_bytes",
+                          job, consumer, nbytes)
+            return
+        self.checkpoints[key] = _Checkpoint(step, msg.detach(), nbytes, held)
+        self._checkpoint_bytes += nbytes
 
     def _discard(self, msg, nbytes: int, why: str, *args) -> None:
         msg.release()
@@ -592,6 +678,10 @@ class Worker:
             self.orphans_dropped += 1
             self.orphan_bytes_dropped += _nbytes(tensors)
             return
+        step = tensors.pop(RESUME_STEP, None)
+        resume = {k.removeprefix(RESUME): tensors.pop(k) for k in [k for k in tensors if k.startswith(RESUME)]}
+        if resume and step is not None and step.numel() == 1 and int(step) > task.resume_step:
+            task.resume, task.resume_step = resume, int(step)
         task.inputs.update(tensors)
         task.arrived.add(upstream)
 
@@ -606,8 +696,12 @@ class Worker:
                                                         step=int(step), total=int(total)))
 
         task.ctx = TaskContext(task.job, task.stage, task.body["params"], task.body.get("payload"),
-                               self.results_dir, on_progress=progress)
-        self._send("STARTED", job=task.job, stage=task.stage)
+                               self.results_dir, on_progress=progress, resume=task.resume)
+        if task.body.get("checkpoint_to") is not None:
+            task.ctx.snapshot = functools.partial(self._snapshot, task, loop)
+            task.ctx.yield_now = functools.partial(self._yield_now, task)
+        self._send("STARTED", job=task.job, stage=task.stage,
+                   **({"resumed_from_step": task.resume_step} if task.resume is not None else {}))
         if self.kind.inline:  # microseconds of work: a thread hand-off or a task costs more than it
             t0 = time.time()
             try:
@@ -647,11 +741,69 @@ class Worker:
             log.error("job %s: %s crashed", task.job, task.stage, exc_info=exc)
             self._fail(task, f"{type(exc).__name__}: {exc}", retryable=True)
 
+    # -- step-boundary state (checkpoints and handoffs) -------------------------------
+    def _snapshot(self, task: _Task, loop, done: int, make_state) -> None:
+        """Called by the stage's thread after each step: take a checkpoint when one is due."""
+        s = self.settings
+        due = (s.checkpoint_steps > 0 and done - task.saved_step >= s.checkpoint_steps) or \
+              (s.checkpoint_s > 0 and time.monotonic() - task.saved_at >= s.checkpoint_s)
+        if not due or task.saving or task.ctx.cancelled.is_set() or task.handed_off:
+            return
+        task.saving = True
+        state = make_state()  # the stage's copy: the loop goes on changing its own tensors
+        loop.call_soon_threadsafe(lambda: self._spawn(self._checkpoint(task, done, state)))
+
+    def _yield_now(self, task: _Task) -> bool:
+        """Polled at each step boundary: a draining worker hands its step-wise tasks off."""
+        if self._draining and not task.ctx.cancelled.is_set():
+            task.handed_off = True
+        return task.handed_off
+
+    async def _leave_state(self, task: _Task, step: int, state: dict[str, torch.Tensor]) -> bool:
+        """Send ``state`` to the holder the task's TASK names; False if it could not be sent."""
+        to = task.body["checkpoint_to"]
+        header = {"job": task.job, "stage": to["stage"], "from": task.stage, "checkpoint": step}
+        peer = str(to["descriptor"].get("id", to["worker"]))
+        sender = None
+        try:
+            sender = await self._sender(peer, to["descriptor"])
+            async with asyncio.timeout(self.settings.send_timeout_s):
+                await sender.send(header, state, timeout=self.settings.send_timeout_s)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a checkpoint is an optimisation: log and go on
+            if sender is not None:
+                self._forget_sender(peer, sender)
+                await self._close_sender(sender)
+            log.warning("job %s: the state of %s after step %d could not be left with %s: %r",
+                        task.job, task.stage, step, to["worker"], exc)
+            return False
+
+    async def _checkpoint(self, task: _Task, step: int, state: dict[str, torch.Tensor]) -> None:
+        try:
+            if await self._leave_state(task, step, state) and self._current(task) and not task.handed_off:
+                task.saved_step, task.saved_at = step, time.monotonic()
+                self._send("CHECKPOINT", job=task.job, stage=task.stage, step=step,
+                           holder=task.body["checkpoint_to"]["worker"])
+        finally:
+            task.saving = False
+
+    async def _hand_off(self, task: _Task, state: dict[str, torch.Tensor], step: int) -> None:
+        """The task stopped at a step boundary because this worker drains: leave its state
+        with the holder, then HANDOFF (step 0 if the state could not be left: it starts over)."""
+        step = step if await self._leave_state(task, step, state) else 0
+        if self._current(task):
+            self._end((task.job, task.stage))
+            self._send("HANDOFF", job=task.job, stage=task.stage, step=step)
+            log.info("job %s: handed %s off after step %d", task.job, task.stage, step)
+
     def _finished(self, task: _Task, out: StageOutput, t0: float) -> None:
         key = (task.job, task.stage)
         run_s = time.time() - t0
         if not self._current(task):
             return  # re-planned (reset, or a newer TASK) while it ran
+        if out.handoff_step is not None and not task.ctx.cancelled.is_set():
+            self._spawn(self._hand_off(task, out.tensors, out.handoff_step))  # the task stays ours until HANDOFF
+            return
         self._end(key)
         if task.ctx.cancelled.is_set():
             return  # cancelled while it ran
@@ -682,14 +834,21 @@ class Worker:
             log.warning("SEND for %s/%s but its outputs are not held here: reporting them lost", *key)
             self._send("FAILED", job=key[0], stage=key[1], reason=reason, retryable=True)
             return
+        want = m.get("resume_step") or 0
+        kept = self.checkpoints.get((m["job"], m["to_stage"]))
+        if want > (kept.step if kept is not None else 0) and not m.get("waited"):
+            self._spawn(self._send_when_checkpointed(m, want))
+            return
         self._send_seq += 1
         seq = self._send_seq
         self._sends.setdefault(key, {})[m["to_stage"]] = seq
-        names = [n for n in m["names"] if n in tensors] or list(tensors)
+        out = {n: t for n, t in tensors.items() if any(_named(n, want) for want in m["names"])} or dict(tensors)
+        if kept is not None:  # the consumer's own state from an earlier attempt: it resumes from it
+            out.update({RESUME + n: t for n, t in kept.tensors.items()})
+            out[RESUME_STEP] = torch.tensor(kept.step, dtype=torch.int64)
         header = {"job": m["job"], "stage": m["to_stage"], "from": m["stage"]}
         if m.get("binding") is not None:
             header["binding"] = m["binding"]
-        out = {n: tensors[n] for n in names}
         peer = str(m["descriptor"].get("id", m["to"]))
         sender = self.senders.get(peer)
         if sender is not None:
@@ -701,6 +860,21 @@ class Worker:
                 self._forget_sender(peer, sender)
                 self._spawn(self._close_sender(sender))
         self._spawn(self._send_outputs(m, peer, header, out, seq))
+
+    async def _send_when_checkpointed(self, m: dict, step: int) -> None:
+        """A SEND asks to ship the consumer's checkpoint of ``step``, which is still on its way
+        here (a handoff's state races the broker's SEND): wait for it, bounded, then send."""
+        key = (m["job"], m["to_stage"])
+        deadline = time.monotonic() + CHECKPOINT_WAIT_S
+        while time.monotonic() < deadline:
+            kept = self.checkpoints.get(key)
+            if kept is not None and kept.step >= step:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            log.info("job %s: the checkpoint of %s at step %d did not come within %s s: sending without it",
+                     m["job"], m["to_stage"], step, CHECKPOINT_WAIT_S)
+        self._on_send({**m, "waited": True})
 
     async def _send_outputs(self, m: dict, peer: str, header: dict, tensors: dict[str, torch.Tensor],
                             seq: int) -> None:

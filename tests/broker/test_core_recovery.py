@@ -365,7 +365,8 @@ CHAIN = workflow_from_dict({
 })
 
 OPS = ("submit", "submit", "done", "done", "done", "done", "deliver", "deliver", "deliver", "deliver",
-       "kill_holder", "kill_holder", "kill", "stall", "lose_send", "unreachable", "fail", "tick", "cancel")
+       "kill_holder", "kill_holder", "kill", "stall", "lose_send", "unreachable", "fail", "tick", "cancel",
+       "checkpoint", "handoff")
 
 
 @pytest.mark.parametrize("wf", [FAN, CHAIN, WAN], ids=["fan", "chain", "wan"])
@@ -376,7 +377,9 @@ OPS = ("submit", "submit", "done", "done", "done", "done", "deliver", "deliver",
 def test_random_deaths_stalls_and_losses_every_job_ends(wf, ops):
     """A killed holder is replaced at once by a fresh worker of the same id (the
     position of the death is wherever the schedule puts it); a stalled worker keeps
-    its heartbeat but forgets a task; a lost SEND never arrives. Afterwards workers
+    its heartbeat but forgets a task; a lost SEND never arrives; running tasks leave
+    checkpoints (some with a worker that holds none of their inputs: refused) and are
+    handed off at step boundaries. Afterwards workers
     behave, time passes, and every job ends, with a reason naming a stage if it failed."""
     core = Core({wf.name: wf}, heartbeat_liveness_s=7.5, max_attempts=3, progress_floor_s=2.0,
                 progress_cap_s=20.0, job_deadline_s=500.0)
@@ -424,6 +427,19 @@ def test_random_deaths_stalls_and_losses_every_job_ends(wf, ops):
                 job, stage = sorted(sim.tasks[w])[b % len(sim.tasks[w])]
                 sim.tasks[w].discard((job, stage))
                 sim.apply(core.failed(w, job, stage, "boom", flag, sim.now))
+        elif op in ("checkpoint", "handoff"):  # invariant 11: state left with an input's holder
+            running = [(w, k) for w in workers if w not in sim.stalled for k in sim.ready(w) if k in sim.tasks[w]]
+            if running:
+                w, (job, stage) = running[a % len(running)]
+                if op == "checkpoint":  # with the holder of an input, or (flag) a worker that holds none
+                    holders = [h for h in workers if any((job, up) in sim.holding[h] for up in wf.upstream(stage))]
+                    holder = holders[b % len(holders)] if holders and not flag else workers[b % len(workers)]
+                    sim.apply(core.started(w, job, stage, sim.now))
+                    sim.apply(core.checkpointed(w, job, stage, 1 + b % 9, holder, sim.now))
+                else:  # the worker drains: it stops at a step boundary and forgets the task
+                    sim.apply(core.started(w, job, stage, sim.now))
+                    sim.tasks[w].discard((job, stage))
+                    sim.apply(core.handoff(w, job, stage, b % 9, sim.now))
         elif op == "tick":
             sim.tick(0.5 + a % 5)
         elif op == "cancel" and sim.jobs:

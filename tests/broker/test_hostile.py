@@ -148,6 +148,15 @@ BAD: list[tuple[dict, str]] = [
     (msg("PROGRESS", job=JOB, stage="a", step=-1, total=10), "step"),
     (msg("PROGRESS", job=JOB, stage="a", step=1, total="10"), "total"),
     (msg("PROGRESS", job=JOB, stage="a", step=1 << 40, total=1), "step"),
+    (msg("STARTED", job=JOB, stage="a", resumed_from_step=-3), "resumed_from_step"),
+    (msg("CHECKPOINT", job=JOB, stage="a", step=0, holder="w"), "step"),
+    (msg("CHECKPOINT", job=JOB, stage="a", step=4, holder=["w"]), "holder"),
+    (msg("HANDOFF", job=JOB, stage="a", step="7"), "step"),
+    (msg("TASK", job=JOB, stage="a", attempt=1, params={}, inputs=[], checkpoint_to={"worker": "w", "stage": "b"}),
+     "checkpoint_to.descriptor"),
+    (msg("TASK", job=JOB, stage="a", attempt=1, params={}, inputs=[], resume_step=-1), "resume_step"),
+    (msg("SEND", job=JOB, stage="a", to="w", to_stage="b", descriptor={}, names=[], resume_step="x"), "resume_step"),
+    (msg("REGISTER", stage="a", capacity=1, descriptor={}, model=["m"]), "model"),
     (msg("DONE", job=JOB, stage="a", timings={"run_s": "fast"}), "timings.run_s"),
     (msg("DONE", job=JOB, stage="a", timings={"run_s": math.nan}), "timings.run_s"),
     (msg("DONE", job=JOB, stage="a", timings=[1.0]), "timings"),
@@ -208,7 +217,8 @@ def test_refusals_of_hostile_input_are_short_and_fall_in_few_problem_kinds():
 
 
 def test_every_kind_in_the_protocol_has_a_declaration():
-    kinds = {"REGISTER", "HEARTBEAT", "STARTED", "PROGRESS", "DONE", "FAILED", "DISCONNECT", "SUBMIT",
+    kinds = {"REGISTER", "HEARTBEAT", "STARTED", "PROGRESS", "CHECKPOINT", "HANDOFF", "DONE", "FAILED",
+             "DISCONNECT", "SUBMIT",
              "REGISTERED", "TASK", "SEND", "RELEASE", "CANCEL", "DRAIN", "ERROR", "SUBMITTED"}
     assert set(protocol.SCHEMA) == kinds
 
@@ -393,7 +403,7 @@ async def test_every_kind_with_bad_nested_fields_is_refused_and_counted_and_the_
     await until(lambda: not stack.broker.core.stages()["a"]["workers"])
     worker = stack.peer(b"worker-a")
     await register(worker, "a")
-    job = stack.broker.submit("synthetic3", {"n": 1})
+    job = stack.broker.submit("synthetic3", {"steps": 1})
     task = await worker.expect("TASK")
     assert task["job"] == job and task["stage"] == "a"
     await worker.send(msg("STARTED", job=job, stage="a"),
