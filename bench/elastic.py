@@ -19,14 +19,17 @@ default the time scale).
 Configurations, all on the same profile, the same pool of GPU slots and the
 same arrival traces:
 
-* ``monolithic`` (one row per ``sp_degree`` of the profile, e.g. 1 and 8): a
-  workflow with ONE synthetic ``pipeline`` stage (gpu) whose time is the sum of
-  the stage times, the DiT divided by its sequence-parallel speedup; N/k
-  workers, each holding k GPU slots from the first stage to the last, one job
-  at a time, as a plain diffusers / xDiT deployment does;
-* ``static``: the real DAG (text_encode, image_encode, vae_encode -> denoise ->
-  vae_decode -> video_encode on CPU) with an allocation chosen by hand from the
-  profile (see :func:`static_allocation`);
+* ``monolithic`` (one row per monolithic variant of the profile: e.g. sp=1 and
+  sp=8 for wan_i2v_480p; for wan22_i2v_480p the ways to hold two 14B experts:
+  ``resident``, ``swap``, ``fsdp2``, ``fsdp8``): a workflow with ONE synthetic
+  ``pipeline`` stage (gpu) whose time is the sum of the stage times, each DiT
+  stage divided by its sequence-parallel speedup, plus the variant's host ->
+  GPU weight copies; N/k workers, each holding k GPU slots from the first stage
+  to the last, one job at a time, as a plain diffusers / xDiT deployment does;
+* ``static``: the real DAG (e.g. text_encode, image_encode, vae_encode ->
+  denoise -> vae_decode -> video_encode on CPU; for Wan2.2 A14B the DiT is two
+  stages, denoise_high -> denoise_low, one expert per worker) with an
+  allocation chosen by hand from the profile (see :func:`static_allocation`);
 * ``managed``: the same DAG, the Node Manager decides the allocation within the
   same GPU and CPU slot budgets (floors of 1 per stage; the policy's time
   constants, written in real seconds, are scaled like the service times).
@@ -285,10 +288,11 @@ def _toml_value(v) -> str:
 
 
 def workflow_toml(wf: dict) -> str:
-    """A workflow table (as built by manager.profile) as TOML text."""
+    """A workflow table (as built by manager.profile) as TOML text, its job parameters included."""
     lines = [f"{k} = {_toml_value(wf[k])}" for k in ("name", "description", "result")]
-    for sname, table in wf["stages"].items():
-        lines += ["", f"[stages.{sname}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for section in ("stages", "params"):
+        for sname, table in wf.get(section, {}).items():
+            lines += ["", f"[{section}.{sname}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -344,6 +348,7 @@ class Config:
     sp: int = 1  # GPU slots one worker of a GPU stage holds (monolithic sp degree)
     allocation: dict[str, int] = field(default_factory=dict)  # stage -> workers (not managed)
     step: bool = False  # also run the step scenario on this stack
+    variant: object = None  # the monolithic variant (manager.profile.MonolithicVariant); None when split
 
 
 def static_allocation(profile, gpu_slots: int, cpu_slots: int, cls_mix: dict[str, float] | None = None) -> dict:
@@ -386,7 +391,7 @@ def predicted_capacity(profile, cfg: Config, cls: str | None = None) -> float:
     """Jobs per real second the configuration can complete, from the profile's means alone
     (the managed configuration: the same as the static one, its best case)."""
     if cfg.name == "monolithic":
-        return (cfg.gpu_slots // cfg.sp) / profile.pipeline_mean_s(cfg.sp, cls)
+        return (cfg.gpu_slots // cfg.sp) / profile.pipeline_mean_s(cfg.variant, cls)
     alloc = cfg.allocation or static_allocation(profile, cfg.gpu_slots, cfg.cpu_slots)
     return min(alloc[s] / profile.mean_s(s, cls) for s in profile.stages if profile.mean_s(s, cls) > 0)
 
@@ -510,13 +515,15 @@ class Run:
 
     # -- jobs ----------------------------------------------------------------------------------
     def params(self, cls: str) -> dict:
+        """The job's parameters: only ``work`` (the per-stage time factors of its class), the one
+        parameter besides ``steps`` that the synthetic workflows declare."""
         p = self.profile
         if self.cfg.name == "monolithic":
-            factor = p.pipeline_mean_s(self.cfg.sp, cls) / p.pipeline_mean_s(self.cfg.sp, None)
+            factor = p.pipeline_mean_s(self.cfg.variant, cls) / p.pipeline_mean_s(self.cfg.variant, None)
             work = {"pipeline": factor}
         else:
             work = {s: p.scale(s, cls) for s in p.stages if p.scale(s, cls) != 1.0}
-        return {"cls": cls, "work": work}
+        return {"work": work}
 
     def submit(self, cls: str, phase: str) -> str:
         job = self.broker.submit(self.cfg.workflow["name"], self.params(cls))
@@ -614,7 +621,7 @@ class Run:
         for stage, s in self.broker.stages().items():
             n = len([w for w in s["workers"] if not w["draining"]])
             if self.cfg.name == "monolithic":
-                total += n * self.profile.monolithic_memory_gb(self.cfg.sp)
+                total += n * self.profile.monolithic_memory_gb(self.cfg.variant)
             else:
                 total += n * self.profile.stages[stage].memory_gb
         return total
@@ -705,7 +712,8 @@ class Plan:
 
 async def run_config(args, profile, cfg: Config, plan: Plan, traces: dict, tmp: Path, pids: list[int]) -> dict:
     run = Run(args, profile, cfg, tmp, pids)
-    out: dict = {"config": cfg.name, "label": cfg.label, "sp_degree": cfg.sp if cfg.name == "monolithic" else None}
+    out: dict = {"config": cfg.name, "label": cfg.label, "sp_degree": cfg.sp if cfg.name == "monolithic" else None,
+                 "variant": cfg.variant}
     t_start = time.monotonic()
     sampler = None
     try:
@@ -752,7 +760,7 @@ async def run_config(args, profile, cfg: Config, plan: Plan, traces: dict, tmp: 
         # 2. capacity, straight after the trace (an idle gap would let a manager scale down first): a
         # closed loop of 2 x gpu_slots jobs in flight, the first ones spread over one job time
         window = 2 * cfg.gpu_slots
-        job_s = profile.pipeline_mean_s(cfg.sp) * plan.time_scale
+        job_s = profile.pipeline_mean_s(cfg.variant or 1) * plan.time_scale
         c0, c1 = await run.closed_loop(window, plan.ramp_s + plan.capacity_s, "capacity", spread_s=job_s,
                                        spread_n=cfg.gpu_slots // cfg.sp)
         lo = c0 + plan.ramp_s
@@ -805,13 +813,17 @@ def build_configs(args, profile) -> tuple[list[Config], dict]:
 
     n, m = args.gpu_slots, args.cpu_slots
     configs = []
-    for sp in profile.sp_degrees:
-        if n % sp:
-            log(f"skipping monolithic sp={sp}: {n} GPU slots are not a multiple of it")
+    for v in profile.variants:
+        if n % v.sp:
+            log(f"skipping {v.label}: {n} GPU slots are not a multiple of {v.sp}")
             continue
-        wf = profile.monolithic_workflow(sp, name=f"mono_sp{sp}")
+        if not profile.fits(v):
+            log(f"skipping {v.label}: {profile.monolithic_peak_gb(v):.1f} GB per GPU does not fit "
+                f"{profile.gpu_memory_gb:g} GB")
+            continue
+        wf = profile.monolithic_workflow(v, name=f"mono_{v.name.replace('=', '')}")
         workflow_from_dict(wf)
-        configs.append(Config("monolithic", f"monolithic sp={sp}", wf, n, 0, sp, {"pipeline": n // sp}))
+        configs.append(Config("monolithic", v.label, wf, n, 0, v.sp, {"pipeline": n // v.sp}, variant=v))
     split = profile.split_workflow(name="onepiece", bytes_scale=args.time_scale if args.bytes_scale is None
                                    else args.bytes_scale)
     workflow_from_dict(split)
@@ -836,6 +848,7 @@ def report(args, profile, plan: Plan, results: list[dict], alloc: dict, rates: d
     lines: list[str] = []
     add = lines.append
     scale = plan.time_scale
+    w = max([18] + [len(r["label"]) + 1 for r in results])  # the label column
     add(f"OnePiece elastic capacity: profile {profile.name} ({profile.description})")
     add(f"machine: {os.cpu_count()} cores, load average {rates['loadavg'][0]:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end (other work on the machine slows process starts and control hops)")
@@ -851,22 +864,28 @@ def report(args, profile, plan: Plan, results: list[dict], alloc: dict, rates: d
     add("")
     add("Expected from the profile alone (per standard job):")
     add(f"  OnePiece: {profile.gpu_seconds_per_job():.1f} GPU-s + {profile.cpu_seconds_per_job():.1f} CPU-s; "
-        + "; ".join(f"monolithic sp={k}: {profile.monolithic_gpu_seconds_per_job(k):.1f} GPU-s "
-                    f"({profile.pipeline_mean_s(k):.1f} s x {k})" for k in profile.sp_degrees))
+        + "; ".join(f"{v.label}: {profile.monolithic_gpu_seconds_per_job(v):.1f} GPU-s "
+                    f"({profile.pipeline_mean_s(v):.1f} s x {v.sp})" for v in profile.variants))
+    mem = f" of {profile.gpu_memory_gb:g} GB" if profile.gpu_memory_gb else ""
+    split_peak = max(p.peak_gb for p in profile.stages.values() if p.gpu)
+    add(f"  peak memory per GPU{mem}: OnePiece {split_peak:.1f} (its largest stage; one model per worker); "
+        + "; ".join(f"{v.label} {profile.monolithic_peak_gb(v):.1f}"
+                    + (f" incl. {profile.copy_s_per_job(v):.2f} s/job of host->GPU copies of {', '.join(v.offload)}"
+                       if v.offload else "") for v in profile.variants))
     add("")
     add("Steady load")
-    add(f"  {'config':<18}{'jobs/held':>10}{'held':>6}{'p50 s':>7}{'p95 s':>7}{'GPU s':>8}{'CPU s':>7}"
+    add(f"  {'config':<{w}}{'jobs/held':>10}{'held':>6}{'p50 s':>7}{'p95 s':>7}{'GPU s':>8}{'CPU s':>7}"
         f"{'model':>8}{'jobs':>6}{'capacity':>10}  allocation")
-    add(f"  {'':<18}{'GPU-slot-h':>10}{'GPUs':>6}{'':>7}{'':>7}{'/job':>8}{'/job':>7}{'GB':>8}{'':>6}"
+    add(f"  {'':<{w}}{'GPU-slot-h':>10}{'GPUs':>6}{'':>7}{'':>7}{'/job':>8}{'/job':>7}{'GB':>8}{'':>6}"
         f"{'/slot-h':>10}")
     rows = []
     for r in results:
         st = r.get("steady", {})
         if r.get("error"):
-            add(f"  {r['label']:<18}failed: {r['error']}")
+            add(f"  {r['label']:<{w}}failed: {r['error']}")
             continue
         alloc_s = ", ".join(f"{k} {v}" for k, v in (r.get("steady_alloc") or {}).items())
-        add(f"  {r['label']:<18}{_f(r.get('jobs_per_slot_hour'), '{:.2f}'):>10}"
+        add(f"  {r['label']:<{w}}{_f(r.get('jobs_per_slot_hour'), '{:.2f}'):>10}"
             f"{_f(st.get('held_gpu_slots'), '{:.1f}'):>6}{_f(st.get('p50_s')):>7}{_f(st.get('p95_s')):>7}"
             f"{_f(st.get('gpu_slot_s'), '{:.1f}'):>8}{_f(st.get('cpu_slot_s'), '{:.1f}'):>7}"
             f"{_f(r.get('model_memory_gb'), '{:.1f}'):>8}{st.get('jobs', 0):>6}"
@@ -892,7 +911,7 @@ def report(args, profile, plan: Plan, results: list[dict], alloc: dict, rates: d
         got = (r.get("steady") or {}).get("gpu_slot_s")
         if got is None:
             continue
-        want = (profile.monolithic_gpu_seconds_per_job(r["sp_degree"]) if r["config"] == "monolithic"
+        want = (profile.monolithic_gpu_seconds_per_job(r["variant"]) if r["config"] == "monolithic"
                 else profile.gpu_seconds_per_job())
         checks.append(f"{r['label']} {got / want - 1:+.1%}")
     if checks:
@@ -908,13 +927,13 @@ def report(args, profile, plan: Plan, results: list[dict], alloc: dict, rates: d
     if step_rows:
         add(f"Step: long-video share {args.long_before:.0%} -> {args.long_after:.0%} at the same arrival rate; "
             f"{plan.step_before_s / scale / 3600:.1f} h before, {plan.step_after_s / scale / 3600:.1f} h after (real)")
-        add(f"  {'config':<18}{'p95 before':>11}{'p95 after':>10}{'jobs/held':>11}{'held':>6}{'jobs':>6}"
+        add(f"  {'config':<{w}}{'p95 before':>11}{'p95 after':>10}{'jobs/held':>11}{'held':>6}{'jobs':>6}"
             f"{'settle':>8}{'reversals':>10}  allocation at the end of the trace")
-        add(f"  {'':<18}{'s':>11}{'s':>10}{'GPU-slot-h':>11}{'GPUs':>6}{'after':>6}{'periods':>8}")
+        add(f"  {'':<{w}}{'s':>11}{'s':>10}{'GPU-slot-h':>11}{'GPUs':>6}{'after':>6}{'periods':>8}")
         for r in step_rows:
             m = r.get("manager") or {}
             b, a = r["step_before"], r["step_after"]
-            add(f"  {r['label']:<18}{_f(b['p95_s']):>11}{_f(a['p95_s']):>10}"
+            add(f"  {r['label']:<{w}}{_f(b['p95_s']):>11}{_f(a['p95_s']):>10}"
                 f"{_f(a.get('jobs_per_held_slot_hour'), '{:.2f}'):>11}{_f(a.get('held_gpu_slots'), '{:.1f}'):>6}"
                 f"{a['jobs']:>6}{_f(m.get('settle_periods'), '{}'):>8}{_f(m.get('reversals'), '{}'):>10}  "
                 + ", ".join(f"{k} {v}" for k, v in (r.get("step_alloc") or {}).items())

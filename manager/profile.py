@@ -9,9 +9,17 @@ the loaded model holds, and the size of what it hands on. Optional parts:
   GPUs (sequence parallelism): ``time(k) = time(1) / (k * efficiency(k))``;
 * ``[classes.NAME.scale]``: job classes that multiply some stages' times
   (e.g. long videos);
-* ``[monolithic]``: the one-process-per-GPU-group deployment the profile is
-  compared against (``sp_degrees``, whole-pipeline ``load_s``, which models
-  every rank loads).
+* ``[monolithic]``: the one-process-per-GPU-group deployments the profile is
+  compared against: either ``sp_degrees`` (one plain variant per GPU count),
+  or named ``[monolithic.variants.NAME]`` tables, each with its GPU count
+  ``sp`` and the models it keeps in host memory (``offload``) and copies in
+  every job at ``h2d_gbps``; plus whole-pipeline ``load_s`` and which models
+  every rank loads;
+* ``gpu_memory_gb``: the memory of one GPU, which every variant's per-GPU peak
+  is checked against.
+
+Several stages may carry ``sp_efficiency`` (e.g. the two experts of Wan2.2
+A14B); a pipeline on k GPUs divides each of them by its own speedup.
 
 From a profile this module builds synthetic workflows for capacity runs: the
 split workflow (the real DAG, every stage ``synthetic``) and the monolithic
@@ -22,6 +30,7 @@ can also read service and load times from it before it has measurements.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from collections.abc import Mapping
@@ -31,14 +40,24 @@ from typing import Any
 
 from stages.workflow import SyntheticSpec, Workflow, load_workflow
 
-__all__ = ["PROFILES_DIR", "Profile", "ProfileError", "StageProfile", "available_profiles", "load_profile"]
+__all__ = ["PROFILES_DIR", "MonolithicVariant", "Profile", "ProfileError", "StageProfile", "available_profiles",
+           "load_profile"]
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "stages" / "profiles"
 PIPELINE_STAGE = "pipeline"
 
 _STAGE_KEYS = {"gpu", "model", "model_id", "service_time", "load_s", "memory_gb", "peak_gb", "output_bytes",
                "sp_efficiency"}
-_TOP_KEYS = {"name", "workflow", "description", "hardware", "job", "stages", "classes", "monolithic"}
+_TOP_KEYS = {"name", "workflow", "description", "hardware", "gpu_memory_gb", "job", "stages", "classes", "monolithic"}
+_MONO_KEYS = {"sp_degrees", "load_s", "replicated_per_gpu", "h2d_gbps", "variants"}
+_VARIANT_KEYS = {"description", "sp", "offload"}
+
+# The job parameters a synthetic workflow declares: Synthetic.run reads `steps` (progress
+# reports per task) and `work` (per-stage time factors, how a job class is expressed).
+SYNTHETIC_PARAMS = {
+    "steps": {"type": "integer", "default": 1, "minimum": 1, "maximum": 1000},
+    "work": {"type": "map", "minimum": 0.0, "maximum": 1000.0},
+}
 
 
 class ProfileError(ValueError):
@@ -84,6 +103,30 @@ class StageProfile:
 
 
 @dataclass(frozen=True)
+class MonolithicVariant:
+    """One way to deploy the whole pipeline in one process per GPU group.
+
+    ``sp`` GPUs per pipeline: with sp > 1 the models are sharded over the ranks (FSDP), except
+    the profile's ``replicated_per_gpu`` ones, and every stage with an ``sp_efficiency`` table
+    runs sequence-parallel. ``offload`` names model_ids that do not stay on the GPU: their
+    weights live in host memory and are copied in for their stage, once per job (that is what
+    holding two 14B experts on one GPU, one at a time, costs).
+    """
+
+    name: str
+    sp: int = 1
+    offload: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"monolithic {self.name}"
+
+
+VariantKey = MonolithicVariant | int | str
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     workflow: str
@@ -92,9 +135,11 @@ class Profile:
     job: Mapping[str, Any]
     stages: Mapping[str, StageProfile]
     classes: Mapping[str, Mapping[str, float]]  # class -> stage -> time factor
-    sp_degrees: tuple[int, ...] = (1,)
+    variants: tuple[MonolithicVariant, ...] = (MonolithicVariant("sp=1"),)
     monolithic_load_s: float | None = None
     replicated_per_gpu: tuple[str, ...] = ()  # model_ids every rank of a multi-GPU pipeline loads
+    h2d_gbps: float | None = None  # host -> GPU copy rate of offloaded weights, GB/s
+    gpu_memory_gb: float | None = None  # one GPU's memory, what the peaks are checked against
     source: str = "<dict>"
 
     # -- per stage / per class ------------------------------------------------------
@@ -109,10 +154,14 @@ class Profile:
         return self.stages[stage].mean_s * self.scale(stage, cls)
 
     @property
-    def parallel_stage(self) -> str | None:
-        """The stage that sequence parallelism splits (the one with an sp_efficiency table)."""
-        found = [s.name for s in self.stages.values() if s.sp_efficiency]
-        return found[0] if found else None
+    def parallel_stages(self) -> tuple[str, ...]:
+        """The stages that sequence parallelism splits (those with an sp_efficiency table)."""
+        return tuple(s.name for s in self.stages.values() if s.sp_efficiency)
+
+    @property
+    def sp_degrees(self) -> tuple[int, ...]:
+        """GPUs per pipeline of each monolithic variant, in order."""
+        return tuple(v.sp for v in self.variants)
 
     # -- split (OnePiece) costs ------------------------------------------------------
     def gpu_seconds_per_job(self, cls: str | None = None) -> float:
@@ -122,33 +171,73 @@ class Profile:
         return sum(self.mean_s(s, cls) for s, p in self.stages.items() if not p.gpu)
 
     # -- monolithic costs --------------------------------------------------------------
-    def _pipeline_parts(self, sp: int, cls: str | None) -> list[tuple[float, float]]:
-        par = self.parallel_stage
-        if sp != 1 and par is None:
-            raise ProfileError(f"{self.source}: no stage has an sp_efficiency table, so sp_degree {sp} is undefined")
+    def variant(self, key: VariantKey) -> MonolithicVariant:
+        """A monolithic variant: itself, by name, or (an int) the plain variant on that many
+        GPUs: everything resident, nothing copied, which is what ``sp_degrees`` describes."""
+        if isinstance(key, MonolithicVariant):
+            return key
+        if isinstance(key, int):
+            return MonolithicVariant(f"sp={key}", sp=key)
+        for v in self.variants:
+            if v.name == key:
+                return v
+        raise ProfileError(f"{self.source}: no monolithic variant {key!r}; known: {[v.name for v in self.variants]}")
+
+    def _models(self) -> dict[str, float]:
+        """Distinct GPU models (by model_id) and the memory each holds."""
+        out: dict[str, float] = {}
+        for p in self.stages.values():
+            if p.gpu:
+                mid = p.model_id or p.name
+                out[mid] = max(out.get(mid, 0.0), p.memory_gb)
+        return out
+
+    def _shard(self, mid: str, gb: float, sp: int) -> float:
+        """What one rank of an sp-GPU pipeline holds of a model: all of it if replicated, else 1/sp."""
+        return gb if mid in self.replicated_per_gpu else gb / sp
+
+    def copy_s_per_job(self, v: VariantKey = 1) -> float:
+        """Host -> GPU copies a job waits for: every offloaded model once (its shard, in parallel
+        over the ranks), at ``h2d_gbps``."""
+        v = self.variant(v)
+        if not v.offload:
+            return 0.0
+        models = self._models()
+        return sum(self._shard(mid, models[mid], v.sp) for mid in v.offload) / self.h2d_gbps
+
+    def _pipeline_parts(self, v: VariantKey, cls: str | None) -> list[tuple[float, float]]:
+        v = self.variant(v)
         parts = []
         for s, p in self.stages.items():
             mean = self.mean_s(s, cls)
-            if s == par:
-                mean /= p.speedup(sp)
+            if s in self.parallel_stages:
+                mean /= p.speedup(v.sp)
+            elif v.sp != 1 and not self.parallel_stages:
+                raise ProfileError(f"{self.source}: no stage has an sp_efficiency table, so {v.sp} GPUs is undefined")
             parts.append((mean, p.cv))
+        copy = self.copy_s_per_job(v)
+        if copy:
+            parts.append((copy, 0.0))
         return parts
 
-    def pipeline_mean_s(self, sp: int = 1, cls: str | None = None) -> float:
-        """Expected time one monolithic pipeline spends on a job (every stage in order)."""
-        return sum(m for m, _ in self._pipeline_parts(sp, cls))
+    def pipeline_mean_s(self, v: VariantKey = 1, cls: str | None = None) -> float:
+        """Expected time one monolithic pipeline spends on a job (every stage in order, plus the
+        variant's weight copies)."""
+        return sum(m for m, _ in self._pipeline_parts(v, cls))
 
-    def pipeline_cv(self, sp: int = 1, cls: str | None = None) -> float:
-        """cv of the sum of independent stage times (variances add)."""
-        parts = self._pipeline_parts(sp, cls)
+    def pipeline_cv(self, v: VariantKey = 1, cls: str | None = None) -> float:
+        """cv of the sum of independent stage times (variances add; copies are constant)."""
+        parts = self._pipeline_parts(v, cls)
         mean = sum(m for m, _ in parts)
         return 0.0 if mean == 0 else math.sqrt(sum((m * c) ** 2 for m, c in parts)) / mean
 
-    def monolithic_gpu_seconds_per_job(self, sp: int = 1, cls: str | None = None) -> float:
-        """GPU slot-seconds one job holds in a monolithic pipeline of ``sp`` GPUs."""
-        return sp * self.pipeline_mean_s(sp, cls)
+    def monolithic_gpu_seconds_per_job(self, v: VariantKey = 1, cls: str | None = None) -> float:
+        """GPU slot-seconds one job holds in a monolithic pipeline (its GPUs x its time)."""
+        return self.variant(v).sp * self.pipeline_mean_s(v, cls)
 
-    def monolithic_load_time(self) -> float:
+    def monolithic_load_time(self, v: VariantKey = 1) -> float:
+        """Whole-pipeline load: the profile's ``load_s``, else the sum of the distinct models'.
+        The same for every variant: an offloaded model is still read from disk once."""
         if self.monolithic_load_s is not None:
             return self.monolithic_load_s
         loads: dict[str, float] = {}
@@ -158,21 +247,37 @@ class Profile:
                 loads[mid] = max(loads.get(mid, 0.0), p.load_s)
         return sum(loads.values())
 
-    def _models(self) -> dict[str, float]:
-        """Unique GPU models (by model_id) and the memory each holds."""
-        out: dict[str, float] = {}
-        for p in self.stages.values():
-            if p.gpu:
-                mid = p.model_id or p.name
-                out[mid] = max(out.get(mid, 0.0), p.memory_gb)
-        return out
-
-    def monolithic_memory_gb(self, sp: int = 1) -> float:
-        """Model memory one monolithic pipeline of ``sp`` GPUs holds: one copy of every model
-        (sharded across ranks when sp > 1), plus a copy per extra rank of the replicated ones."""
+    def monolithic_memory_gb(self, v: VariantKey = 1) -> float:
+        """Model memory one pipeline holds on its GPUs at its peak: one copy of every resident
+        model (sharded across ranks when sp > 1), a copy per extra rank of the replicated ones,
+        and the largest offloaded model (the one copied in at the time)."""
+        v = self.variant(v)
         models = self._models()
-        extra = sum(gb for mid, gb in models.items() if mid in self.replicated_per_gpu)
-        return sum(models.values()) + (sp - 1) * extra
+        resident = {mid: gb for mid, gb in models.items() if mid not in v.offload}
+        extra = sum(gb for mid, gb in resident.items() if mid in self.replicated_per_gpu)
+        visiting = max((models[mid] for mid in v.offload), default=0.0)
+        return sum(resident.values()) + (v.sp - 1) * extra + visiting
+
+    def monolithic_peak_gb(self, v: VariantKey = 1) -> float:
+        """Peak memory of one GPU of the pipeline: the resident weights of a rank, plus, for the
+        stage that needs most, its offloaded model's shard (if any) and its working set (split
+        over the ranks for a sequence-parallel stage)."""
+        v = self.variant(v)
+        models = self._models()
+        resident = sum(self._shard(mid, gb, v.sp) for mid, gb in models.items() if mid not in v.offload)
+        worst = 0.0
+        for s, p in self.stages.items():
+            if not p.gpu:
+                continue
+            mid = p.model_id or p.name
+            visiting = self._shard(mid, models[mid], v.sp) if mid in v.offload else 0.0
+            work = max(0.0, p.peak_gb - p.memory_gb) / (v.sp if s in self.parallel_stages else 1)
+            worst = max(worst, visiting + work)
+        return resident + worst
+
+    def fits(self, v: VariantKey = 1) -> bool:
+        """The variant's per-GPU peak fits ``gpu_memory_gb`` (True when the profile gives none)."""
+        return self.gpu_memory_gb is None or self.monolithic_peak_gb(v) <= self.gpu_memory_gb
 
     # -- synthetic workflows ------------------------------------------------------------
     def check_workflow(self, wf: Workflow) -> None:
@@ -203,20 +308,31 @@ class Profile:
                                      "outputs": list(spec.outputs), "progress": spec.progress,
                                      "load_s": p.load_s, "synthetic": self._synthetic(p.mean_s, p, bytes_scale)}
             stages[s] = table
-        return {"name": name or f"{self.name}_split", "description": f"{wf.description} (synthetic, profile "
-                f"{self.name})", "result": wf.result, "stages": stages}
+        return self._with_params({"name": name or f"{self.name}_split", "description": f"{wf.description} "
+                                  f"(synthetic, profile {self.name})", "result": wf.result, "stages": stages})
 
-    def monolithic_workflow(self, sp: int = 1, *, name: str | None = None) -> dict:
-        """ONE ``pipeline`` stage (gpu) whose time is the sum of the stage times, the parallel
-        stage divided by its speedup on ``sp`` GPUs; lognormal with the sum's mean and cv."""
-        mean = self.pipeline_mean_s(sp)
-        cv = self.pipeline_cv(sp)
+    def monolithic_workflow(self, v: VariantKey = 1, *, name: str | None = None) -> dict:
+        """ONE ``pipeline`` stage (gpu, ``sp`` slots) whose time is the variant's pipeline time:
+        the stage times, the parallel ones divided by their speedup, plus its weight copies;
+        lognormal with the sum's mean and cv."""
+        v = self.variant(v)
         table = {"kind": "synthetic", "gpu": True, "after": [], "outputs": [], "progress": False,
-                 "load_s": self.monolithic_load_time(), "slots": sp,
-                 "synthetic": {"service_time": {"dist": "lognormal", "mean": mean, "cv": cv}, "output_bytes": 0}}
-        return {"name": name or f"{self.name}_mono_sp{sp}",
-                "description": f"monolithic {self.workflow} on {sp} GPU(s) (synthetic, profile {self.name})",
-                "result": PIPELINE_STAGE, "stages": {PIPELINE_STAGE: table}}
+                 "load_s": self.monolithic_load_time(v), "slots": v.sp,
+                 "synthetic": {"service_time": {"dist": "lognormal", "mean": self.pipeline_mean_s(v),
+                                                "cv": self.pipeline_cv(v)}, "output_bytes": 0}}
+        slug = v.name.replace("=", "")
+        return self._with_params({"name": name or f"{self.name}_mono_{slug}",
+                                  "description": f"monolithic {self.workflow}, {v.name} on {v.sp} GPU(s) "
+                                  f"(synthetic, profile {self.name})",
+                                  "result": PIPELINE_STAGE, "stages": {PIPELINE_STAGE: table}})
+
+    @staticmethod
+    def _with_params(wf: dict) -> dict:
+        """Declare the synthetic job parameters, once stages.workflow knows ``[params.*]`` tables
+        (``Workflow.params``); before that a workflow table with them would be refused."""
+        if "params" in {f.name for f in dataclasses.fields(Workflow)}:
+            wf["params"] = {k: dict(v) for k, v in SYNTHETIC_PARAMS.items()}
+        return wf
 
     @staticmethod
     def _synthetic(mean: float, p: StageProfile, bytes_scale: float) -> dict:
@@ -297,9 +413,6 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>", default_n
             eff[ki] = float(v)
         stages[sname] = StageProfile(sname, t["gpu"], spec, num("load_s"), num("memory_gb"), num("peak_gb"),
                                      str(t.get("model", "")), str(t.get("model_id", "")), eff)
-    if sum(1 for s in stages.values() if s.sp_efficiency) > 1:
-        raise fail("only one stage may carry an sp_efficiency table")
-
     classes: dict[str, dict[str, float]] = {}
     for cname, ct in (data.get("classes") or {}).items():
         if not isinstance(ct, Mapping):
@@ -313,14 +426,52 @@ def profile_from_dict(data: Mapping[str, Any], source: str = "<dict>", default_n
         classes[cname] = {s: float(f) for s, f in scale.items()}
 
     mono = data.get("monolithic") or {}
-    sp_degrees = tuple(int(k) for k in mono.get("sp_degrees", [1]))
+    if not isinstance(mono, Mapping):
+        raise fail("[monolithic] must be a table")
+    bad = set(mono) - _MONO_KEYS
+    if bad:
+        raise fail(f"[monolithic]: unknown key(s) {sorted(bad)}")
+    if "sp_degrees" in mono and "variants" in mono:
+        raise fail("[monolithic]: give sp_degrees or variants, not both")
+    models = {p.model_id or p.name for p in stages.values() if p.gpu}
     par = [s for s in stages.values() if s.sp_efficiency]
-    for k in sp_degrees:
-        if k < 1 or (k > 1 and (not par or k not in par[0].sp_efficiency)):
-            raise fail(f"monolithic sp_degree {k} has no sp_efficiency entry")
-    load = mono.get("load_s")
+
+    def check_sp(k: Any, what: str) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise fail(f"{what}: sp must be a GPU count >= 1, not {k!r}")
+        if k > 1 and (not par or any(k not in s.sp_efficiency for s in par)):
+            raise fail(f"{what}: sp_degree {k} has no sp_efficiency entry in every parallel stage")
+        return k
+
+    variants: list[MonolithicVariant] = []
+    for vname, vt in (mono.get("variants") or {}).items():
+        what = f"[monolithic.variants.{vname}]"
+        if not isinstance(vt, Mapping):
+            raise fail(f"{what} must be a table")
+        bad = set(vt) - _VARIANT_KEYS
+        if bad:
+            raise fail(f"{what}: unknown key(s) {sorted(bad)}")
+        offload = vt.get("offload", [])
+        if not isinstance(offload, list) or any(m not in models for m in offload):
+            raise fail(f"{what}: offload must list GPU model_ids of this profile ({sorted(models)}), not {offload!r}")
+        variants.append(MonolithicVariant(str(vname), check_sp(vt.get("sp", 1), what), tuple(offload),
+                                          str(vt.get("description", ""))))
+    if not variants:
+        variants = [MonolithicVariant(f"sp={k}", check_sp(k, "[monolithic]")) for k in mono.get("sp_degrees", [1])]
+
+    def positive(v: Any, what: str) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise fail(f"{what} must be a number > 0, not {v!r}")
+        return float(v)
+
+    h2d = positive(mono.get("h2d_gbps"), "[monolithic] h2d_gbps")
+    if h2d is None and any(v.offload for v in variants):
+        raise fail("[monolithic]: a variant offloads models, so h2d_gbps (host -> GPU GB/s) is needed")
     return Profile(name=str(data.get("name", default_name or "profile")), workflow=str(data.get("workflow", "")),
                    description=str(data.get("description", "")), hardware=str(data.get("hardware", "")),
-                   job=dict(data.get("job", {})), stages=stages, classes=classes, sp_degrees=sp_degrees,
-                   monolithic_load_s=None if load is None else float(load),
-                   replicated_per_gpu=tuple(mono.get("replicated_per_gpu", [])), source=source)
+                   job=dict(data.get("job", {})), stages=stages, classes=classes, variants=tuple(variants),
+                   monolithic_load_s=positive(mono.get("load_s"), "[monolithic] load_s"),
+                   replicated_per_gpu=tuple(mono.get("replicated_per_gpu", [])), h2d_gbps=h2d,
+                   gpu_memory_gb=positive(data.get("gpu_memory_gb"), "gpu_memory_gb"), source=source)
