@@ -474,7 +474,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run broker, REST API, node manager and stage workers here")
     _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts",
-                   "job_deadline_s", "progress_floor_s", "progress_cap_s")
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "checkpoint_steps", "checkpoint_s")
     up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     _manager_args(up)
     up.add_argument("--ready-timeout", type=float, default=300.0)
@@ -489,7 +489,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     mg = sub.add_parser("manager", help="run the node manager next to a broker reached over REST")
     mg.add_argument("--broker-url", default="http://127.0.0.1:8000")
     _settings_args(mg, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
-                   "liveness", "data_host", "ring_bytes", "rest_host")
+                   "liveness", "data_host", "ring_bytes", "rest_host", "checkpoint_steps", "checkpoint_s")
     mg.add_argument("--workflows", nargs="+", help="workflows the broker serves (default wan_i2v)")
     mg.add_argument("--launcher", choices=("local", "compose"), default="local",
                     help="start workers as local processes or as docker compose replicas")

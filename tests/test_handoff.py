@@ -74,6 +74,23 @@ async def two_workers(stack: Stack, workflow: str, stage: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def at_step(stack, job: str, stage: str, step: int, act, log: list):
+    """An event hook: once ``stage`` of ``job`` reports ``step``, ``act(worker)`` once, and
+    log ``(worker, step)``."""
+    async def hook(e):
+        if e["type"] == "progress" and e["data"]["stage"] == stage and e["data"]["step"] >= step and not log:
+            worker = stack.broker.core.job(job)["stages"][stage]["worker"]
+            log.append((worker, e["data"]["step"]))
+            await act(worker)
+    return hook
+
+
+def kill(stack):
+    async def act(worker):
+        handle_of(stack, worker).process.send_signal(signal.SIGKILL)
+    return act
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stepped(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stepped")
@@ -89,19 +106,13 @@ async def test_a_killed_step_wise_task_resumes_from_its_last_checkpoint(stepped)
     await two_workers(stack, wf, "walk")
     job = await client.submit(session, stack.url, None, workflow="stepped")
     killed: list = []
-
-    async def hook(e):
-        if e["type"] == "progress" and e["data"]["stage"] == "walk" and e["data"]["step"] >= 9 and not killed:
-            worker = stack.broker.core.job(job)["stages"]["walk"]["worker"]
-            handle_of(stack, worker).process.send_signal(signal.SIGKILL)
-            killed.append(e["data"]["step"])
-
-    seen = await asyncio.wait_for(events_until_end(session, stack.url, job, hook), 120)
+    seen = await asyncio.wait_for(
+        events_until_end(session, stack.url, job, at_step(stack, job, "walk", 9, kill(stack), killed)), 120)
     assert killed and seen[-1]["type"] == "succeeded", seen[-1]
     first, again = started(seen, "walk")
     assert "resumed_from_step" not in first
     # the kill came at step k: the state of step k - EVERY or later had been left with source's worker
-    assert killed[0] - EVERY <= again["resumed_from_step"] < 20, (killed, again)
+    assert killed[0][1] - EVERY <= again["resumed_from_step"] < 20, (killed, again)
     second = [i for i, e in enumerate(seen) if e["type"] == "stage_started" and e["data"]["stage"] == "walk"][1]
     assert steps_of(seen[second:])[0] == again["resumed_from_step"] + 1  # not from step 1 again
     retry = [e["data"] for e in seen if e["type"] == "stage_retry" and e["data"]["stage"] == "walk"]
@@ -114,16 +125,14 @@ async def test_a_drained_worker_hands_its_step_wise_task_off_and_leaves(stepped)
     job = await client.submit(session, stack.url, None, workflow="stepped")
     drained: list = []
 
-    async def hook(e):
-        if e["type"] == "progress" and e["data"]["stage"] == "walk" and e["data"]["step"] >= 5 and not drained:
-            worker = stack.broker.core.job(job)["stages"]["walk"]["worker"]
-            drained.append((worker, e["data"]["step"], time.monotonic()))
-            async with session.post(f"{stack.url}/v1/workers/{worker}/drain") as resp:
-                assert resp.status == 202
+    async def drain(worker):  # as an operator would: the broker tells the worker to drain
+        async with session.post(f"{stack.url}/v1/workers/{worker}/drain") as resp:
+            assert resp.status == 202
 
-    seen = await asyncio.wait_for(events_until_end(session, stack.url, job, hook), 120)
+    seen = await asyncio.wait_for(
+        events_until_end(session, stack.url, job, at_step(stack, job, "walk", 5, drain, drained)), 120)
     assert drained and seen[-1]["type"] == "succeeded", seen[-1]
-    worker, step, at = drained[0]
+    worker, step = drained[0]
     first, again = started(seen, "walk")
     assert first["worker"] == worker and again["worker"] != worker
     # handed off at the next step boundary or so, not after the remaining steps
@@ -168,17 +177,11 @@ async def test_wan_denoise_killed_mid_job_resumes_and_makes_the_same_video(wan):
     await two_workers(stack, "wan_i2v", "denoise")
     job = await client.submit(session, stack.url, SAMPLE.read_bytes(), **WAN_JOB)
     killed: list = []
-
-    async def hook(e):
-        if e["type"] == "progress" and e["data"]["stage"] == "denoise" and e["data"]["step"] >= 7 and not killed:
-            worker = stack.broker.core.job(job)["stages"]["denoise"]["worker"]
-            handle_of(stack, worker).process.send_signal(signal.SIGKILL)
-            killed.append(e["data"]["step"])
-
-    seen = await asyncio.wait_for(events_until_end(session, stack.url, job, hook), 300)
+    seen = await asyncio.wait_for(
+        events_until_end(session, stack.url, job, at_step(stack, job, "denoise", 7, kill(stack), killed)), 300)
     assert killed and seen[-1]["type"] == "succeeded", seen[-1]
     again = started(seen, "denoise")[-1]
-    assert again["resumed_from_step"] >= killed[0] - EVERY, (killed, again)
+    assert again["resumed_from_step"] >= killed[0][1] - EVERY, (killed, again)
     assert np.array_equal(await frames_of(stack, session, job, tmp), reference)
 
 
@@ -188,13 +191,11 @@ async def test_wan_denoise_drained_mid_job_hands_off_and_makes_the_same_video(wa
     job = await client.submit(session, stack.url, SAMPLE.read_bytes(), **WAN_JOB)
     drained: list = []
 
-    async def hook(e):
-        if e["type"] == "progress" and e["data"]["stage"] == "denoise" and e["data"]["step"] >= 4 and not drained:
-            worker = stack.broker.core.job(job)["stages"]["denoise"]["worker"]
-            drained.append((worker, e["data"]["step"]))
-            await stack.launcher.drain(handle_of(stack, worker), timeout=60)  # SIGTERM, as a manager's move
+    async def drain(worker):  # SIGTERM, as a node manager's move; it returns once the worker exited
+        assert await stack.launcher.drain(handle_of(stack, worker), timeout=60) == 0
 
-    seen = await asyncio.wait_for(events_until_end(session, stack.url, job, hook), 300)
+    seen = await asyncio.wait_for(
+        events_until_end(session, stack.url, job, at_step(stack, job, "denoise", 4, drain, drained)), 300)
     assert drained and seen[-1]["type"] == "succeeded", seen[-1]
     worker, step = drained[0]
     again = started(seen, "denoise")[-1]

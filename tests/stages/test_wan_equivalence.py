@@ -27,8 +27,9 @@ from stages.wan import (
     vae_encode,
 )
 
+from .wan_helpers import assert_same_video, run_pipeline
+
 SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
-TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +56,6 @@ def pipeline_of(c) -> WanImageToVideoPipeline:
     )
 
 
-def run_pipeline(pipe: WanImageToVideoPipeline, image, p: WanParams) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        image=image,
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt,
-        height=p.height,
-        width=p.width,
-        num_frames=p.num_frames,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(p.seed),
-        output_type="np",
-        max_sequence_length=p.max_sequence_length,
-    )
-    return out.frames[0]
-
-
 def run_stages(c, image, p: WanParams) -> np.ndarray:
     inputs = {**text_encode(c, p), **image_encode(c, image, p), **vae_encode(c, image, p)}
     latents = denoise(c, inputs, p)
@@ -96,19 +79,10 @@ def test_split_matches_pipeline(components, image, guidance_scale, seed, height,
         guidance_scale=guidance_scale,
         seed=seed,
     )
-    expected = run_pipeline(pipeline_of(components), image, p)
+    expected = run_pipeline(pipeline_of(components), p, image=image)
     got = run_stages(components, image, p)
     assert got.shape == expected.shape == (num_frames, height, width, 3)
     assert_same_video(got, expected)
-
-
-def assert_same_video(got: np.ndarray, expected: np.ndarray) -> None:
-    assert got.shape == expected.shape
-    assert got.dtype == expected.dtype
-    diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-    assert diff <= TOLERANCE, f"split differs from WanImageToVideoPipeline by {diff}"
-    # a degenerate video (e.g. all one value) would match trivially
-    assert float(expected.std()) > 1e-3
 
 
 def test_checkpoint_loading_matches_pipeline_from_pretrained(components, image, tmp_path):
@@ -128,4 +102,4 @@ def test_checkpoint_loading_matches_pipeline_from_pretrained(components, image, 
         prompt="a house", negative_prompt="blur", height=128, width=128, num_frames=9, steps=3, guidance_scale=5.0,
         seed=3,
     )
-    assert_same_video(run_stages(loaded, image, p), run_pipeline(pipe, image, p))
+    assert_same_video(run_stages(loaded, image, p), run_pipeline(pipe, p, image=image))

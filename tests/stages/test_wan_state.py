@@ -29,7 +29,8 @@ from stages.wan import (
     text_encode,
     vae_encode,
 )
-from transports import codec
+
+from .wan_helpers import through_the_wire
 
 SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
 P = WanParams(prompt="a boat on a lake", negative_prompt="blurry", height=32, width=48, num_frames=5, steps=7,
@@ -48,12 +49,6 @@ STAGES = {
 def fresh(identity: str):
     """A new components object, as a new worker process loads it."""
     return load_components("tiny", identity=identity, device="cpu")
-
-
-def wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    encoded = codec.encode({}, state)
-    payload = bytearray(b"".join(bytes(part) for part in encoded.parts))
-    return codec.decode_tensors(codec.decode_meta(encoded.meta), payload)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +117,7 @@ def test_yield_at_every_boundary_resumes_bit_identically(identity, inputs, refer
         assert is_state(yielded) and state_step(yielded) == k
         assert progress == list(range(run.start + 1, k + 1))
         resumed_progress: list[tuple[int, int]] = []
-        resumed = denoise(fresh(identity), x, p, state=wire(yielded),
+        resumed = denoise(fresh(identity), x, p, state=through_the_wire(yielded),
                           on_step=lambda done, total: resumed_progress.append((done, total)))
         assert resumed_progress == [(done, p.steps) for done in range(k + 1, run.stop + 1)]
         assert_same_output(resumed, reference[identity])
@@ -148,7 +143,7 @@ def test_snapshots_resume_bit_identically(identity, inputs, reference):
     for k, state in snapshots.items():
         assert state_step(state) == k
         # resumed after the run finished: the snapshot aliases nothing the loop wrote
-        assert_same_output(denoise(fresh(identity), x, p, state=wire(state)), reference[identity])
+        assert_same_output(denoise(fresh(identity), x, p, state=through_the_wire(state)), reference[identity])
 
 
 @pytest.fixture(scope="module")

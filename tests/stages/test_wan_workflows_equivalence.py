@@ -33,10 +33,10 @@ from stages.wan import (
     vae_decode,
     vae_encode,
 )
-from transports import codec
+
+from .wan_helpers import assert_same_video, run_pipeline, through_the_wire
 
 SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
-TOLERANCE = 1e-4
 # bf16 on both sides runs the same operations on the same weights; the bound
 # only guards against a gross divergence (one bf16 ulp at 1.0 is 2**-7).
 BF16_TOLERANCE = 2e-2
@@ -59,38 +59,6 @@ def shared():
     return {"text": load("umt5-xxl"), "vae": load("wan2.1-vae")}
 
 
-def through_the_wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Encode the state with the transport codec and decode it from a fresh
-    buffer, as a peer process receives it."""
-    encoded = codec.encode({"kind": "denoise-state"}, state)
-    payload = bytearray(encoded.nbytes)
-    offset = 0
-    for part in encoded.parts:
-        payload[offset : offset + part.nbytes] = part
-        offset += part.nbytes
-    return codec.decode_tensors(codec.decode_meta(encoded.meta), payload)
-
-
-def run_pipeline(pipe, p: WanParams, **kwargs) -> np.ndarray:
-    pipe.set_progress_bar_config(disable=True)
-    if p.guidance_scale_2 is not None:
-        kwargs["guidance_scale_2"] = p.guidance_scale_2
-    out = pipe(
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt,
-        height=p.height,
-        width=p.width,
-        num_frames=p.num_frames,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(p.seed),
-        output_type="np",
-        max_sequence_length=p.max_sequence_length,
-        **kwargs,
-    )
-    return out.frames[0]
-
-
 def denoise_two_experts(high, low, inputs, p: WanParams) -> dict[str, torch.Tensor]:
     """denoise_high then denoise_low, the state crossing the wire between them."""
     handed = denoise(high, inputs, p)
@@ -100,15 +68,6 @@ def denoise_two_experts(high, low, inputs, p: WanParams) -> dict[str, torch.Tens
     out = denoise(low, inputs, p, state=through_the_wire(handed))
     assert set(out) == {"latents"}
     return out
-
-
-def assert_same_video(got: np.ndarray, expected: np.ndarray, tolerance: float = TOLERANCE) -> float:
-    assert got.shape == expected.shape
-    assert got.dtype == expected.dtype
-    diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
-    assert diff <= tolerance, f"split differs from the pipeline by {diff}"
-    assert float(expected.std()) > 1e-3  # a degenerate video would match trivially
-    return diff
 
 
 @pytest.mark.parametrize(
