@@ -199,5 +199,6 @@ async def test_wan_denoise_drained_mid_job_hands_off_and_makes_the_same_video(wa
     assert drained and seen[-1]["type"] == "succeeded", seen[-1]
     worker, step = drained[0]
     again = started(seen, "denoise")[-1]
-    assert again["worker"] != worker and again["resumed_from_step"] >= step, (drained, again)
+    # it stopped at the next step boundary or so, not after finishing the job
+    assert again["worker"] != worker and step <= again["resumed_from_step"] <= step + 2, (drained, again)
     assert np.array_equal(await frames_of(stack, session, job, tmp), reference)

@@ -52,4 +52,6 @@ def assert_same_video(got: np.ndarray, expected: np.ndarray, tolerance: float = 
     diff = float(np.abs(got.astype(np.float64) - expected.astype(np.float64)).max())
     assert diff <= tolerance, f"split differs from the pipeline by {diff}"
     assert float(expected.std()) > 1e-3  # a degenerate video (e.g. all one value) would match trivially
+    print(f"max abs difference to the pipeline: {diff:.3g} ({expected.shape[0]} frames "
+          f"{expected.shape[1]}x{expected.shape[2]})")  # the figure, with pytest -s
     return diff
