@@ -435,7 +435,9 @@ def workflow_view(wf: Workflow, default: bool, detail: bool = False) -> dict:
     the same checks (``onepiece submit`` does); the detail adds its JSON Schema.
     """
     view: dict[str, Any] = {"name": wf.name, "description": wf.description, "default": default,
-                            "result": wf.result, "links": {"self": f"/v1/workflows/{wf.name}"}}
+                            "result": wf.result, "links": {"self": f"/v1/workflows/{wf.name}"},
+                            "slo": None if wf.slo is None else {"p95_s": wf.slo.p95_s,
+                                                                 "description": wf.slo.description}}
     if detail:
         view["stages"] = {s: {"kind": spec.kind, "model": spec.model, "after": list(spec.after),
                               "outputs": list(spec.outputs), "gpu": spec.gpu, "progress": spec.progress}

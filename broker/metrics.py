@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 SERVICE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+JOB_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 450, 600, 900, 1200, 1800, 3600)
 COUNT_LIMIT = 1 << 63  # no real byte or message count gets near it: a value above is junk
 _LABEL = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # a transport name fit to be a label value
 ORPHANS = (  # worker stats key -> metric: data-plane messages nobody asked for, dropped or held
@@ -149,6 +150,11 @@ class BrokerMetrics:
         self.bad_messages = Counter("onepiece_bad_control_messages", "Malformed control messages dropped",
                                     registry=r)
         self.rejected = Counter("onepiece_rejected_requests", "REST requests refused", ["reason"], registry=r)
+        self.latency = Histogram("onepiece_job_latency_seconds", "Submission to result of succeeded jobs",
+                                 ["workflow"], buckets=JOB_BUCKETS, registry=r)
+        self.slo = Counter("onepiece_slo_jobs", "Succeeded jobs of workflows with a latency objective ([slo] "
+                           "p95_s), by whether they met it: the attainment is met=true over all",
+                           ["workflow", "met"], registry=r)
         self.log_limit = LogLimiter()  # the broker's warnings about peers' input: counted above, logged sparsely
         self._service_of: dict[str, object] = {}  # stage -> its histogram child (labels() per task costs)
         r.register(_Live(broker))
@@ -162,6 +168,14 @@ class BrokerMetrics:
             if child is None:
                 child = self._service_of[stage] = self.service.labels(stage)
             child.observe(seconds)
+
+    def observe_job(self, workflow, latency_s: float) -> None:
+        """A succeeded job of ``workflow`` (a Workflow) took ``latency_s`` from submission."""
+        if not 0 <= latency_s < COUNT_LIMIT:
+            return
+        self.latency.labels(workflow.name).observe(latency_s)
+        if workflow.slo is not None:
+            self.slo.labels(workflow.name, "true" if workflow.slo.met(latency_s) else "false").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

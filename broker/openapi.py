@@ -31,6 +31,11 @@ EVENT_TYPES = ["queued", "requeued", "stage_assigned", "stage_started", "progres
                "stage_retry", "succeeded", "failed", "cancelled"]
 
 
+SLO = {"type": ["object", "null"], "description": "The latency objective its jobs are served to ([slo]), if any.",
+       "properties": {"p95_s": {"type": "number", "description": "p95 seconds from submission to result."},
+                      "description": {"type": "string"}}}
+
+
 def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -146,6 +151,7 @@ def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str |
                            "result": {"type": "string", "description": "The stage whose output is the result."},
                            "stages": {"type": "array", "items": {"type": "string"}},
                            "params": {"type": "object", "additionalProperties": declared},
+                           "slo": SLO,
                            "links": {"type": "object", "properties": {"self": {"type": "string"}}}},
         },
         "Workflow": {
@@ -165,6 +171,7 @@ def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str |
                 "images": {"type": "array", "items": {"type": "string"},
                            "description": "The image params: sent base64 in JSON, as a file part in a form."},
                 "params": {"type": "object", "additionalProperties": _ref("Param")},
+                "slo": SLO,
                 "links": {"type": "object", "properties": {"self": {"type": "string"}}},
             },
         },

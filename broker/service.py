@@ -390,6 +390,8 @@ class Broker:
             self.store.finish(e.job_id, e.type, time.time(), e.data.get("reason"), e.data.get("result"),
                               job.get("stages"))
             self.metrics.finished.labels(e.type).inc()
+            if e.type == "succeeded" and job.get("finished") is not None:
+                self.metrics.observe_job(self.workflows[job["workflow"]], job["finished"] - job["created"])
             self.core.forget(e.job_id)
             self._running.discard(e.job_id)
             log.info("job %s %s%s", e.job_id, e.type, f": {e.data['reason']}" if e.data.get("reason") else "")

@@ -46,6 +46,11 @@ stages carry a valid ``synthetic`` table; every param is a valid declaration
 defaulted) with an identifier for a name. Fan-out (one stage feeding several)
 and fan-in (several feeding one) are both allowed.
 
+An optional ``[slo]`` table declares the latency objective the workflow's jobs
+are served to (``p95_s``: seconds from submission to result, and a
+``description`` of the job it is meant for); the broker counts every succeeded
+job as within or past it in ``/metrics`` (``onepiece_slo_jobs_total``).
+
 The workflows one broker serves share one namespace of stages, checked by
 :func:`check_shared`: a stage name names one (kind, model) and one worker of it
 serves every workflow that uses it.
@@ -64,6 +69,7 @@ from typing import Any
 from .params import DeclarationError, Image, Param, ParamError, param_from_table, show
 
 __all__ = [
+    "Slo",
     "StageSpec",
     "SyntheticSpec",
     "Workflow",
@@ -78,7 +84,7 @@ __all__ = [
 WORKFLOWS_DIR = Path(__file__).resolve().parent / "workflows"
 
 _STAGE_KEYS = {"kind", "model", "after", "outputs", "gpu", "progress"}
-_TOP_KEYS = {"name", "description", "result", "stages", "params"}
+_TOP_KEYS = {"name", "description", "result", "stages", "params", "slo"}
 _WORKFLOW_NAME = re.compile(r"[A-Za-z0-9._-]+")
 _PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 RESERVED_PARAMS = frozenset({"workflow"})  # the REST body's own field
@@ -123,6 +129,7 @@ class Workflow:
     result: str
     source: str = "<dict>"
     params: Mapping[str, Param] = field(default_factory=dict)
+    slo: Slo | None = None  # the latency objective its jobs are served to, if it declares one
 
     def images(self) -> list[str]:
         """The names of the image params: what a job carries in its payload."""
@@ -375,7 +382,45 @@ def workflow_from_dict(
         result=result,
         source=source,
         params=_params(data.get("params", {}), source),
+        slo=_slo(data.get("slo"), source),
     )
+
+
+@dataclass(frozen=True)
+class Slo:
+    """A workflow's latency objective: ``p95_s`` seconds from submission to result, met when
+    95 % of its jobs (of the job size the workflow's ``description`` says) end within it.
+
+    The broker counts each succeeded job as within or past it (``/metrics``); a capacity
+    policy can use it as its target.
+    """
+
+    p95_s: float
+    description: str = ""
+
+    def met(self, latency_s: float) -> bool:
+        return latency_s <= self.p95_s
+
+
+_SLO_KEYS = {"p95_s", "description"}
+
+
+def _slo(table: Any, source: str) -> Slo | None:
+    """The ``[slo]`` table: ``p95_s`` (seconds, > 0) and an optional ``description``."""
+    if table is None:
+        return None
+    if not isinstance(table, Mapping):
+        raise WorkflowError(f"{source}: 'slo' must be a table ([slo] with p95_s = seconds)")
+    unknown = set(table) - _SLO_KEYS
+    if unknown:
+        raise WorkflowError(f"{source}: slo: unknown key(s) {sorted(unknown)}; expected {sorted(_SLO_KEYS)}")
+    p95 = table.get("p95_s")
+    if isinstance(p95, bool) or not isinstance(p95, (int, float)) or not math.isfinite(p95) or p95 <= 0:
+        raise WorkflowError(f"{source}: slo: 'p95_s' must be a number of seconds > 0, not {show(p95)}")
+    description = table.get("description", "")
+    if not isinstance(description, str):
+        raise WorkflowError(f"{source}: slo: 'description' must be a string")
+    return Slo(float(p95), description)
 
 
 def _params(tables: Any, source: str) -> dict[str, Param]:
