@@ -136,6 +136,12 @@ class StageKind(abc.ABC):
     def info(self) -> dict:
         return {"kind": self.spec.kind, "model": self.model, "load_s": round(self.load_s, 3)}
 
+    def resumable(self, state: dict[str, torch.Tensor], params: dict) -> int | None:
+        """The step a checkpoint ``state`` (from another worker) lets this stage resume from, or
+        None if it cannot use it. Cheap (the worker asks before it says STARTED); kinds without
+        step-boundary state take none."""
+        return None
+
 
 class _Wan(StageKind):
     """Shared loading for the Wan kinds: the parts of the model identity the stage declares
@@ -202,6 +208,15 @@ class Denoise(_Wan):
     instead when it is further along. A state this code refuses (from a peer that
     lies, or another version) is logged and the task starts from what it has.
     """
+
+    def resumable(self, state, params):
+        from .wan.compute import WanParams, check_state
+
+        try:
+            return check_state(self.components, WanParams.from_dict(params), state)
+        except ValueError as exc:
+            log.warning("%s: a checkpoint is unusable (%s); starting without it", self.spec.name, exc)
+            return None
 
     def run(self, inputs, ctx):
         from .wan.compute import STATE_PREFIX, Cancelled, check_state, denoise, expert_steps, is_state, state_step
@@ -280,6 +295,14 @@ class Synthetic(StageKind):
         # zero service time and small filler: nothing to wait for, run on the event loop
         self.inline = st.dist == "constant" and st.mean == 0.0 and not spec.progress and st.output_bytes <= 65536
 
+    def resumable(self, state, params):
+        """A step-wise synthetic stage's state is its step count (``state.step``)."""
+        step = state.get("state.step")
+        steps = max(1, int(params.get("steps", 1)))
+        if self.spec.progress and isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= int(step) <= steps:
+            return int(step)
+        return None
+
     def load(self) -> None:
         """Stand in for a model load: the stage table's ``load_s``, scaled like the service times."""
         t0 = time.perf_counter()
@@ -294,13 +317,7 @@ class Synthetic(StageKind):
         steps = max(1, int(ctx.params.get("steps", 1))) if self.spec.progress else 1
         # A step-wise synthetic stage keeps the step-boundary contract of denoise: its state
         # is the step count, so checkpoints, resumes and handoffs can be exercised without a model.
-        first = 0
-        if self.spec.progress and ctx.resume is not None:
-            step = ctx.resume.get("state.step")
-            if isinstance(step, torch.Tensor) and step.numel() == 1 and 0 <= int(step) <= steps:
-                first = int(step)
-            else:
-                log.warning("job %s: %s: the checkpoint is unusable; starting over", ctx.job, ctx.stage)
+        first = 0 if ctx.resume is None else (self.resumable(ctx.resume, ctx.params) or 0)
         for step in range(first, steps):
             if ctx.cancelled.wait(seconds / steps):
                 raise StageCancelled("cancelled")

@@ -174,7 +174,7 @@ class _Task:
     ctx: TaskContext | None = None
     running: bool = False
     resume: dict[str, torch.Tensor] | None = None  # a checkpoint to continue from
-    resume_step: int = 0
+    resume_step: int = 0  # the step its holder says it is of (the stage checks it before use)
     saved_step: int = 0  # the step of its last checkpoint sent, and when
     saved_at: float = field(default_factory=time.monotonic)
     saving: bool = False  # a checkpoint is on its way
@@ -695,13 +695,17 @@ class Worker:
             loop.call_soon_threadsafe(functools.partial(self._send, "PROGRESS", job=task.job, stage=task.stage,
                                                         step=int(step), total=int(total)))
 
+        resumed = None
+        if task.resume is not None:  # a checkpoint came with the inputs: say only what will be used
+            resumed = self.kind.resumable(task.resume, task.body["params"])
         task.ctx = TaskContext(task.job, task.stage, task.body["params"], task.body.get("payload"),
-                               self.results_dir, on_progress=progress, resume=task.resume)
+                               self.results_dir, on_progress=progress,
+                               resume=task.resume if resumed is not None else None)
         if task.body.get("checkpoint_to") is not None:
             task.ctx.snapshot = functools.partial(self._snapshot, task, loop)
             task.ctx.yield_now = functools.partial(self._yield_now, task)
         self._send("STARTED", job=task.job, stage=task.stage,
-                   **({"resumed_from_step": task.resume_step} if task.resume is not None else {}))
+                   **({"resumed_from_step": resumed} if resumed else {}))
         if self.kind.inline:  # microseconds of work: a thread hand-off or a task costs more than it
             t0 = time.time()
             try:
