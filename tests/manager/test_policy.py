@@ -126,6 +126,37 @@ def test_a_step_change_in_the_mix_moves_capacity_and_settles():
     assert all(churn([changes]) <= policy.config.max_changes_per_period for changes in log)
 
 
+def test_one_pool_serves_many_workflows_and_moves_dit_capacity_between_them_as_the_mix_shifts():
+    """wan_i2v and wan_t2v on one pool: the stages they share (text_encode, vae_decode) see the
+    load of both, pooled, and their DiTs (denoise, denoise_t2v) trade workers when the mix of
+    the two workflows flips, at the same total arrival rate: the shared stages do not move."""
+    total = 0.8  # jobs/s over both workflows
+
+    def rates(i2v_share: float) -> dict[str, float]:
+        i2v, t2v = total * i2v_share, total * (1 - i2v_share)
+        return {"text_encode": i2v + t2v, "image_encode": i2v, "denoise": i2v, "denoise_t2v": t2v,
+                "vae_decode": i2v + t2v}
+
+    service = {"text_encode": 0.4, "image_encode": 0.2, "denoise": 9.0, "denoise_t2v": 9.0, "vae_decode": 0.9}
+    world = World({s: StageState(r, service[s]) for s, r in rates(0.75).items()}, gpu_slots=12, noise=False)
+    policy = ProportionalPolicy()
+    world.run(policy, 40)
+    before = world.counts()
+    assert before["denoise"] > before["denoise_t2v"]
+    for s, r in rates(0.25).items():  # the mix flips: mostly text-to-video now
+        world.stages[s].rate = r
+    log = world.run(policy, 80)
+    after = world.counts()
+    assert after["denoise_t2v"] > after["denoise"]
+    # the DiT capacity followed the mix (the pool is short, so shares are proportional, not exact)
+    assert after["denoise_t2v"] >= before["denoise"] and after["denoise"] <= before["denoise_t2v"], (before, after)
+    for shared in ("text_encode", "vae_decode"):  # their pooled load did not change: no churn
+        assert per_stage(log, shared) == [0] * len(log), shared
+    for dit in ("denoise", "denoise_t2v"):
+        assert reversals(per_stage(log, dit)) <= 1
+    assert sum(world.counts().values()) <= 12
+
+
 def test_with_free_slots_a_new_mix_is_served_at_once_and_the_old_one_given_back_slowly():
     world = World({"a": StageState(1.6, 2.0), "b": StageState(0.4, 2.0)}, gpu_slots=8, noise=False)
     policy = ProportionalPolicy()
