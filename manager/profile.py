@@ -40,6 +40,8 @@ from typing import Any
 
 from stages.workflow import SyntheticSpec, Workflow, load_workflow
 
+from .packing import StageNeed
+
 __all__ = ["PROFILES_DIR", "MonolithicVariant", "Profile", "ProfileError", "StageProfile", "available_profiles",
            "load_profile"]
 
@@ -162,6 +164,11 @@ class Profile:
     def sp_degrees(self) -> tuple[int, ...]:
         """GPUs per pipeline of each monolithic variant, in order."""
         return tuple(v.sp for v in self.variants)
+
+    def stage_needs(self) -> dict[str, StageNeed]:
+        """What one worker of each GPU stage holds on its GPU (resident and peak GB), for the
+        Node Manager's memory-accounted GPU pool (``Manager(stage_needs=...)``)."""
+        return {s: StageNeed(p.memory_gb, p.peak_gb) for s, p in self.stages.items() if p.gpu and p.peak_gb > 0}
 
     # -- split (OnePiece) costs ------------------------------------------------------
     def gpu_seconds_per_job(self, cls: str | None = None) -> float:
@@ -296,7 +303,9 @@ class Profile:
 
         ``bytes_scale`` multiplies the output sizes (a capacity run that shrinks times by a
         factor may shrink the bytes it moves by the same factor). Each stage carries the
-        profile's ``load_s`` (real seconds) as a stage option. Returns a workflow table for
+        profile's ``load_s`` (real seconds) as a stage option, and each GPU stage its
+        ``memory_gb``/``peak_gb`` (what a Node Manager with ``gpu_memory_gb`` packs GPU workers
+        by). Returns a workflow table for
         :func:`stages.workflow.workflow_from_dict`.
         """
         wf = load_workflow(base or self.workflow) if not isinstance(base, Workflow) else base
@@ -307,6 +316,8 @@ class Profile:
             table: dict[str, Any] = {"kind": "synthetic", "gpu": spec.gpu, "after": list(spec.after),
                                      "outputs": list(spec.outputs), "progress": spec.progress,
                                      "load_s": p.load_s, "synthetic": self._synthetic(p.mean_s, p, bytes_scale)}
+            if p.gpu and p.peak_gb > 0:
+                table.update(memory_gb=p.memory_gb, peak_gb=p.peak_gb)
             stages[s] = table
         return self._with_params({"name": name or f"{self.name}_split", "description": f"{wf.description} "
                                   f"(synthetic, profile {self.name})", "result": wf.result, "stages": stages})

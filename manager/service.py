@@ -13,6 +13,18 @@ its process has exited, so re-purposing a slot is a drain plus a start,
 and the start waits until the drained worker is gone. A start that finds
 no free slot (a move) waits for one, in order.
 
+GPU memory (off unless ``gpu_memory_gb`` is given). Then a GPU slot is a GPU
+of that much memory and GPU workers are packed onto them by
+``manager.packing``: each worker takes room for its stage's peak (declared
+by the workflow stage's ``memory_gb``/``peak_gb``/``gpu_load`` options, or
+``stage_needs``, e.g. from ``Profile.stage_needs()``), so several small
+stages share one GPU (pinned to the same device) while a big one takes a
+GPU alone. A GPU stage that declares nothing takes a whole GPU, as without
+memory accounting. The policy still decides how many workers each stage
+gets (it is told the pool's worker count, ``packing.capacity``); packing
+decides where they go, and a start with no room anywhere waits, in order,
+for a worker to exit.
+
 Scale-down. The least-loaded live worker of the stage that this manager
 started is drained: the broker binds nothing new to it and sends DRAIN, and
 the launcher waits for the process to exit (SIGTERM for a local one; a
@@ -49,6 +61,7 @@ from prometheus_client.core import GaugeMetricFamily
 from onepiece.links import BrokerLink
 
 from .launcher import Launcher, WorkerHandle
+from .packing import GpuPool, StageNeed, Worker, capacity
 from .policy import Change, Policy, StageSignals
 from .signals import LoadTimes, SignalReader
 
@@ -72,17 +85,31 @@ def default_cpu_slots() -> int:
     return os.cpu_count() or 1
 
 
+def _declared_need(stage: str, options: Mapping) -> StageNeed:
+    """A GPU stage's declared memory: options ``memory_gb``, ``peak_gb`` (default: memory_gb)
+    and ``gpu_load`` (its expected share of a GPU's compute, default 0)."""
+    try:
+        memory = float(options["memory_gb"])
+        return StageNeed(memory, float(options.get("peak_gb", memory)), float(options.get("gpu_load", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"stage {stage!r}: bad memory declaration ({exc})") from None
+
+
 def _workflow_ref(wf) -> str:
     """What a worker is told to load: the workflow's file, so custom files work too."""
     return wf.source if Path(wf.source).is_file() else wf.name
 
 
 class _Pool:
-    """Numbered slots; a waiter is handed a released slot first come, first served."""
+    """Numbered slots; a waiter is handed a released slot first come, first served.
+
+    A seat (what ``acquire`` hands out and ``release`` takes back) is the slot's number; any
+    worker fits any slot, so ``acquire`` ignores the stage (the memory pool needs it)."""
 
     def __init__(self, name: str, size: int):
         self.name = name
         self.size = size
+        self.policy_slots = size  # what the policy is told: one worker per slot
         self._free = list(range(size))
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
@@ -90,7 +117,11 @@ class _Pool:
     def used(self) -> int:
         return self.size - len(self._free)
 
-    async def acquire(self) -> int:
+    @staticmethod
+    def index(seat: int) -> int:
+        return seat
+
+    async def acquire(self, stage: str) -> int:
         if self._free and not self._waiters:
             return self._free.pop(0)
         fut = asyncio.get_running_loop().create_future()
@@ -112,13 +143,73 @@ class _Pool:
         self._free.sort()
 
 
+class _MemoryPool:
+    """GPUs with memory: a seat is a ``packing.Worker`` placed on one of them.
+
+    Starts are served in order: one that finds no room waits, and the ones behind it wait too
+    (a big worker is not starved by small ones filling every gap it waits for)."""
+
+    name = "gpu"
+
+    def __init__(self, sizes_gb: list[float], needs: Mapping[str, StageNeed], max_load: float | None):
+        self.gpus = GpuPool(sizes_gb, max_load=max_load)
+        self.size = len(sizes_gb)
+        self.needs = dict(needs)
+        self.policy_slots = capacity(sorted(self.needs.items()), sizes_gb, max_load=max_load)
+        self._waiters: collections.deque[tuple[Worker, asyncio.Future]] = collections.deque()
+
+    @property
+    def used(self) -> int:
+        return self.gpus.held()
+
+    def index(self, seat: Worker) -> int:
+        return self.gpus.gpu_of(seat)
+
+    async def acquire(self, stage: str) -> Worker:
+        seat = Worker(stage, self.needs[stage])
+        if not self._waiters and self.gpus.place(seat) is not None:
+            return seat
+        free = ", ".join(f"GPU {g}: {self.gpus.sizes_gb[g] - self.gpus.peak_gb(g):.1f} GB"
+                         for g in range(self.size))
+        log.info("node manager: no GPU has room for a worker of %s (peak %.1f GB, load %.2f; free %s; "
+                 "%d start(s) ahead): it waits for a worker to exit", stage, seat.need.peak_gb, seat.need.load,
+                 free, len(self._waiters))
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((seat, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(seat)
+            else:
+                self._serve()  # it may have been the head of the queue
+            raise
+        return seat
+
+    def release(self, seat: Worker) -> None:
+        self.gpus.remove(seat)
+        self._serve()
+
+    def _serve(self) -> None:
+        """Place waiting starts, in order, while the first of them fits."""
+        while self._waiters:
+            seat, fut = self._waiters[0]
+            if fut.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if self.gpus.place(seat) is None:
+                return
+            self._waiters.popleft()
+            fut.set_result(None)
+
+
 @dataclass(eq=False)
 class _Record:
     """One worker this manager asked for, from the decision to its exit."""
 
     stage: str
-    pool: _Pool
-    slot: int | None = None  # None while waiting for one
+    pool: _Pool | _MemoryPool
+    seat: int | Worker | None = None  # what the pool handed out; None while waiting for it
     handle: WorkerHandle | None = None  # None until launched
     launched_at: float | None = None  # wall clock, as the broker's registration time
     registered: bool = False
@@ -148,6 +239,9 @@ class Manager:
         history: int = 500,
         pin_gpus: bool = False,
         load_times: LoadTimes | None = None,
+        gpu_memory_gb: float | None = None,
+        stage_needs: Mapping[str, StageNeed] | None = None,
+        gpu_max_load: float | None = None,
     ):
         if gpu_slots < 0 or cpu_slots < 0:
             raise ValueError(f"slots must be >= 0, not gpu={gpu_slots} cpu={cpu_slots}")
@@ -159,7 +253,6 @@ class Manager:
         self.period_s = period_s
         self.poll_s = min(poll_s, period_s)
         self.drain_timeout_s = drain_timeout_s
-        self.pools = {True: _Pool("gpu", gpu_slots), False: _Pool("cpu", cpu_slots)}
         self.pin_gpus = pin_gpus and "env" in inspect.signature(launcher.start).parameters
         # GPU slot i is the i-th device this process may use
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -169,6 +262,7 @@ class Manager:
                         type(launcher).__name__)
         self.ref: dict[str, str] = {}
         self.gpu: dict[str, bool] = {}
+        self._declared: dict[str, StageNeed] = {}  # GPU stages' memory_gb/peak_gb/gpu_load options
         # workflows: name -> Workflow, or name -> the reference workers load for the broker's workflow
         for wname, wf in (workflows if workflows is not None else broker.workflows).items():
             ref = wf if isinstance(wf, (str, os.PathLike)) else None
@@ -177,6 +271,10 @@ class Manager:
             for name, spec in wf.stages.items():
                 self.ref.setdefault(name, str(ref) if ref is not None else _workflow_ref(wf))
                 self.gpu.setdefault(name, spec.gpu)
+                if spec.gpu and "memory_gb" in spec.options and name not in self._declared:
+                    self._declared[name] = _declared_need(name, spec.options)
+        self.pools = {True: self._gpu_pool(gpu_slots, gpu_memory_gb, stage_needs, gpu_max_load),
+                      False: _Pool("cpu", cpu_slots)}
         self.reader = SignalReader(self.gpu)
         self.load_times = load_times or LoadTimes()
         self._records: list[_Record] = []
@@ -191,6 +289,29 @@ class Manager:
         self._decisions_metric: Counter | None = None
         self._collector = None
 
+    def _gpu_pool(self, gpu_slots: int, gpu_memory_gb: float | None, stage_needs: Mapping[str, StageNeed] | None,
+                  max_load: float | None) -> _Pool | _MemoryPool:
+        """Plain slots, or, with ``gpu_memory_gb``, GPUs that workers are packed onto by memory."""
+        if gpu_memory_gb is None:
+            if stage_needs or max_load is not None:
+                raise ValueError("stage_needs and gpu_max_load need gpu_memory_gb (the memory of one GPU)")
+            return _Pool("gpu", gpu_slots)
+        stray = sorted(set(stage_needs or {}) - {s for s, gpu in self.gpu.items() if gpu})
+        if stray:
+            raise ValueError(f"stage_needs names {', '.join(stray)}, not GPU stages of these workflows")
+        whole = StageNeed(0.0, gpu_memory_gb)  # declares nothing: a GPU to itself
+        needs = {s: (stage_needs or {}).get(s) or self._declared.get(s) or whole for s, gpu in self.gpu.items()
+                 if gpu}
+        for s, n in needs.items():
+            if n.peak_gb > gpu_memory_gb or (max_load is not None and n.load > max_load):
+                raise ValueError(f"stage {s!r} needs {n.peak_gb} GB at its peak (load {n.load}) but a GPU has "
+                                 f"{gpu_memory_gb} GB (load limit {max_load}): its workers could never start")
+        undeclared = sorted(s for s, n in needs.items() if n is whole)
+        if undeclared:
+            log.info("node manager: GPU stage(s) %s declare no memory: each worker takes a whole GPU",
+                     ", ".join(undeclared))
+        return _MemoryPool([float(gpu_memory_gb)] * gpu_slots, needs, max_load)
+
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         """First decision now (the initial allocation, launched when this returns), then the control loop."""
@@ -204,8 +325,11 @@ class Manager:
         # the initial workers are launched (not yet registered) when start() returns
         await asyncio.gather(*(r.launch for r in self._records if r.launch is not None), return_exceptions=True)
         self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="manager")
-        log.info("node manager: %d GPU slot(s)%s, %d CPU slot(s), period %.1f s, policy %s",
-                 self.pools[True].size, " (pinned)" if self.pin_gpus else "", self.pools[False].size,
+        gpus = self.pools[True]
+        packed = (f" of {gpus.gpus.sizes_gb[0]:g} GB, packed by memory ({gpus.policy_slots} worker(s) for the "
+                  "policy)") if isinstance(gpus, _MemoryPool) and gpus.size else ""
+        log.info("node manager: %d GPU slot(s)%s%s, %d CPU slot(s), period %.1f s, policy %s",
+                 gpus.size, packed, " (pinned)" if self.pin_gpus else "", self.pools[False].size,
                  self.period_s, type(self.policy).__name__)
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -216,7 +340,7 @@ class Manager:
             self._loop_task = None
         launching = [r for r in self._records if r.handle is None and r.launch is not None]
         for r in launching:
-            if r.slot is None:  # still waiting for a slot: nothing was launched
+            if r.seat is None:  # still waiting for a slot: nothing was launched
                 r.launch.cancel()
         await asyncio.gather(*(r.launch for r in launching), return_exceptions=True)
         for rec in list(self._records):
@@ -264,7 +388,8 @@ class Manager:
         """Read the signals, ask the policy, carry the changes out. Returns them."""
         self._observe()
         signals = self.signals()
-        changes = self.policy.decide(time.monotonic(), signals, self.pools[True].size, self.pools[False].size)
+        changes = self.policy.decide(time.monotonic(), signals, self.pools[True].policy_slots,
+                                     self.pools[False].policy_slots)
         self._target = {s: sig.current for s, sig in signals.items()}
         # drains first: a start that re-purposes a slot waits for the drained worker's exit
         for c in sorted(changes, key=lambda c: c.delta):
@@ -325,10 +450,11 @@ class Manager:
 
     async def _start_worker(self, rec: _Record) -> None:
         try:
-            rec.slot = await rec.pool.acquire()
+            rec.seat = await rec.pool.acquire(rec.stage)
+            slot = rec.pool.index(rec.seat)
             kwargs = {}
-            if self.pin_gpus and rec.pool.name == "gpu":
-                device = self._devices[rec.slot] if rec.slot < len(self._devices) else str(rec.slot)
+            if self.pin_gpus and rec.pool.name == "gpu":  # workers sharing a GPU get the same device
+                device = self._devices[slot] if slot < len(self._devices) else str(slot)
                 kwargs["env"] = {"CUDA_VISIBLE_DEVICES": device}
             rec.launched_at = time.time()
             rec.handle = await self.launcher.start(self.ref[rec.stage], rec.stage, **kwargs)
@@ -339,7 +465,7 @@ class Manager:
             log.exception("node manager: could not start a worker of %s", rec.stage)
             self._forget(rec)
             return
-        log.info("node manager: launched %s on %s slot %d", rec.handle.id, rec.pool.name, rec.slot)
+        log.info("node manager: launched %s on %s slot %d", rec.handle.id, rec.pool.name, slot)
 
     # -- draining ---------------------------------------------------------------------
     def _drain_one(self, stage: str, reason: str) -> bool:
@@ -408,16 +534,16 @@ class Manager:
             while len(self._exits) > self._history.maxlen:
                 self._exits.popitem(last=False)
             if how == "drained":
-                log.info("node manager: %s left (code %s); %s slot %s is free", rec.handle.id, code,
-                         rec.pool.name, rec.slot)
+                log.info("node manager: %s left (code %s); its room on %s slot %s is free", rec.handle.id, code,
+                         rec.pool.name, rec.pool.index(rec.seat) if rec.seat is not None else None)
         self._forget(rec)
 
     def _forget(self, rec: _Record) -> None:
         if rec in self._records:
             self._records.remove(rec)
-            if rec.slot is not None:
-                rec.pool.release(rec.slot)
-                rec.slot = None
+            if rec.seat is not None:
+                rec.pool.release(rec.seat)
+                rec.seat = None
 
     def _cold_stage(self, now: float) -> bool:
         """A stage with no worker, none starting, and a queued task: decide now (once per period)."""
@@ -460,7 +586,22 @@ class Manager:
         return {s for s in self.gpu if on_demand is not None and on_demand(s)}
 
     def slots(self) -> dict[str, dict]:
-        return {p.name: {"total": p.size, "used": p.used} for p in self.pools.values()}
+        """Per pool: slots in all (``total``) and in use (``used``: for GPUs with memory, the GPUs
+        held, a shared one counted once); with memory, also ``gpus``: per GPU its device, the
+        workers on it, the memory their peaks reserve (``used_gb``), what they keep resident
+        (``resident_gb``), its memory (``total_gb``) and their summed expected ``load``."""
+        out = {p.name: {"total": p.size, "used": p.used} for p in self.pools.values()}
+        pool = self.pools[True]
+        if isinstance(pool, _MemoryPool):
+            names = {r.seat: r.handle.id if r.handle is not None else f"{r.stage} (starting)"
+                     for r in self._records if r.pool is pool and r.seat is not None}
+            g = pool.gpus
+            out["gpu"]["gpus"] = [
+                {"gpu": i, "device": self._devices[i] if i < len(self._devices) else str(i),
+                 "workers": [names.get(w, w.stage) for w in g.workers(i)], "used_gb": round(g.peak_gb(i), 3),
+                 "resident_gb": round(g.memory_gb(i), 3), "total_gb": g.sizes_gb[i], "load": round(g.load(i), 3)}
+                for i in range(pool.size)]
+        return out
 
     def decisions(self, limit: int | None = None) -> list[dict]:
         """Recent decisions, oldest first: ts, stage, delta, reason, and the signals they read."""

@@ -18,8 +18,9 @@ from manager.launcher import Launcher, LocalLauncher, WorkerHandle
 from manager.policy import PolicyConfig, PolicyError, ProportionalPolicy, StaticPolicy
 from manager.service import Manager
 from onepiece.config import load_settings
+from stages.workflow import load_workflow
 
-from ..helpers import chain3, free_port
+from ..helpers import SYNTHETIC_PARAMS, chain3, free_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -300,3 +301,160 @@ async def test_a_job_for_a_stage_at_zero_workers_starts_one_completes_and_the_st
         assert [e["code"] for e in manager.exits().values() if e["stage"] == "b"] == [0]
         await until(lambda: manager.allocation()["b"]["workers"] == 0, 10, "b to have no worker")
         assert "idle" in [d for d in manager.decisions() if d["stage"] == "b"][-1]["reason"]
+
+
+# -- GPU memory: small stages share a GPU ----------------------------------------------------------
+
+# Four GPU stages in a chain: three small ones (25 GB at their peak, a tenth of a GPU's compute)
+# and a big one (60 GB, busy all the time).
+PACKED = """
+name = "packed"
+result = "big"
+[stages.s1]
+kind = "synthetic"
+gpu = true
+outputs = ["x"]
+memory_gb = 2.0
+peak_gb = 25.0
+gpu_load = 0.1
+[stages.s1.synthetic]
+service_time = 0.01
+output_bytes = 1024
+[stages.s2]
+kind = "synthetic"
+gpu = true
+after = ["s1"]
+outputs = ["y"]
+memory_gb = 2.0
+peak_gb = 25.0
+gpu_load = 0.1
+[stages.s2.synthetic]
+service_time = 0.01
+output_bytes = 1024
+[stages.s3]
+kind = "synthetic"
+gpu = true
+after = ["s2"]
+outputs = ["z"]
+memory_gb = 2.0
+peak_gb = 25.0
+gpu_load = 0.1
+[stages.s3.synthetic]
+service_time = 0.01
+output_bytes = 1024
+[stages.big]
+kind = "synthetic"
+gpu = true
+after = ["s3"]
+memory_gb = 40.0
+peak_gb = 60.0
+gpu_load = 1.0
+[stages.big.synthetic]
+service_time = 0.01
+"""
+
+
+def test_memory_options_that_cannot_fit_a_gpu_are_refused(tmp_path):
+    broker = Broker(settings_for(tmp_path))  # not started: the manager only reads its workflows
+    wf = tmp_path / "packed.toml"
+    wf.write_text(PACKED + SYNTHETIC_PARAMS)
+    with pytest.raises(ValueError, match="stage 'big' needs 60.0 GB at its peak .* a GPU has 40.0 GB"):
+        Manager(broker, MemoryLauncher(broker), StaticPolicy({}), gpu_slots=2, cpu_slots=0,
+                workflows={"packed": load_workflow(wf)}, gpu_memory_gb=40.0)
+    with pytest.raises(ValueError, match="stage_needs and gpu_max_load need gpu_memory_gb"):
+        Manager(broker, MemoryLauncher(broker), StaticPolicy({}), gpu_slots=2, cpu_slots=0, gpu_max_load=1.0)
+
+
+async def test_small_gpu_stages_share_one_gpu_and_an_exit_frees_room_for_a_waiting_start(tmp_path, monkeypatch):
+    """No GPU exists here: the workers run on the CPU, but the manager's accounting is the one it
+    does on CUDA, where workers that share a GPU are pinned to the same device, as here."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # what this process may use: slot 0 is device 5
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    wf = tmp_path / "packed.toml"
+    wf.write_text(PACKED + SYNTHETIC_PARAMS)
+    settings = load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*", rest_port=free_port(),
+                             transport="shm", workflows=[str(wf)], heartbeat_s=0.5, liveness=3)
+    broker = Broker(settings)
+    await broker.start()
+    launcher = LocalLauncher(settings.replace(control=broker.endpoint), env={"ONEPIECE_LOG_LEVEL": "WARNING"})
+    launched: dict[str, tuple[str, float]] = {}  # worker id -> (its device, when it was started)
+    start = launcher.start
+
+    async def remember(workflow, stage, *, env=None):
+        h = await start(workflow, stage, env=env)
+        launched[h.id] = (env["CUDA_VISIBLE_DEVICES"], time.time())
+        return h
+
+    launcher.start = remember
+    policy = StaticPolicy({"s1": 1, "s2": 1, "s3": 1, "big": 1})
+    manager = Manager(broker, launcher, policy, gpu_slots=2, cpu_slots=0, period_s=60.0, pin_gpus=True,
+                      gpu_memory_gb=80.0, gpu_max_load=1.0)
+    assert manager.pools[True].policy_slots == 4  # what the policy is told: 4 workers on 2 GPUs
+
+    def gpus():
+        return {frozenset(w.split("-")[0] for w in g["workers"]): (g["used_gb"], g["resident_gb"], g["device"])
+                for g in manager.slots()["gpu"]["gpus"]}
+
+    try:
+        await manager.start()
+        await until(lambda: broker.missing_stages() == [], 90, "every stage registered")
+        assert manager.slots()["gpu"]["total"] == 2 and manager.slots()["gpu"]["used"] == 2
+        placed = gpus()  # three small workers on one GPU, the big one alone on the other
+        small_dev = placed[frozenset({"s1", "s2", "s3"})][2]
+        assert placed == {frozenset({"s1", "s2", "s3"}): (75.0, 6.0, small_dev),
+                          frozenset({"big"}): (60.0, 40.0, {"5": "7", "7": "5"}[small_dev])}
+        devices = {wid.split("-")[0]: dev for wid, (dev, _) in launched.items()}
+        assert devices["s1"] == devices["s2"] == devices["s3"] == small_dev != devices["big"]
+        job = broker.submit("packed", {})
+        assert (await job_events(broker, job))[-1]["type"] == "succeeded"
+
+        # one more s1: 5 GB left beside the small ones, and the big one's GPU is busy: it waits
+        policy.targets.update(s1=2, s2=0)
+        manager.scale("s1", 1, "test: a start that does not fit")
+        await asyncio.sleep(1.0)
+        assert len(launched) == 4 and manager.allocation()["s1"]["starting"] == 1
+        assert gpus() == placed
+        # draining s2 frees its 25 GB; the waiting start takes them, on the same device
+        assert [(c.stage, c.delta) for c in manager.tick()] == [("s2", -1)]
+        await until(lambda: manager.allocation()["s1"]["workers"] == 2, 60, "the waiting s1 to start")
+        (s2_exit,) = [e["at"] for e in manager.exits().values() if e["stage"] == "s2"]
+        (new_s1,) = [wid for wid in launched if wid.startswith("s1-")][1:]
+        assert launched[new_s1][0] == small_dev and launched[new_s1][1] >= s2_exit
+        now = manager.slots()["gpu"]["gpus"]
+        assert sorted(w.split("-")[0] for g in now for w in g["workers"] if g["device"] == small_dev) == \
+            ["s1", "s1", "s3"]
+        assert manager.slots()["gpu"]["used"] == 2
+    finally:
+        await manager.stop(timeout=20)
+        await launcher.aclose(5)
+        await broker.stop()
+
+
+async def test_a_start_waiting_for_gpu_memory_blocks_the_ones_behind_it_and_is_cancelled_by_stop(tmp_path):
+    wf = tmp_path / "packed.toml"
+    wf.write_text(PACKED + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+    launcher = MemoryLauncher(broker)
+    policy = StaticPolicy({"s1": 1, "s2": 1, "s3": 1, "big": 1})
+    manager = Manager(broker, launcher, policy, gpu_slots=2, cpu_slots=0, period_s=60.0, gpu_memory_gb=80.0,
+                      gpu_max_load=1.0)
+    try:
+        await manager.start()
+        assert len(launcher.started) == 4 and manager.slots()["gpu"]["used"] == 2
+        policy.targets.update(big=2, s2=0)
+        manager.scale("big", 1, "test: no GPU has 60 GB free")
+        assert [(c.stage, c.delta) for c in manager.tick()] == [("s2", -1)]
+        (victim,) = [w for w, _ in launcher.started if w.startswith("s2-")]
+        await until(lambda: victim in launcher.exited, 5, "the small worker to leave")
+        # 25 GB are free beside the small ones now, but the big start is first in line and still
+        # does not fit: the s1 start behind it waits too, so small workers cannot starve a big one
+        manager.scale("s1", 1, "test: fits, but behind the big start")
+        await asyncio.sleep(0.2)
+        assert len(launcher.started) == 4
+        assert [a["starting"] for s, a in manager.allocation().items() if s in ("big", "s1")] == [1, 1]
+    finally:
+        await manager.stop(timeout=5)  # cancels both waiting starts: nothing more is launched
+        await broker.stop()
+    assert len(launcher.started) == 4 and manager.pools[True].gpus.held() == 0
