@@ -128,7 +128,7 @@ async def cmd_up(args) -> int:
 
     settings = _settings(args)
     stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
-                  cpu_slots=args.cpu_slots, period_s=args.period)
+                  cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb)
     try:
         await stack.start(ready_timeout=args.ready_timeout)
     except BaseException:
@@ -179,7 +179,8 @@ async def cmd_manager(args) -> int:
         launcher = LocalLauncher(settings)
     gpu_slots, pinned = (args.slots, False) if args.slots else default_gpu_slots()
     manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
-                      cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned)
+                      cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned,
+                      gpu_memory_gb=args.gpu_memory_gb)
     await remote.start()
     runner = None
     try:
@@ -453,6 +454,9 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
                     help="GPU slots the manager allocates (default: CUDA devices found, else CPU cores)")
     p.add_argument("--cpu-slots", type=int, default=None, help="slots for CPU-only stages (default: CPU cores)")
     p.add_argument("--period", type=float, default=5.0, help="node manager control period, s (default 5)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="memory of one GPU slot: GPU workers are then packed by their stage's declared "
+                        "memory_gb/peak_gb, several small stages to a GPU (default: one worker per slot)")
 
 
 def _shipped_declaration() -> Declaration:

@@ -29,13 +29,15 @@ log = logging.getLogger("onepiece.stack")
 
 class Stack:
     def __init__(self, settings, *, workers_per_stage: int = 1, launcher=None, policy=None,
-                 gpu_slots: int | None = None, cpu_slots: int | None = None, period_s: float = 5.0):
+                 gpu_slots: int | None = None, cpu_slots: int | None = None, period_s: float = 5.0,
+                 gpu_memory_gb: float | None = None):
         self.settings = settings
         self.workers_per_stage = workers_per_stage
         self.broker: Broker | None = None
         self.launcher = launcher
         self.policy = policy
         self.gpu_slots, self.cpu_slots, self.period_s = gpu_slots, cpu_slots, period_s
+        self.gpu_memory_gb = gpu_memory_gb  # memory of a GPU slot: the manager then packs workers by memory
         self.manager: Manager | None = None
         self._runner = None
         self.rest_port = settings.rest_port
@@ -73,6 +75,7 @@ class Stack:
             cpu_slots = max(default_cpu_slots(), sum(max(1, self.workers_per_stage)
                                                      for gpu in stages.values() if not gpu))
         return Manager(self.broker, self.launcher, policy, gpu_slots=gpu_slots, cpu_slots=cpu_slots,
+                       gpu_memory_gb=self.gpu_memory_gb,
                        period_s=self.period_s, pin_gpus=pinned)
 
     async def wait_ready(self, timeout: float) -> None:
