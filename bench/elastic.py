@@ -349,6 +349,7 @@ class Config:
     allocation: dict[str, int] = field(default_factory=dict)  # stage -> workers (not managed)
     step: bool = False  # also run the step scenario on this stack
     variant: object = None  # the monolithic variant (manager.profile.MonolithicVariant); None when split
+    packed: dict | None = None  # GPU memory accounting: stage -> StageNeed, small stages sharing a GPU
 
 
 def static_allocation(profile, gpu_slots: int, cpu_slots: int, cls_mix: dict[str, float] | None = None) -> dict:
@@ -385,6 +386,49 @@ def static_allocation(profile, gpu_slots: int, cpu_slots: int, cls_mix: dict[str
     if sum(alloc[s] for s in cpu) > max(cpu_slots, len(cpu)):
         raise SystemExit(f"{cpu_slots} CPU slots cannot serve {cpu} at the GPU stages' rate")
     return alloc
+
+
+GPU_MEMORY_GB = 80.0  # an H100's, for a profile that does not say (packed configurations)
+
+
+def packing_needs(profile, alloc: dict[str, int]) -> dict:
+    """What a worker of each GPU stage holds on its GPU, with its expected share of the GPU's
+    compute under ``alloc`` at the rate the allocation sustains (``load``). The packed
+    configurations share a GPU only among workers whose loads sum to at most 1: a synthetic
+    stage sleeps, so two busy stages on one GPU would not slow each other here as they would
+    on a real one; the load limit keeps that out of the measurement."""
+    from manager.packing import StageNeed
+
+    gpu = [s for s, st in profile.stages.items() if st.gpu]
+    rate = min(alloc[s] / profile.mean_s(s) for s in gpu if profile.mean_s(s) > 0)
+    return {s: StageNeed(profile.stages[s].memory_gb, max(profile.stages[s].peak_gb, profile.stages[s].memory_gb),
+                         min(1.0, rate * profile.mean_s(s) / alloc[s]))
+            for s in gpu if profile.stages[s].peak_gb > 0}
+
+
+def packed_allocation(profile, gpu_slots: int, cpu_slots: int) -> tuple[dict, dict, int]:
+    """The static allocation when small stages share a GPU: start from the plain one, then, while
+    the packing of its workers (``manager.packing.plan``, loads from :func:`packing_needs`, at most
+    1 per GPU) leaves a GPU free, give it to the stage that limits the rate. Returns the
+    allocation, the needs and the GPUs it holds."""
+    from manager.packing import plan
+
+    memory = profile.gpu_memory_gb or GPU_MEMORY_GB
+    alloc = static_allocation(profile, gpu_slots, cpu_slots)
+    gpu = [s for s, st in profile.stages.items() if st.gpu]
+
+    def held(a):
+        needs = packing_needs(profile, a)
+        demands = [(s, needs[s]) for s in gpu for _ in range(a[s])]
+        placed = plan(demands, [memory] * gpu_slots, max_load=1.0)
+        return placed.held if placed.fits else gpu_slots + 1
+
+    while True:
+        limiting = min(gpu, key=lambda s: alloc[s] / profile.mean_s(s) if profile.mean_s(s) > 0 else math.inf)
+        more = {**alloc, limiting: alloc[limiting] + 1}
+        if held(more) > gpu_slots:
+            return alloc, packing_needs(profile, alloc), held(alloc)
+        alloc = more
 
 
 def predicted_capacity(profile, cfg: Config, cls: str | None = None) -> float:
@@ -459,6 +503,12 @@ class Run:
                 for _ in range(n):
                     await self.launcher.start(str(wf_path), stage)
             await self.wait_workers(sum(self.cfg.allocation.values()))
+            if self.cfg.packed is not None:  # the GPUs its workers are packed onto, held throughout
+                from manager.packing import plan
+
+                demands = [(s, need) for s, need in self.cfg.packed.items() for _ in range(self.cfg.allocation[s])]
+                memory = self.profile.gpu_memory_gb or GPU_MEMORY_GB
+                self.packed_held = plan(demands, [memory] * self.cfg.gpu_slots, max_load=1.0).held
 
     async def wait_workers(self, want: int, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
@@ -487,9 +537,13 @@ class Run:
             floors={s: 1 for s in stages}, period_s=self.args.period, rate_window_s=d.rate_window_s * scale,
             backlog_drain_s=d.backlog_drain_s * scale, move_horizon_s=d.move_horizon_s * scale))
         wf = next(iter(self.broker.workflows.values()))
+        packing = {}
+        if self.cfg.packed is not None:  # GPUs with memory; small stages share one (loads at most 1 per GPU)
+            packing = dict(gpu_memory_gb=self.profile.gpu_memory_gb or GPU_MEMORY_GB, stage_needs=self.cfg.packed,
+                           gpu_max_load=1.0)
         self.manager = Manager(self.broker, self.launcher, policy, gpu_slots=self.cfg.gpu_slots,
                                cpu_slots=self.cfg.cpu_slots, period_s=self.args.period,
-                               workflows={wf.name: str(self.wf_path)})
+                               workflows={wf.name: str(self.wf_path)}, **packing)
         await self.manager.start()
         deadline = time.monotonic() + 180
         while self.broker.missing_stages():
@@ -580,7 +634,9 @@ class Run:
         """GPU slots held now: the manager's used slots (starting and draining workers hold theirs),
         or, for a fixed allocation, its workers x the slots each holds."""
         if self.manager is not None:
-            return self.manager.slots()["gpu"]["used"]
+            return self.manager.slots()["gpu"]["used"]  # with packing: GPUs with a worker on them
+        if self.cfg.packed is not None:
+            return self.packed_held
         return sum(n * self.slots_of(s) for s, n in self.cfg.allocation.items()
                    if self.cfg.workflow["stages"][s]["gpu"])
 
@@ -831,6 +887,13 @@ def build_configs(args, profile) -> tuple[list[Config], dict]:
     configs.append(Config("static", "static", split, n, m, 1, alloc, step=True))
     if not args.no_managed:
         configs.append(Config("managed", "managed", split, n, m, 1, {}, step=True))
+    # mechanism 1 of the capacity issue: small stages share a GPU (memory and load permitting)
+    packed_alloc, needs, held = packed_allocation(profile, n, m)
+    log(f"static packed: {held} GPU(s) held for {sum(packed_alloc[s] for s in needs)} GPU workers: "
+        + ", ".join(f"{s} {packed_alloc[s]}" for s in needs))
+    configs.append(Config("static", "static packed", split, n, m, 1, packed_alloc, packed=needs))
+    if not args.no_managed:
+        configs.append(Config("managed", "managed packed", split, n, m, 1, {}, packed=needs))
     return configs, alloc
 
 
