@@ -80,6 +80,8 @@ class LocalLauncher(Launcher):
             cmd += ["--device", s.device]
         if s.dtype:
             cmd += ["--dtype", s.dtype]
+        if s.sp != 1:
+            cmd += ["--sp", str(s.sp)]
         return cmd + self.extra_args
 
     async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:

@@ -43,6 +43,7 @@ SETTINGS_FLAGS = {
     "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
     "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
     "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
+    "sp": ("--sp", int, "a denoise worker's sequence-parallel processes: 1, 2, 4 or 8 (default 1)"),
     "rdma_device": ("--rdma-device", str, "RDMA device, e.g. mlx5_0 (default: first with an active port)"),
     "rdma_port": ("--rdma-port", int, "RDMA port number (default 1)"),
     "rdma_gid_index": ("--rdma-gid-index", int, "GID index (default: RoCEv2 IPv4-mapped, else 0)"),
@@ -510,7 +511,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
                    "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
-                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes")
+                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp")
     wk.set_defaults(func=cmd_worker)
 
     sb = sub.add_parser("submit", help="submit a job over REST, follow it and save the video",

@@ -44,6 +44,9 @@ class Settings:
     device: str | None = None  # default: cuda when present
     dtype: str | None = None
     capacity: int = 1
+    # a denoise worker's sequence-parallel ranks (1, 2, 4 or 8): with k > 1 it spans k processes
+    # (stages/wan/group.py); workers of other stages ignore it
+    sp: int = 1
     ring_bytes: int = 32 << 20
     rdma_device: str | None = None  # default: the first device with an ACTIVE port
     rdma_port: int = 1
@@ -62,6 +65,10 @@ class Settings:
     checkpoint_s: float = 60.0
     checkpoint_bytes: int = 512 << 20  # checkpoints of other workers' tasks kept here, at most
     workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
+
+    def __post_init__(self) -> None:
+        if self.sp not in (1, 2, 4, 8):
+            raise ValueError(f"sp: {self.sp}; must be 1, 2, 4 or 8")
 
     @property
     def db_path(self) -> Path:

@@ -207,7 +207,39 @@ class Denoise(_Wan):
     checkpoint (``ctx.resume``) from a worker that died or drained is taken
     instead when it is further along. A state this code refuses (from a peer that
     lies, or another version) is logged and the task starts from what it has.
+
+    With ``sp > 1`` the worker is rank 0 of a group of ``sp`` processes that split
+    each forward's tokens (``stages.wan.group``): the followers start at load, every
+    task runs on all ranks, and a lost group fails the task (retryable) and ends
+    the worker process. ``sp=1`` runs the loop here alone, as it always did.
     """
+
+    def __init__(self, spec, *, sp: int = 1, **kw):
+        super().__init__(spec, **kw)
+        if sp != 1:  # sp=1 imports nothing more than it always did
+            from .wan.group import check_sp
+
+            check_sp(sp)
+        self.sp = sp
+        self.group = None  # the DenoiseGroup, once loaded with sp > 1
+
+    def load(self) -> None:
+        if self.sp == 1:
+            return super().load()
+        from .wan.group import DenoiseGroup
+
+        t0 = time.perf_counter()
+        self.group = DenoiseGroup(self.sp, model=self.model, identity=self.spec.model or None,
+                                  device=self.device, dtype=self.dtype)
+        self.components = self.group.start()
+        self.load_s = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        """Adds ``sp`` and, for a group, ``ranks``: its followers' pids (rank 1 first)."""
+        info = {**super().info(), "sp": self.sp}
+        if self.group is not None:
+            info["ranks"] = self.group.pids
+        return info
 
     def resumable(self, state, params):
         from .wan.compute import WanParams, check_state
@@ -238,8 +270,12 @@ class Denoise(_Wan):
             if at > step:
                 state, step = candidate, at
         try:
-            out = denoise(self.components, conditioning, p, state=state, on_step=ctx.on_progress,
-                          should_stop=ctx.cancelled.is_set, snapshot=ctx.snapshot, yield_now=ctx.yield_now)
+            hooks = dict(state=state, on_step=ctx.on_progress, should_stop=ctx.cancelled.is_set,
+                         snapshot=ctx.snapshot, yield_now=ctx.yield_now)
+            if self.group is None:
+                out = denoise(self.components, conditioning, p, **hooks)
+            else:
+                out = self.group.denoise(self.components, conditioning, ctx.params, **hooks)
         except Cancelled as exc:
             raise StageCancelled(str(exc)) from exc
         if is_state(out):
@@ -345,11 +381,16 @@ KINDS: dict[str, str] = {
 }
 
 
-def make_stage(spec: StageSpec, **options: Any) -> StageKind:
-    """Instantiate the kind a workflow names for ``spec`` (import on demand)."""
+def make_stage(spec: StageSpec, *, sp: int = 1, **options: Any) -> StageKind:
+    """Instantiate the kind a workflow names for ``spec`` (import on demand). ``sp``
+    (the worker's sequence-parallel size) goes to the denoise kind alone: a worker's
+    settings apply to whatever stage it serves, and only denoise splits."""
     try:
         target = KINDS[spec.kind]
     except KeyError:
         raise ValueError(f"stage {spec.name}: unknown kind {spec.kind!r}; known: {', '.join(KINDS)}") from None
     module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)(spec, **options)
+    cls = getattr(importlib.import_module(module), attr)
+    if issubclass(cls, Denoise):
+        options["sp"] = sp
+    return cls(spec, **options)

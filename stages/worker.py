@@ -245,7 +245,7 @@ class Worker:
         self.stage = stage
         self.id = worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.kind = kind or make_stage(self.spec, model=settings.model, device=settings.device,
-                                       dtype=settings.dtype)
+                                       dtype=settings.dtype, sp=settings.sp)
         self.capacity = max(1, settings.capacity)
         self.results_dir = Path(settings.results_dir)
         self.tasks: dict[Key, _Task] = {}
