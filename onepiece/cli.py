@@ -181,7 +181,7 @@ async def cmd_manager(args) -> int:
     gpu_slots, pinned = (args.slots, False) if args.slots else default_gpu_slots()
     manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
                       cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned,
-                      gpu_memory_gb=args.gpu_memory_gb)
+                      gpu_memory_gb=args.gpu_memory_gb, gpu_max_load=1.0 if args.gpu_memory_gb else None)
     await remote.start()
     runner = None
     try:
@@ -457,7 +457,8 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--period", type=float, default=5.0, help="node manager control period, s (default 5)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="memory of one GPU slot: GPU workers are then packed by their stage's declared "
-                        "memory_gb/peak_gb, several small stages to a GPU (default: one worker per slot)")
+                        "memory_gb/peak_gb/gpu_load (peaks within the memory, loads within 1 per GPU), "
+                        "several small stages to a GPU (default: one worker per slot)")
 
 
 def _shipped_declaration() -> Declaration:

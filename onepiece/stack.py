@@ -75,7 +75,7 @@ class Stack:
             cpu_slots = max(default_cpu_slots(), sum(max(1, self.workers_per_stage)
                                                      for gpu in stages.values() if not gpu))
         return Manager(self.broker, self.launcher, policy, gpu_slots=gpu_slots, cpu_slots=cpu_slots,
-                       gpu_memory_gb=self.gpu_memory_gb,
+                       gpu_memory_gb=self.gpu_memory_gb, gpu_max_load=1.0 if self.gpu_memory_gb else None,
                        period_s=self.period_s, pin_gpus=pinned)
 
     async def wait_ready(self, timeout: float) -> None:

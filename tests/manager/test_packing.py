@@ -166,3 +166,26 @@ def test_a_profile_declares_its_gpu_stages_memory_for_the_manager():
     stages = prof.split_workflow()["stages"]  # the synthetic split workflow carries them as stage options
     assert (stages["denoise"]["memory_gb"], stages["denoise"]["peak_gb"]) == (32.8, 58.0)
     assert "memory_gb" not in stages["video_encode"]
+
+
+@pytest.mark.parametrize("names, dits", [(["wan_i2v"], {"denoise": 3}),
+                                         (["wan_i2v", "wan_t2v", "wan22_i2v"],
+                                          {"denoise": 2, "denoise_t2v": 2, "denoise_high": 1, "denoise_low": 2})])
+def test_the_shipped_workflows_declarations_put_the_small_stages_on_one_gpu(names, dits):
+    """What `onepiece up --gpu-memory-gb 80` does with the shipped Wan workflows: one worker of
+    every small stage (shared across the workflows) on one GPU, each DiT worker alone (its load
+    is 1.0), with the load limit the CLI sets (1 per GPU)."""
+    from manager.service import _declared_need
+    from stages.workflow import load_workflow
+
+    stages = {}
+    for name in names:
+        for s, spec in load_workflow(name).stages.items():
+            if spec.gpu:
+                stages[s] = _declared_need(s, spec.options)
+    small = [s for s in stages if s not in dits]
+    demands = [(s, stages[s]) for s in small] + [(s, stages[s]) for s, n in dits.items() for _ in range(n)]
+    placed = plan(demands, [80.0] * 16, max_load=1.0)
+    assert placed.fits
+    assert len({placed.gpus[i] for i, (s, _) in enumerate(demands) if s in small}) == 1
+    assert placed.held == 1 + sum(dits.values())

@@ -51,7 +51,8 @@ def test_wan_i2v_graph():
     denoise = wf.stages["denoise"]
     assert denoise == StageSpec(
         name="denoise", kind="denoise", after=("text_encode", "image_encode", "vae_encode"),
-        outputs=("latents",), gpu=True, progress=True, options={}, model="wan2.1-i2v-14b",
+        outputs=("latents",), gpu=True, progress=True, model="wan2.1-i2v-14b",
+        options={"memory_gb": 32.8, "peak_gb": 58.0, "gpu_load": 1.0},  # what GPU packing reads
     )
     assert wf.models() == ["umt5-xxl", "clip-vit-h-14", "wan2.1-vae", "wan2.1-i2v-14b"]
     assert wf.stages["video_encode"].model == ""
