@@ -103,7 +103,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -114,6 +113,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from onepiece.ports import free_port  # noqa: E402
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "onepiece-"
@@ -127,12 +128,6 @@ STAGE_RE = re.compile(r"\bstage '?([A-Za-z0-9_.-]+?)'?(?=[\s:;,)]|$)")
 
 def log(text: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: float) -> float | None:

@@ -52,19 +52,12 @@ import torch  # noqa: E402
 
 from onepiece import client  # noqa: E402
 from onepiece.config import Settings, load_settings  # noqa: E402
+from onepiece.ports import free_port  # noqa: E402
 from onepiece.stack import Stack  # noqa: E402
 from stages.wan import WanParams, decode_image, denoise, image_encode, load_components, text_encode, vae_encode  # noqa: E402
 from transports import codec  # noqa: E402
 
 SAMPLE = ROOT / "stages" / "assets" / "sample.png"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_params(args, seed: int) -> dict:

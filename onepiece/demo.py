@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,19 +20,14 @@ import aiohttp
 from . import client
 from .cli import _run
 from .config import load_settings
+from .ports import free_port
 from .stack import Stack
 
 SAMPLE = Path(__file__).resolve().parent.parent / "stages" / "assets" / "sample.png"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def demo(args) -> int:
-    settings = load_settings(data_dir=Path(args.data_dir), rest_port=_free_port(), control="tcp://127.0.0.1:*",
+    settings = load_settings(data_dir=Path(args.data_dir), rest_port=free_port(), control="tcp://127.0.0.1:*",
                              transport=args.transport, model="tiny", workflows=["wan_i2v"])
     out = Path(args.out)
     t0 = time.monotonic()

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+from onepiece.ports import free_port
 
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (for servers that need a known port up front)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["SYNTHETIC_PARAMS", "chain3", "free_port"]
 
 
 # The job parameters the test workflows declare (append it: a TOML table takes the keys after it):

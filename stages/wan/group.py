@@ -66,7 +66,6 @@ import atexit
 import logging
 import multiprocessing
 import os
-import socket
 import threading
 import time
 import traceback
@@ -76,6 +75,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from onepiece.ports import free_port
 
 from .compute import STATE_PREFIX, Cancelled, WanParams, denoise
 from .models import WanComponents, load_components
@@ -112,14 +113,6 @@ def rank_device(device: str | None, rank: int) -> torch.device:
     if dev.type != "cuda":
         return dev
     return torch.device("cuda", (dev.index or 0) + rank)
-
-
-def _free_port() -> int:
-    """A port free now on 127.0.0.1 for rank 0's rendezvous store (another process
-    could take it before the store binds: then the load fails and says so)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -261,7 +254,7 @@ class DenoiseGroup:
         else:  # the ranks share the CPU's threads
             threads = max(1, torch.get_num_threads() // self.k)
             torch.set_num_threads(threads)
-        port = _free_port()
+        port = free_port()  # another process may take it first: the group's load then fails, saying so
         ctx = multiprocessing.get_context("spawn")
         atexit.register(self.close)
         try:

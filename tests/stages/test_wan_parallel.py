@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import time
 import traceback
 from dataclasses import replace
@@ -28,6 +27,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from diffusers import WanTransformer3DModel
+
+from onepiece.ports import free_port
 
 from stages.wan import (
     WanParams,
@@ -56,12 +57,6 @@ GROUP_TIMEOUT = timedelta(seconds=20)  # bounds every collective of the ranks
 DEAD_PEER_BOUND_S = 30.0  # a survivor of a dead rank must have raised by then
 HUNG_PEER_TIMEOUT = timedelta(seconds=4)  # the group timeout of the hung-peer test
 HANG_S = 8.0  # how long its rank 1 hangs (then exits): well past that timeout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _heads8() -> WanTransformer3DModel:
@@ -176,7 +171,7 @@ def launch(job: str, k: int, folder: Path, deadline_s: float) -> tuple[list[dict
     """Run ``job`` on ``k`` spawned ranks; kill whatever is alive at the deadline.
     Returns each rank's results (None where it saved none) and exit codes."""
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, k, port, job, str(folder))) for r in range(k)]
     start = time.monotonic()
     for proc in procs:
