@@ -1040,9 +1040,8 @@ class Core:
             "names": list(producer.spec.outputs),
             "binding": consumer.token,
         }
-        saved = consumer.saved
-        if saved is not None and saved[0] == producer.worker and saved[1] == producer.stage:
-            body["resume_step"] = saved[2]  # ship the consumer's checkpoint with the inputs (11)
+        if self._resume(consumer) is producer:
+            body["resume_step"] = consumer.saved[2]  # ship the consumer's checkpoint with the inputs (11)
         return ToWorker(producer.worker, "SEND", body)
 
     def _unbind(self, task: _Task) -> None:

@@ -767,17 +767,10 @@ class Worker:
         """Send ``state`` to the holder the task's TASK names; False if it could not be sent."""
         to = task.body["checkpoint_to"]
         header = {"job": task.job, "stage": to["stage"], "from": task.stage, "checkpoint": step}
-        peer = str(to["descriptor"].get("id", to["worker"]))
-        sender = None
         try:
-            sender = await self._sender(peer, to["descriptor"])
-            async with asyncio.timeout(self.settings.send_timeout_s):
-                await sender.send(header, state, timeout=self.settings.send_timeout_s)
+            await self._deliver(str(to["descriptor"].get("id", to["worker"])), to["descriptor"], header, state)
             return True
         except Exception as exc:  # noqa: BLE001 - a checkpoint is an optimisation: log and go on
-            if sender is not None:
-                self._forget_sender(peer, sender)
-                await self._close_sender(sender)
             log.warning("job %s: the state of %s after step %d could not be left with %s: %r",
                         task.job, task.stage, step, to["worker"], exc)
             return False
@@ -885,17 +878,11 @@ class Worker:
         key, to_stage = (m["job"], m["stage"]), m["to_stage"]
         error: BaseException | None = None
         for attempt in range(SEND_ATTEMPTS):
-            sender = None
             try:
-                sender = await self._sender(peer, m["descriptor"])
-                async with asyncio.timeout(self.settings.send_timeout_s):
-                    await sender.send(header, tensors, timeout=self.settings.send_timeout_s)
+                await self._deliver(peer, m["descriptor"], header, tensors)
                 return
             except Exception as exc:  # noqa: BLE001 - transport errors, timeouts, a bad descriptor: all end below
                 error = exc
-                if sender is not None:
-                    self._forget_sender(peer, sender)
-                    await self._close_sender(sender)
                 log.warning("send of %s/%s to %s failed (attempt %d): %r", m["job"], m["stage"], m["to"],
                             attempt + 1, exc)
         if self._sends.get(key, {}).get(to_stage) != seq:
@@ -906,6 +893,20 @@ class Worker:
                   f"{SEND_ATTEMPTS} attempts: {error!r}")
         self._send("FAILED", job=key[0], stage=key[1], reason=reason[:protocol.REASON - 64], retryable=True,
                    to=m["to"], to_stage=to_stage)
+
+    async def _deliver(self, peer: str, descriptor: dict, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """One bounded send to ``peer`` over its (possibly new) sender; on any failure the sender
+        is dropped, so the next attempt connects afresh, and the error is raised."""
+        sender = None
+        try:
+            sender = await self._sender(peer, descriptor)
+            async with asyncio.timeout(self.settings.send_timeout_s):
+                await sender.send(header, tensors, timeout=self.settings.send_timeout_s)
+        except Exception:
+            if sender is not None:
+                self._forget_sender(peer, sender)
+                await self._close_sender(sender)
+            raise
 
     async def _sender(self, peer: str, descriptor: dict):
         """The open sender to ``peer``, connecting at most once at a time (bounded)."""
