@@ -88,7 +88,8 @@ class TaskContext:
 
     The step-boundary hooks (used by kinds whose work is a sequence of steps, e.g.
     denoise; others ignore them): ``resume`` is a state to continue from (its
-    tensors' names start with ``state.``; None: start from the beginning);
+    tensors' names start with ``state.``; None: start from the beginning), one the
+    stage's :meth:`StageKind.resumable` has accepted (the worker asks it first);
     ``snapshot(done, make_state)`` is called after each step and calls
     ``make_state()`` when the worker wants a checkpoint; ``yield_now()`` is
     polled at each step boundary: True asks the stage to stop there and return
@@ -204,9 +205,10 @@ class Denoise(_Wan):
 
     Its state crosses workers at step boundaries: a Wan2.2 low-noise expert starts
     from the state its high-noise stage hands on (an input named ``state.*``); a
-    checkpoint (``ctx.resume``) from a worker that died or drained is taken
-    instead when it is further along. A state this code refuses (from a peer that
-    lies, or another version) is logged and the task starts from what it has.
+    checkpoint (``ctx.resume``, already accepted by :meth:`resumable`) from a worker
+    that died or drained is taken instead when it is further along. A handed-on state
+    this code refuses (from a peer that lies, or another version) fails the task: a
+    low-noise expert has nothing else to start from.
 
     With ``sp > 1`` the worker is rank 0 of a group of ``sp`` processes that split
     each forward's tokens (``stages.wan.group``): the followers start at load, every
@@ -256,19 +258,14 @@ class Denoise(_Wan):
         conditioning = {k: v for k, v in inputs.items() if not k.startswith(STATE_PREFIX)}
         handed = {k: v for k, v in inputs.items() if k.startswith(STATE_PREFIX)} or None
         p = self.params(ctx)
-        state, step = None, -1
-        for name, candidate in (("the state handed on", handed), ("the checkpoint", ctx.resume)):
-            if candidate is None:
-                continue
+        state = ctx.resume
+        if handed is not None:
             try:
-                at = check_state(self.components, p, candidate)
+                at = check_state(self.components, p, handed)
             except ValueError as exc:
-                if candidate is handed:  # without it a low-noise expert cannot start at all
-                    raise StageFailed(f"{name} is unusable: {exc}") from exc
-                log.warning("job %s: %s: %s is unusable (%s); going on without it", ctx.job, ctx.stage, name, exc)
-                continue
-            if at > step:
-                state, step = candidate, at
+                raise StageFailed(f"the state handed on is unusable: {exc}") from exc
+            if state is None or at > state_step(state):
+                state = handed
         try:
             hooks = dict(state=state, on_step=ctx.on_progress, should_stop=ctx.cancelled.is_set,
                          snapshot=ctx.snapshot, yield_now=ctx.yield_now)
@@ -353,7 +350,7 @@ class Synthetic(StageKind):
         steps = max(1, int(ctx.params.get("steps", 1))) if self.spec.progress else 1
         # A step-wise synthetic stage keeps the step-boundary contract of denoise: its state
         # is the step count, so checkpoints, resumes and handoffs can be exercised without a model.
-        first = 0 if ctx.resume is None else (self.resumable(ctx.resume, ctx.params) or 0)
+        first = 0 if ctx.resume is None else int(ctx.resume["state.step"])  # resumable() accepted it
         for step in range(first, steps):
             if ctx.cancelled.wait(seconds / steps):
                 raise StageCancelled("cancelled")
