@@ -74,6 +74,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -397,13 +398,10 @@ def packing_needs(profile, alloc: dict[str, int]) -> dict:
     configurations share a GPU only among workers whose loads sum to at most 1: a synthetic
     stage sleeps, so two busy stages on one GPU would not slow each other here as they would
     on a real one; the load limit keeps that out of the measurement."""
-    from manager.packing import StageNeed
-
     gpu = [s for s, st in profile.stages.items() if st.gpu]
     rate = min(alloc[s] / profile.mean_s(s) for s in gpu if profile.mean_s(s) > 0)
-    return {s: StageNeed(profile.stages[s].memory_gb, max(profile.stages[s].peak_gb, profile.stages[s].memory_gb),
-                         min(1.0, rate * profile.mean_s(s) / alloc[s]))
-            for s in gpu if profile.stages[s].peak_gb > 0}
+    return {s: dataclasses.replace(need, load=min(1.0, rate * profile.mean_s(s) / alloc[s]))
+            for s, need in profile.stage_needs().items()}
 
 
 def packed_allocation(profile, gpu_slots: int, cpu_slots: int) -> tuple[dict, dict, int]:
