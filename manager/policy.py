@@ -113,6 +113,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+from manager.slo import choose_width, workers_for
+
 __all__ = [
     "Change",
     "NoScaling",
@@ -147,6 +149,13 @@ class StageSignals:
     starting: int = 0  # launched (or waiting for a slot), not registered yet
     draining: int = 0  # draining, still holding their slot until they exit
     load_time: float = 0.0  # seconds from launch to a registered worker
+    width: int = 1  # GPU slots each worker of the stage holds (its sequence-parallel degree)
+    held_slots: int = -1  # slots the stage holds, workers of an older width included; -1: held x width
+
+    @property
+    def slots(self) -> int:
+        """Slots the stage holds (every width it has)."""
+        return self.held_slots if self.held_slots >= 0 else self.held * self.width
 
     @property
     def current(self) -> int:
@@ -173,6 +182,7 @@ class Change:
     stage: str
     delta: int
     reason: str  # human-readable, with the numbers that led to it
+    width: int = 1  # GPU slots of each worker started (sequence-parallel degree); drains: any
 
 
 @runtime_checkable
@@ -209,6 +219,12 @@ class PolicyConfig:
     move_gain_factor: float = 2.0
     move_horizon_s: float = 300.0
     idle_to_zero_load_times: float = 1.0
+    # latency objectives (manager/slo.py): a stage with a budget is sized to meet it
+    budgets: Mapping[str, float] = field(default_factory=dict)  # stage -> its share of a p95 objective, s
+    sp_efficiency: Mapping[str, Mapping[int, float]] = field(default_factory=dict)  # stage -> {width: eff}
+    service_cv: Mapping[str, float] = field(default_factory=dict)  # stage -> cv of a task's time (default 1)
+    slo_quantile: float = 0.95
+    slo_max_utilization: float = 0.95
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> PolicyError:
@@ -248,6 +264,18 @@ class PolicyConfig:
             raise bad("move_horizon_s", "> 0")
         if self.idle_to_zero_load_times < 0:
             raise bad("idle_to_zero_load_times", ">= 0")
+        for stage, b in self.budgets.items():
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not b > 0:
+                raise PolicyError(f"budget of stage {stage!r} must be seconds > 0, not {b!r}")
+        for stage, table in self.sp_efficiency.items():
+            for k, e in table.items():
+                if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not 0 < e <= 1:
+                    raise PolicyError(f"sp_efficiency of stage {stage!r}: width {k!r} -> {e!r} must be an "
+                                      "integer >= 1 -> efficiency in (0, 1]")
+        if not 0.5 <= self.slo_quantile < 1:
+            raise bad("slo_quantile", "in [0.5, 1)")
+        if not 0 < self.slo_max_utilization <= 1:
+            raise bad("slo_max_utilization", "in (0, 1]")
 
     def floor(self, stage: str) -> int:
         return self.floors.get(stage, self.default_floor)
@@ -264,7 +292,7 @@ def _pools(signals: Mapping[str, StageSignals]) -> dict[bool, list[str]]:
 
 
 def _free(signals: Mapping[str, StageSignals], names: list[str], slots: int) -> int:
-    return max(0, slots - sum(signals[s].held for s in names))
+    return max(0, slots - sum(signals[s].slots for s in names))
 
 
 def _largest_remainder(shares: Mapping[str, float], total: int, caps: Mapping[str, int]) -> dict[str, int]:
@@ -356,6 +384,9 @@ class _Memory:
     up_since: float | None = None  # first reading of the present run of "wants more"
     down_since: float | None = None  # ... of "survivors could absorb the load"
     over_since: float | None = None  # ... of "above its fair share"
+    width_want: int = 0  # the width the latency objective asks for, and since when
+    width_since: float | None = None
+    width_changed: float | None = None  # when the stage last took another width
 
 
 @dataclass
@@ -376,6 +407,8 @@ class _View:
     n: int = 0  # count as decided so far this period
     removable: int = 0  # live workers not yet chosen for draining this period
     touched: bool = False
+    w: int = 1  # GPU slots per worker of the width the stage runs at (or is re-formed to)
+    reform: bool = False  # the stage's workers are of another width: replace them
 
 
 class ProportionalPolicy:
@@ -386,6 +419,7 @@ class ProportionalPolicy:
         self.memory: dict[str, _Memory] = {}
         self.last_now: float | None = None
         self.targets: dict[str, int] = {}
+        self.widths: dict[str, int] = {}  # the width each stage runs at (stages with an sp_efficiency table)
 
     def on_demand(self, stage: str) -> bool:
         return self.config.floor(stage) == 0
@@ -412,6 +446,7 @@ class ProportionalPolicy:
                 v.donor_ok = over and self._held(m.over_since, now, cfg.down_delay_periods * cfg.period_s)
                 self.targets[s] = v.target
             free = _free(signals, names, slots)
+            free = self._reform(views, free, changes)
             free = self._restore_floors(views, free, changes)
             budget, free = self._scale_up(views, free, budget, changes)
             budget = self._scale_down(views, budget, changes)
@@ -424,14 +459,30 @@ class ProportionalPolicy:
         raw = max(0.0, sig.arrival_rate)
         self._estimate_rate(m, raw, dt)
         floor, ceiling = cfg.floor(sig.stage), cfg.ceiling(sig.stage, slots)
-        S = sig.service_time
+        budget = cfg.budgets.get(sig.stage)
+        w, S = sig.width, sig.service_time
+        if S > 0 and budget is not None:
+            w, S = self._width(sig, m, now, budget, slots, floor)
+            ceiling = min(ceiling, slots // w)
+        reform = w != sig.width
         if S > 0:
             # the headroom under target_utilization absorbs a small queue; a larger one adds
             # the capacity that drains it within the horizon (no sooner than a worker can load)
-            backlog = sig.queue_len * S / max(cfg.backlog_drain_s, sig.load_time)
+            # (at most a worker per queued task: a task longer than the horizon cannot be split)
+            backlog = min(float(sig.queue_len), sig.queue_len * S / max(cfg.backlog_drain_s, sig.load_time))
 
-            def need(rate: float) -> float:
-                return max(rate * S / cfg.target_utilization, rate * S + backlog)
+            if budget is not None:  # the fewest workers whose p95 fits the stage's budget
+                cv = cfg.service_cv.get(sig.stage, 1.0)
+
+                def need(rate: float) -> float:
+                    n = workers_for(rate, S, budget, cv=cv, q=cfg.slo_quantile,
+                                    max_util=cfg.slo_max_utilization, limit=max(1, slots // w))
+                    if n is None:  # out of reach at this pool: as busy as allowed
+                        n = rate * S / cfg.slo_max_utilization
+                    return max(float(n), rate * S + backlog)
+            else:
+                def need(rate: float) -> float:
+                    return max(rate * S / cfg.target_utilization, rate * S + backlog)
 
             demand, demand_lo = need(m.rate), need(m.rate_lo)
             work_hi = m.rate_hi * S + backlog
@@ -444,21 +495,32 @@ class ProportionalPolicy:
             desired = floor  # from zero, only a queued task starts a worker: past rates are stale there
         elif sig.queue_len and desired == 0 and ceiling > 0:
             desired = 1
-        v = _View(sig, floor, ceiling, demand, desired, n=sig.current, removable=sig.workers)
-        cur = sig.current
+        cur = 0 if reform else sig.current
+        v = _View(sig, floor, ceiling, demand, desired, n=cur, removable=0 if reform else sig.workers, w=w,
+                  reform=reform)
         if desired > cur:
             m.up_since = m.up_since if m.up_since is not None else now
             v.want_up = self._held(m.up_since, now, cfg.up_delay_periods * cfg.period_s)
         else:
             m.up_since = None
         absorb, hold = False, cfg.down_delay_periods * cfg.period_s
-        if cur > floor and sig.workers >= 1:
+        if cur > floor and sig.workers >= 1 and not reform:
             survivors = cur - 1
             if survivors == 0:  # to zero: on the idle clock alone, whatever the long-run rate says
                 absorb = sig.queue_len == 0 and sig.busy == 0 and raw == 0
                 hold = max(hold, cfg.idle_to_zero_load_times * sig.load_time)
                 v.why_down = (f"idle for {max(hold, cfg.period_s):.0f} s, floor {floor}; "
                               f"a cold start costs {sig.load_time:.1f} s")
+            elif desired < cur and budget is not None:
+                # the survivors meet a tighter budget (the same dead band as below) at the upper rate
+                tight = budget * cfg.scale_down_utilization / cfg.target_utilization
+                n_hi = workers_for(m.rate_hi, S, tight, cv=cfg.service_cv.get(sig.stage, 1.0), q=cfg.slo_quantile,
+                                   max_util=cfg.slo_max_utilization, limit=survivors)
+                util = work_hi / survivors
+                absorb = n_hi is not None and n_hi <= survivors and util <= cfg.slo_max_utilization
+                v.why_down = (f"{survivors} survivor(s) of width {w} would meet {tight:.0f} s at p"
+                              f"{cfg.slo_quantile * 100:g} (rate <= {m.rate_hi:.4f}/s x {S:.1f} s, "
+                              f"{util:.0%} busy; budget {budget:.0f} s)")
             elif desired < cur:
                 util = work_hi / survivors
                 absorb = util <= cfg.scale_down_utilization
@@ -471,6 +533,46 @@ class ProportionalPolicy:
         else:
             m.down_since = None
         return v
+
+    def _width(self, sig: StageSignals, m: _Memory, now: float, budget: float, slots: int,
+               floor: int) -> tuple[int, float]:
+        """The width the stage should run at, and a task's time there. A stage without an
+        sp_efficiency table keeps its width. Another width is taken only if it meets the budget
+        with at least one slot fewer than the present one would (or the present one cannot meet it
+        at all), and only once that has held for ``down_delay_periods``: a re-form costs a model
+        load, so it must not follow noise."""
+        cfg = self.config
+        table = cfg.sp_efficiency.get(sig.stage)
+        cur = self.widths.get(sig.stage, sig.width)
+        if not table:
+            return sig.width, sig.service_time
+        e_now = table.get(sig.width, 1.0)
+        s1 = sig.service_time * sig.width * e_now  # one task's time on one slot
+        cv = cfg.service_cv.get(sig.stage, 1.0)
+        def slots_at(rate: float, k: int) -> float:
+            n = workers_for(rate, s1 / (k * table.get(k, 1.0)), budget, cv=cv, q=cfg.slo_quantile,
+                            max_util=cfg.slo_max_utilization, limit=max(1, slots // k))
+            return math.inf if n is None else max(n, floor, 1) * k
+
+        pick = choose_width(m.rate, s1, budget, table, cv=cv, q=cfg.slo_quantile,
+                            max_util=cfg.slo_max_utilization, max_slots=slots, floor=max(1, floor))
+        want = cur
+        dwell = m.width_changed is None or now - m.width_changed >= cfg.move_horizon_s
+        if pick.width != cur and dwell:
+            # better over the whole plausible range of the rate, by a slot at least: a re-form
+            # costs a model load, and a width that wins only on the estimate would flap
+            better = all(slots_at(r, pick.width) <= slots_at(r, cur) - 1 for r in {m.rate_lo, m.rate, m.rate_hi})
+            if better:
+                if m.width_want != pick.width:
+                    m.width_want, m.width_since = pick.width, now
+                if self._held(m.width_since, now, cfg.down_delay_periods * cfg.period_s):
+                    want, m.width_changed = pick.width, now
+            else:
+                m.width_want, m.width_since = 0, None
+        else:
+            m.width_want, m.width_since = 0, None
+        self.widths[sig.stage] = want
+        return want, s1 / (want * table.get(want, 1.0))
 
     def _estimate_rate(self, m: _Memory, raw: float, dt: float | None) -> None:
         """The arrival rate over the shortest recent window holding ``rate_min_arrivals`` (at least a
@@ -514,26 +616,28 @@ class ProportionalPolicy:
 
     def _share(self, views: dict[str, _View], slots: int) -> None:
         """Continuous and integer fair shares; floor-0 stages with a queue get a floor of 1 while room lasts."""
-        room = slots - sum(v.floor for v in views.values())
+        room = slots - sum(v.floor * v.w for v in views.values())
         for v in sorted(views.values(), key=lambda v: -v.sig.queue_wait):
-            if room > 0 and v.floor == 0 and v.sig.queue_len and v.ceiling > 0:
-                v.floor, room = 1, room - 1
+            if room >= v.w and v.floor == 0 and v.sig.queue_len and v.ceiling > 0:
+                v.floor, room = 1, room - v.w
         for v in views.values():
             v.desired = max(v.desired, v.floor)
-        if sum(v.desired for v in views.values()) <= slots:
+        if sum(v.desired * v.w for v in views.values()) <= slots:
             for v in views.values():
                 v.fair = min(v.ceiling, max(float(v.floor), v.demand))
                 v.target = v.desired
             return
-        weights = {s: max(0.0, min(v.demand, v.ceiling) - v.floor) for s, v in views.items()}
+        # shares are of slots; a stage of wide workers gets whole workers of its share
+        weights = {s: max(0.0, min(v.demand, v.ceiling) - v.floor) * v.w for s, v in views.items()}
         total = sum(weights.values())
+        fair_slots = {}
         for s, v in views.items():
             extra = room * weights[s] / total if total > 0 else room / len(views)
-            v.fair = min(float(v.ceiling), v.floor + extra)
-        shares = _largest_remainder({s: v.fair for s, v in views.items()}, slots,
-                                    {s: v.ceiling for s, v in views.items()})
+            fair_slots[s] = min(float(v.ceiling * v.w), v.floor * v.w + extra)
+            v.fair = fair_slots[s] / v.w
+        shares = _largest_remainder(fair_slots, slots, {s: v.ceiling * v.w for s, v in views.items()})
         for s, v in views.items():
-            v.target = max(v.floor, min(shares[s], v.desired))
+            v.target = max(v.floor, min(shares[s] // v.w, v.desired))
 
     def _donor(self, views: dict[str, _View], taker: str, *, for_floor: bool) -> _View | None:
         """The stage to take a slot from: most surplus over its share, above its floor."""
@@ -555,6 +659,21 @@ class ProportionalPolicy:
         self.memory[donor.sig.stage].down_since = None
         changes.append(Change(donor.sig.stage, -1, f"slot moves to {taker.sig.stage}: {reason}"))
 
+    def _reform(self, views: dict[str, _View], free: int, changes: list[Change]) -> int:
+        """Stages whose workers are of another width than the one chosen: their new workers start
+        like any (floors, then up), and the caller drains the old ones as the new ones come up. If
+        not even one new worker fits, the old ones are drained first (their jobs hand off at a
+        step boundary and wait for the new width's load)."""
+        for s, v in views.items():
+            if not v.reform:
+                continue
+            sig = v.sig
+            if free < v.w and sig.workers:
+                changes.append(Change(s, -sig.workers, f"re-form from width {sig.width} to {v.w}: "
+                                      f"{free} slot(s) free, so the old workers drain first"))
+                v.touched = True
+        return free
+
     def _restore_floors(self, views: dict[str, _View], free: int, changes: list[Change]) -> int:
         for s, v in sorted(views.items(), key=lambda kv: -kv[1].sig.queue_wait):
             short = v.floor - v.n
@@ -564,15 +683,20 @@ class ProportionalPolicy:
             reason = (f"cold start: {sig.queue_len} queued, oldest {sig.queue_wait:.1f} s, no worker"
                       if v.n == 0 and sig.queue_len and self.config.floor(s) == 0
                       else f"below its floor {v.floor}: has {v.n}")
-            got = min(short, free)
-            free -= got
-            while got < short and (donor := self._donor(views, s, for_floor=True)) is not None:
+            got = 0
+            while got < short:
+                if free >= v.w:
+                    free, got = free - v.w, got + 1
+                    continue
+                donor = self._donor(views, s, for_floor=True)
+                if donor is None:
+                    break
                 self._take(donor, v, reason, changes)
-                got += 1
+                free += donor.w
             if got:
                 v.n += got
                 v.touched = True
-                changes.append(Change(s, got, reason))
+                changes.append(Change(s, got, reason, width=v.w))
         return free
 
     def _scale_up(self, views: dict[str, _View], free: int, budget: int,
@@ -588,13 +712,13 @@ class ProportionalPolicy:
                    f"{sig.service_time:.2f} s; {sig.queue_len} queued, oldest {sig.queue_wait:.1f} s) > {v.n}; "
                    f"target {v.target}")
             started = 0
-            while v.n < v.target and budget > 0 and free > 0:
-                v.n, free, budget, started = v.n + 1, free - 1, budget - 1, started + 1
+            while v.n < v.target and budget > 0 and free >= v.w:
+                v.n, free, budget, started = v.n + 1, free - v.w, budget - 1, started + 1
             if started:
-                changes.append(Change(s, started, why))
+                changes.append(Change(s, started, why, width=v.w))
             while v.n < v.target and budget >= 2:
                 donor = self._donor(views, s, for_floor=False)
-                if donor is None:
+                if donor is None or donor.w < v.w - free:  # a wide worker starts only where it fits
                     break
                 gain_w = min(1.0, v.fair - v.n) - min(1.0, max(0.0, donor.fair - (donor.n - 1)))
                 gain = gain_w * cfg.move_horizon_s
@@ -604,9 +728,10 @@ class ProportionalPolicy:
                 reason = (f"{why}; gain {gain:.0f} worker-s over {cfg.move_horizon_s:.0f} s > "
                           f"{cfg.move_gain_factor:g} x load {sig.load_time:.1f} s")
                 self._take(donor, v, reason, changes)
+                free += donor.w - v.w
                 v.n += 1
                 budget -= 2
-                changes.append(Change(s, 1, f"slot from {donor.sig.stage}: {reason}"))
+                changes.append(Change(s, 1, f"slot from {donor.sig.stage}: {reason}", width=v.w))
             v.touched = v.touched or v.n > sig.current
         return budget, free
 

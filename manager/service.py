@@ -423,6 +423,11 @@ class Manager:
         if change.stage not in self.gpu or change.delta == 0:
             log.warning("node manager: ignored %s", change)
             return
+        if change.delta > 0 and change.width != 1:
+            # sequence-parallel groups (`onepiece worker --sp k`, k GPUs each) are chosen by the policy
+            # only with an sp_efficiency table, which this manager does not configure yet
+            log.warning("node manager: %s asks for workers of width %d; this manager starts width-1 workers",
+                        change.stage, change.width)
         done = 0
         for _ in range(abs(change.delta)):
             if change.delta > 0:

@@ -1,0 +1,526 @@
+"""Discrete-event model of a GPU pool serving workflows, driven by the Node Manager's own policy.
+
+What is simulated and what is real. The *decisions* are the real code: every control period
+the model builds :class:`manager.policy.StageSignals` from its state and asks the real
+:class:`manager.policy.ProportionalPolicy` (with the latency objectives of
+:mod:`manager.slo`); GPU placement is the real :class:`manager.packing.GpuPool`. What is
+modelled is the hardware and the workers: a task takes a lognormal time with the stage
+profile's mean and cv (``stages/profiles/*.toml``, cited there), divided by ``k x efficiency(k)``
+on a worker of width k; a worker holds its GPUs from its start to its exit and serves only after
+its model's ``load_s``; a drained worker of a step-wise stage (a denoiser) stops at its next
+step boundary and hands the rest of the task on (the handoff of ``broker/core.py``, measured
+at 32 ms in ``bench/handoff.py``, modelled as free), any other drained worker first finishes
+its task. Arrivals come from a trace (``bench/elastic.py``). Deterministic for a seed.
+
+A *deployment* is a set of stages (a monolithic one has one ``pipeline`` stage per workflow,
+whose time is the profile's whole-pipeline time), each fixed (``static``) or under the policy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from manager.packing import GpuPool, StageNeed, Worker as Seat, capacity
+from manager.policy import Change, PolicyConfig, ProportionalPolicy, StageSignals
+from manager.profile import Profile
+
+__all__ = ["Deployment", "Result", "SimStage", "SimWorkflow", "monolithic", "simulate", "split"]
+
+HANDOFF_S = 0.032  # bench/handoff.py: checkpoint + ship + rebind of a denoise state
+
+
+@dataclass(frozen=True)
+class SimStage:
+    name: str
+    gpu: bool
+    mean_s: Mapping[str, float]  # job class -> mean seconds on one slot
+    cv: float
+    load_s: float
+    need: StageNeed | None  # per GPU (per rank for a wide worker); None: CPU stage
+    efficiency: Mapping[int, float] = field(default_factory=lambda: {1: 1.0})
+    steps: int = 0  # > 0: step-wise (hands off at a step boundary when drained)
+    width: int = 1  # the width workers start at (a monolithic sp=8 pipeline: 8)
+
+    def service(self, cls: str, width: int, rng: random.Random) -> float:
+        mean = self.mean_s[cls] / (width * self.efficiency.get(width, 1.0))
+        if mean <= 0:
+            return 0.0
+        if self.cv <= 0:
+            return mean
+        s2 = math.log(1 + self.cv ** 2)
+        return rng.lognormvariate(math.log(mean) - s2 / 2, math.sqrt(s2))
+
+
+@dataclass(frozen=True)
+class SimWorkflow:
+    name: str
+    stages: Mapping[str, tuple[str, ...]]  # stage -> its upstream stages (names in the deployment)
+    result: str
+    slo_s: float
+
+
+@dataclass
+class Deployment:
+    name: str
+    stages: dict[str, SimStage]
+    workflows: dict[str, SimWorkflow]
+    static: dict[str, int] | None = None  # fixed workers per stage (None: the policy decides)
+    policy: PolicyConfig | None = None
+    gpus: int = 64  # the pool's GPUs
+    gpu_memory_gb: float = 80.0
+    packed: bool = True  # small stages share GPUs (memory and load permitting)
+    cpu_slots: int = 256
+    period_s: float = 5.0
+
+
+def _need(p, packed: bool) -> StageNeed | None:
+    if not p.gpu:
+        return None
+    load = 1.0 if not packed or p.sp_efficiency or p.mean_s > 30 else 0.05
+    return StageNeed(p.memory_gb, max(p.peak_gb, 1e-3), load)
+
+
+def split(profiles: Sequence[Profile], *, packed: bool = True, elastic: bool = True, prefix: bool = False,
+          fuse_experts: bool = False) -> tuple[dict[str, SimStage], dict[str, SimWorkflow]]:
+    """The stages of the workflows of ``profiles`` as separate services (shared by name across
+    workflows unless ``prefix``); ``elastic``: DiT stages may widen (their sp_efficiency);
+    ``fuse_experts``: a workflow's step-wise stages become one stage holding every expert."""
+    from stages.workflow import load_workflow
+
+    stages: dict[str, SimStage] = {}
+    flows: dict[str, SimWorkflow] = {}
+    for prof in profiles:
+        wf = load_workflow(prof.workflow)
+        classes = sorted(set(prof.classes) | {"standard"})
+        name = (lambda s: f"{wf.name}.{s}") if prefix else (lambda s: s)
+        experts = [s for s in wf.stages if prof.stages[s].sp_efficiency]
+        fused = fuse_experts and len(experts) > 1
+        after: dict[str, tuple[str, ...]] = {}
+        for s, spec in wf.stages.items():
+            p = prof.stages[s]
+            if fused and s in experts[1:]:
+                continue
+            key = name(f"{wf.name}.experts" if fused and s == experts[0] else s)
+            ups = tuple(dict.fromkeys(name(f"{wf.name}.experts") if fused and u in experts else name(u)
+                                      for u in spec.after if not (fused and s in experts and u in experts)))
+            after[key] = ups
+            if fused and s == experts[0]:
+                ps = [prof.stages[e] for e in experts]
+                mean = {c: sum(prof.mean_s(e, c) for e in experts) for c in classes}
+                need = StageNeed(sum(q.memory_gb for q in ps), sum(q.memory_gb for q in ps)
+                                 + max(q.peak_gb - q.memory_gb for q in ps), 1.0)
+                stages[key] = SimStage(key, True, mean, max(q.cv for q in ps), sum(q.load_s for q in ps), need,
+                                       dict(p.sp_efficiency) if elastic else {1: 1.0}, steps=prof.job.get("steps", 40))
+                continue
+            mean = {c: prof.mean_s(s, c) for c in classes}
+            st = SimStage(key, p.gpu, mean, p.cv, p.load_s, _need(p, packed),
+                          dict(p.sp_efficiency) if (elastic and p.sp_efficiency) else {1: 1.0},
+                          steps=int(prof.job.get("steps", 40)) if p.sp_efficiency else 0)
+            old = stages.get(key)
+            if old is not None:  # a shared stage: one service, the classes of every workflow
+                st = SimStage(key, p.gpu, {**old.mean_s, **{f"{wf.name}:{c}": m for c, m in mean.items()}},
+                              max(old.cv, p.cv), max(old.load_s, p.load_s), old.need, old.efficiency, old.steps)
+            else:
+                st = SimStage(key, st.gpu, {**mean, **{f"{wf.name}:{c}": m for c, m in mean.items()}}, st.cv,
+                              st.load_s, st.need, st.efficiency, st.steps)
+            stages[key] = st
+        slo = wf.slo.p95_s if wf.slo else 600.0
+        flows[wf.name] = SimWorkflow(wf.name, after, name(wf.result) if not (fused and wf.result in experts)
+                                     else name(f"{wf.name}.experts"), slo)
+    return stages, flows
+
+
+def monolithic(profiles: Sequence[Profile], variants: Mapping[str, object]) -> tuple[dict[str, SimStage],
+                                                                                     dict[str, SimWorkflow]]:
+    """One ``<workflow>.pipeline`` stage per workflow: the variant's whole-pipeline time on its
+    sp GPUs (held from the first stage to the last), its whole-pipeline load."""
+    from stages.workflow import load_workflow
+
+    stages, flows = {}, {}
+    for prof in profiles:
+        v = prof.variant(variants[prof.workflow])
+        classes = sorted(set(prof.classes) | {"standard"})
+        key = f"{prof.workflow}.pipeline"
+        mean = {c: prof.pipeline_mean_s(v, c) * v.sp for c in classes}  # on one slot: x sp below
+        mean.update({f"{prof.workflow}:{c}": m for c, m in mean.items()})
+        need = StageNeed(prof.monolithic_memory_gb(v) / v.sp, prof.monolithic_peak_gb(v), 1.0)
+        stages[key] = SimStage(key, True, mean, prof.pipeline_cv(v), prof.monolithic_load_time(v), need,
+                               {v.sp: 1.0}, steps=0, width=v.sp)
+        wf = load_workflow(prof.workflow)
+        flows[prof.workflow] = SimWorkflow(prof.workflow, {key: ()}, key, wf.slo.p95_s if wf.slo else 600.0)
+    return stages, flows
+
+
+# == the model ===================================================================================
+
+
+@dataclass
+class _Task:
+    job: "_Job"
+    stage: str
+    left: float = 1.0  # fraction of the task still to do (a handed-off denoise resumes)
+    queued_at: float = 0.0
+
+
+@dataclass
+class _Job:
+    id: int
+    workflow: str
+    cls: str
+    t0: float
+    done: set = field(default_factory=set)
+    started: set = field(default_factory=set)
+    end: float | None = None
+
+
+@dataclass(eq=False)
+class _W:
+    id: int
+    stage: str
+    width: int
+    seats: list
+    ready_at: float
+    state: str = "loading"  # loading | idle | busy | gone
+    draining: bool = False
+    replace: bool = False  # of an old width: drain once a new-width worker is up
+    task: _Task | None = None
+    t_start: float = 0.0
+    t_end: float = 0.0
+    gen: int = 0  # invalidates a stale completion event
+
+
+@dataclass
+class Result:
+    name: str
+    horizon_s: float
+    gpu_seconds: float  # GPU-seconds held (a shared GPU once)
+    latencies: dict[str, list[float]]  # workflow -> end-to-end seconds of finished jobs
+    unfinished: dict[str, int]
+    slo: dict[str, float]
+    timeline: list[tuple[float, int, dict[str, int]]]  # (t, GPUs held, workers per stage)
+    changes: list[tuple[float, str, int, int, str]]  # (t, stage, delta, width, reason)
+    starts: int = 0
+    reforms: int = 0
+    peak_gpus: int = 0
+
+    def attainment(self, wf: str) -> float:
+        lat = self.latencies.get(wf, [])
+        n = len(lat) + self.unfinished.get(wf, 0)
+        return 1.0 if n == 0 else sum(1 for x in lat if x <= self.slo[wf]) / n
+
+    def pct(self, wf: str, q: float) -> float | None:
+        lat = sorted(self.latencies.get(wf, []))
+        if not lat:
+            return None
+        return lat[min(len(lat) - 1, max(0, math.ceil(q / 100 * len(lat)) - 1))]
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.gpu_seconds / 3600
+
+    @property
+    def jobs(self) -> int:
+        return sum(len(v) for v in self.latencies.values())
+
+
+class _Sim:
+    def __init__(self, dep: Deployment, arrivals: Sequence[tuple[float, str, str]], seed: int, horizon: float,
+                 account_until: float):
+        self.d = dep
+        self.account_until = account_until
+        self.rng = random.Random(seed)
+        self.arrivals = arrivals
+        self.horizon = horizon
+        self.now = 0.0
+        self.ev: list = []
+        self.seq = itertools.count()
+        self.queues: dict[str, deque[_Task]] = {s: deque() for s in dep.stages}
+        self.workers: dict[str, list[_W]] = {s: [] for s in dep.stages}
+        self.width: dict[str, int] = {s: st.width for s, st in dep.stages.items()}
+        # max_load 1: a DiT rank or a monolithic pipeline (load 1.0) has its GPU to itself; unpacked,
+        # every stage's load is 1.0 (see _need), so each worker takes a whole GPU
+        self.pool = GpuPool([dep.gpu_memory_gb] * dep.gpus, max_load=1.0)
+        self.cpu_used = 0
+        self.pending: deque[tuple[str, int]] = deque()  # starts waiting for room
+        self.ids = itertools.count()
+        self.gpu_s = 0.0
+        self.t_held = 0.0
+        self.arr_count: dict[str, int] = {s: 0 for s in dep.stages}
+        self.svc: dict[str, float] = {}
+        self.lat: dict[str, list[float]] = {w: [] for w in dep.workflows}
+        self.jobs: list[_Job] = []
+        self.timeline: list = []
+        self.changes: list = []
+        self.starts = self.reforms = 0
+        self.peak = 0
+        self.policy = ProportionalPolicy(dep.policy) if dep.policy is not None else None
+        if dep.policy is not None:
+            self.policy_slots = (capacity(sorted((s, st.need) for s, st in dep.stages.items() if st.need),
+                                          [dep.gpu_memory_gb] * dep.gpus, max_load=1.0)
+                                 if dep.packed else dep.gpus)
+
+    # -- events ---------------------------------------------------------------------------
+    def at(self, t: float, kind: str, *args) -> None:
+        heapq.heappush(self.ev, (t, next(self.seq), kind, args))
+
+    def account(self) -> None:
+        held = self.pool.held()
+        now = min(self.now, self.account_until)
+        self.gpu_s += held * max(0.0, now - self.t_held)
+        self.t_held = max(self.t_held, now)
+        self.peak = max(self.peak, held)
+
+    def run(self) -> Result:
+        d = self.d
+        for i, (t, wf, cls) in enumerate(self.arrivals):
+            self.at(t, "arrive", wf, cls)
+        if d.static is not None:
+            for s, n in d.static.items():
+                for _ in range(n):
+                    self.start(s, self.width[s], warm=True)
+        else:
+            for s in d.stages:
+                for _ in range(d.policy.floor(s)):
+                    self.start(s, self.width[s], warm=True)
+        self.at(0.0, "tick")
+        while self.ev:
+            t, _, kind, args = heapq.heappop(self.ev)
+            if t > self.horizon:
+                break
+            self.now = t
+            self.account()
+            getattr(self, "on_" + kind)(*args)
+        self.now = self.horizon
+        self.account()
+        unfinished = {w: 0 for w in d.workflows}
+        for j in self.jobs:
+            if j.end is None:
+                unfinished[j.workflow] += 1
+        return Result(d.name, self.account_until, self.gpu_s, self.lat, unfinished,
+                      {w: f.slo_s for w, f in d.workflows.items()}, self.timeline, self.changes,
+                      self.starts, self.reforms, self.peak)
+
+    def on_arrive(self, wf: str, cls: str) -> None:
+        job = _Job(len(self.jobs), wf, cls, self.now)
+        self.jobs.append(job)
+        self.release(job)
+
+    def release(self, job: _Job) -> None:
+        flow = self.d.workflows[job.workflow]
+        for s, ups in flow.stages.items():
+            if s not in job.started and all(u in job.done for u in ups):
+                job.started.add(s)
+                self.arr_count[s] += 1
+                self.queues[s].append(_Task(job, s, 1.0, self.now))
+                self.dispatch(s)
+
+    def on_ready(self, w: _W) -> None:
+        if w.state != "loading":
+            return
+        w.state = "idle"
+        if w.draining:
+            self.exit(w)
+            return
+        if not w.replace:  # a new-width worker is up: one old one may go
+            for old in self.workers[w.stage]:
+                if old.replace and not old.draining and old.state != "gone":
+                    self.drain(old)
+                    break
+        self.dispatch(w.stage)
+
+    def on_done(self, w: _W, gen: int) -> None:
+        if w.gen != gen or w.state != "busy":
+            return
+        task = w.task
+        w.task, w.state = None, "idle"
+        st = self.d.stages[w.stage]
+        elapsed = self.now - w.t_start
+        full = elapsed / max(task.left, 1e-9)  # a whole task's time on this worker
+        one = full * w.width * st.efficiency.get(w.width, 1.0)  # ... on one slot
+        cls_mean = st.mean_s.get(f"{task.job.workflow}:{task.job.cls}", st.mean_s.get("standard", 1.0))
+        base = st.mean_s.get("standard", cls_mean)
+        norm = one * base / cls_mean if cls_mean else one  # in standard-job seconds
+        prev = self.svc.get(w.stage)
+        self.svc[w.stage] = norm if prev is None else 0.8 * prev + 0.2 * norm
+        self.finish(task)
+        if w.draining:
+            self.exit(w)
+        else:
+            self.dispatch(w.stage)
+
+    def finish(self, task: _Task) -> None:
+        job = task.job
+        job.done.add(task.stage)
+        flow = self.d.workflows[job.workflow]
+        if task.stage == flow.result:
+            job.end = self.now
+            self.lat[job.workflow].append(self.now - job.t0)
+            return
+        self.release(job)
+
+    def on_handoff(self, w: _W, gen: int, task: _Task, left: float) -> None:
+        if w.gen != gen:
+            return
+        w.task, w.state = None, "idle"
+        task.left = left
+        self.queues[w.stage].appendleft(task)  # resumes first, on another worker
+        self.exit(w)
+        self.dispatch(w.stage)
+
+    # -- workers ----------------------------------------------------------------------------
+    def dispatch(self, stage: str) -> None:
+        q = self.queues[stage]
+        if not q:
+            return
+        st = self.d.stages[stage]
+        for w in self.workers[stage]:
+            if not q:
+                break
+            if w.state == "idle" and not w.draining:
+                task = q.popleft()
+                w.task, w.state, w.t_start = task, "busy", self.now
+                full = st.service(task.job.cls if f"{task.job.workflow}:{task.job.cls}" not in st.mean_s
+                                  else f"{task.job.workflow}:{task.job.cls}", w.width, self.rng)
+                w.t_end = self.now + full * task.left + (HANDOFF_S if task.left < 1.0 else 0.0)
+                w.gen += 1
+                self.at(w.t_end, "done", w, w.gen)
+
+    def start(self, stage: str, width: int, warm: bool = False) -> bool:
+        st = self.d.stages[stage]
+        seats = []
+        if st.need is not None:
+            for _ in range(width):
+                seat = Seat(stage, st.need)
+                if self.pool.place(seat) is None:
+                    for s in seats:
+                        self.pool.remove(s)
+                    return False
+                seats.append(seat)
+        else:
+            if self.cpu_used + 1 > self.d.cpu_slots:
+                return False
+            self.cpu_used += 1
+        w = _W(next(self.ids), stage, width, seats, self.now + (0.0 if warm else st.load_s))
+        self.workers[stage].append(w)
+        self.starts += 0 if warm else 1
+        if warm:
+            w.state = "idle"
+        else:
+            self.at(w.ready_at, "ready", w)
+        return True
+
+    def drain(self, w: _W) -> None:
+        if w.draining or w.state == "gone":
+            return
+        w.draining = True
+        st = self.d.stages[w.stage]
+        if w.state in ("idle", "loading"):
+            self.exit(w)
+        elif w.state == "busy" and st.steps:
+            # stop at the next step boundary; the rest of the task is handed on
+            total = (w.t_end - w.t_start)
+            steps_left = max(1, round(w.task.left * st.steps))
+            step = total / steps_left
+            done_steps = min(steps_left, math.floor((self.now - w.t_start) / step + 1e-9) + 1)
+            if done_steps >= steps_left:
+                return  # finishes its last step anyway
+            w.gen += 1
+            left = w.task.left * (steps_left - done_steps) / steps_left
+            self.at(w.t_start + done_steps * step, "handoff", w, w.gen, w.task, left)
+
+    def exit(self, w: _W) -> None:
+        if w.state == "gone":
+            return
+        w.state = "gone"
+        for s in w.seats:
+            self.pool.remove(s)
+        if not w.seats and self.d.stages[w.stage].need is None:
+            self.cpu_used -= 1
+        self.workers[w.stage].remove(w)
+        self.retry_pending()
+
+    def retry_pending(self) -> None:
+        n = len(self.pending)
+        for _ in range(n):
+            stage, width = self.pending.popleft()
+            if width != self.width[stage]:
+                continue
+            if not self.start(stage, width):
+                self.pending.append((stage, width))
+
+    # -- the manager ------------------------------------------------------------------------
+    def on_tick(self) -> None:
+        d = self.d
+        if self.policy is not None:
+            sig = self.signals()
+            for c in self.policy.decide(self.now, sig, self.policy_slots, d.cpu_slots):
+                self.apply(c)
+        held = self.pool.held()
+        self.timeline.append((self.now, held, {s: sum(w.width for w in ws) for s, ws in self.workers.items()}))
+        self.arr_count = {s: 0 for s in d.stages}
+        if self.now + d.period_s <= self.horizon:
+            self.at(self.now + d.period_s, "tick")
+
+    def signals(self) -> dict[str, StageSignals]:
+        out = {}
+        d = self.d
+        for s, st in d.stages.items():
+            ws = self.workers[s]
+            k = self.width[s]
+            live = [w for w in ws if not w.draining and not w.replace and w.width == k]
+            svc1 = self.svc.get(s, 0.0)
+            svc = svc1 / (k * st.efficiency.get(k, 1.0)) if svc1 else 0.0
+            q = self.queues[s]
+            pend = sum(1 for p in self.pending if p[0] == s and p[1] == k)
+            out[s] = StageSignals(
+                stage=s, gpu=st.gpu, arrival_rate=self.arr_count[s] / d.period_s, service_time=svc,
+                queue_len=len(q), queue_wait=(self.now - q[0].queued_at) if q else 0.0,
+                busy=sum(1 for w in live if w.state == "busy"),
+                workers=sum(1 for w in live if w.state in ("idle", "busy")),
+                starting=sum(1 for w in live if w.state == "loading") + pend,
+                draining=sum(1 for w in ws if w not in live),
+                load_time=st.load_s, width=k,
+                held_slots=sum(w.width for w in ws) + pend * k)
+        return out
+
+    def apply(self, c: Change) -> None:
+        self.changes.append((self.now, c.stage, c.delta, c.width, c.reason))
+        s = c.stage
+        if c.delta > 0:
+            if c.width != self.width[s]:
+                self.reforms += 1
+                self.width[s] = c.width
+                for w in self.workers[s]:
+                    if w.width != c.width:
+                        w.replace = True
+                self.pending = deque(p for p in self.pending if p[0] != s)
+            for _ in range(c.delta):
+                if not self.start(s, c.width):
+                    self.pending.append((s, c.width))
+            return
+        n = -c.delta
+        # drop starts still waiting for room, then idle, loading, and last busy workers (least done first)
+        while n and any(p[0] == s for p in self.pending):
+            for i, p in enumerate(self.pending):
+                if p[0] == s:
+                    del self.pending[i]
+                    break
+            n -= 1
+        cands = [w for w in self.workers[s] if not w.draining]
+        order = {"idle": 0, "loading": 1, "busy": 2}
+        cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), -(w.t_start if w.state == "busy" else 0)))
+        for w in cands[:n]:
+            self.drain(w)
+
+
+def simulate(dep: Deployment, arrivals: Sequence[tuple[float, str, str]], *, horizon_s: float, seed: int = 1,
+             drain_s: float = 1800.0) -> Result:
+    """Run ``dep`` on ``arrivals`` ((time, workflow, class), sorted): GPUs are counted until
+    ``horizon_s`` (the trace's end), jobs may finish for ``drain_s`` more."""
+    return _Sim(dep, arrivals, seed, horizon_s + drain_s, horizon_s).run()
