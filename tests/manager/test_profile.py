@@ -195,3 +195,14 @@ def test_synthetic_workflows_declare_their_params(wan22):
         assert table["params"]["steps"] == {"type": "integer", "default": 1, "minimum": 1, "maximum": 1000}
         assert table["params"]["work"] == {"type": "map", "minimum": 0.0, "maximum": 1000.0}
         assert set(workflow_from_dict(table).params) == {"steps", "work"}
+
+
+@pytest.mark.parametrize("name", sorted(available_profiles()))
+def test_profile_and_workflow_declare_the_same_gpu_memory(name):
+    """The memory a workflow declares for a GPU stage (what the Node Manager packs by) is the
+    profile's (what the benchmarks cost): one figure, written twice only for the two readers."""
+    prof = load_profile(name)
+    wf = load_workflow(prof.workflow)
+    for stage, need in prof.stage_needs().items():
+        opts = wf.stages[stage].options
+        assert (float(opts["memory_gb"]), float(opts["peak_gb"])) == (need.memory_gb, need.peak_gb), stage
