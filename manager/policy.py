@@ -113,7 +113,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
-from manager.slo import choose_width, workers_for
+from manager.slo import choose_width, sizing, workers_for
 
 __all__ = [
     "Change",
@@ -279,6 +279,10 @@ class PolicyConfig:
 
     def floor(self, stage: str) -> int:
         return self.floors.get(stage, self.default_floor)
+
+    def slo_terms(self, stage: str) -> dict:
+        """How :mod:`manager.slo` sizes ``stage``: its task-time cv, the quantile, the utilisation cap."""
+        return {"cv": self.service_cv.get(stage, 1.0), "q": self.slo_quantile, "max_util": self.slo_max_utilization}
 
     def ceiling(self, stage: str, pool: int) -> int:
         return min(self.ceilings.get(stage, pool), pool)
@@ -446,7 +450,7 @@ class ProportionalPolicy:
                 v.donor_ok = over and self._held(m.over_since, now, cfg.down_delay_periods * cfg.period_s)
                 self.targets[s] = v.target
             free = _free(signals, names, slots)
-            free = self._reform(views, free, changes)
+            self._reform(views, free, changes)
             free = self._restore_floors(views, free, changes)
             budget, free = self._scale_up(views, free, budget, changes)
             budget = self._scale_down(views, budget, changes)
@@ -472,11 +476,8 @@ class ProportionalPolicy:
             backlog = min(float(sig.queue_len), sig.queue_len * S / max(cfg.backlog_drain_s, sig.load_time))
 
             if budget is not None:  # the fewest workers whose p95 fits the stage's budget
-                cv = cfg.service_cv.get(sig.stage, 1.0)
-
                 def need(rate: float) -> float:
-                    n = workers_for(rate, S, budget, cv=cv, q=cfg.slo_quantile,
-                                    max_util=cfg.slo_max_utilization, limit=max(1, slots // w))
+                    n = workers_for(rate, S, budget, limit=max(1, slots // w), **cfg.slo_terms(sig.stage))
                     if n is None:  # out of reach at this pool: as busy as allowed
                         n = rate * S / cfg.slo_max_utilization
                     return max(float(n), rate * S + backlog)
@@ -514,8 +515,7 @@ class ProportionalPolicy:
             elif desired < cur and budget is not None:
                 # the survivors meet a tighter budget (the same dead band as below) at the upper rate
                 tight = budget * cfg.scale_down_utilization / cfg.target_utilization
-                n_hi = workers_for(m.rate_hi, S, tight, cv=cfg.service_cv.get(sig.stage, 1.0), q=cfg.slo_quantile,
-                                   max_util=cfg.slo_max_utilization, limit=survivors)
+                n_hi = workers_for(m.rate_hi, S, tight, limit=survivors, **cfg.slo_terms(sig.stage))
                 util = work_hi / survivors
                 absorb = n_hi is not None and n_hi <= survivors and util <= cfg.slo_max_utilization
                 v.why_down = (f"{survivors} survivor(s) of width {w} would meet {tight:.0f} s at p"
@@ -543,19 +543,18 @@ class ProportionalPolicy:
         load, so it must not follow noise."""
         cfg = self.config
         table = cfg.sp_efficiency.get(sig.stage)
-        cur = self.widths.get(sig.stage, sig.width)
         if not table:
             return sig.width, sig.service_time
-        e_now = table.get(sig.width, 1.0)
-        s1 = sig.service_time * sig.width * e_now  # one task's time on one slot
-        cv = cfg.service_cv.get(sig.stage, 1.0)
-        def slots_at(rate: float, k: int) -> float:
-            n = workers_for(rate, s1 / (k * table.get(k, 1.0)), budget, cv=cv, q=cfg.slo_quantile,
-                            max_util=cfg.slo_max_utilization, limit=max(1, slots // k))
-            return math.inf if n is None else max(n, floor, 1) * k
+        cur = self.widths.get(sig.stage, sig.width)
+        s1 = sig.service_time * sig.width * table.get(sig.width, 1.0)  # one task's time on one slot
+        terms = cfg.slo_terms(sig.stage)
 
-        pick = choose_width(m.rate, s1, budget, table, cv=cv, q=cfg.slo_quantile,
-                            max_util=cfg.slo_max_utilization, max_slots=slots, floor=max(1, floor))
+        def slots_at(rate: float, k: int) -> float:
+            sz = sizing(rate, s1, budget, k, table.get(k, 1.0), max_workers=max(1, slots // k), floor=max(1, floor),
+                        **terms)
+            return math.inf if sz is None else sz.slots
+
+        pick = choose_width(m.rate, s1, budget, table, max_slots=slots, floor=max(1, floor), **terms)
         want = cur
         dwell = m.width_changed is None or now - m.width_changed >= cfg.move_horizon_s
         if pick.width != cur and dwell:
@@ -659,7 +658,7 @@ class ProportionalPolicy:
         self.memory[donor.sig.stage].down_since = None
         changes.append(Change(donor.sig.stage, -1, f"slot moves to {taker.sig.stage}: {reason}"))
 
-    def _reform(self, views: dict[str, _View], free: int, changes: list[Change]) -> int:
+    def _reform(self, views: dict[str, _View], free: int, changes: list[Change]) -> None:
         """Stages whose workers are of another width than the one chosen: their new workers start
         like any (floors, then up), and the caller drains the old ones as the new ones come up. If
         not even one new worker fits, the old ones are drained first (their jobs hand off at a
@@ -672,7 +671,6 @@ class ProportionalPolicy:
                 changes.append(Change(s, -sig.workers, f"re-form from width {sig.width} to {v.w}: "
                                       f"{free} slot(s) free, so the old workers drain first"))
                 v.touched = True
-        return free
 
     def _restore_floors(self, views: dict[str, _View], free: int, changes: list[Change]) -> int:
         for s, v in sorted(views.items(), key=lambda kv: -kv[1].sig.queue_wait):

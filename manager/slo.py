@@ -35,29 +35,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 
-__all__ = ["Sizing", "choose_width", "erlang_c", "response_quantile", "stage_budgets", "wait_quantile",
-           "workers_for"]
+__all__ = ["Sizing", "choose_width", "erlang_c", "response_quantile", "sizing", "stage_budgets",
+           "wait_quantile", "workers_for"]
 
-Z95 = 1.6449  # standard normal 95 % point: a service time's p95 is about mean x (1 + Z x cv)
 MAX_WORKERS = 4096
 
 
-def _z(q: float) -> float:
-    """The standard normal quantile (Acklam's rational approximation is overkill here: we only
-    need the usual points)."""
-    table = {0.5: 0.0, 0.9: 1.2816, 0.95: Z95, 0.99: 2.3263}
-    if q in table:
-        return table[q]
-    # inverse via bisection on erf: q in (0, 1)
-    lo, hi = -8.0, 8.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
+def _service_quantile(service_s: float, cv: float, q: float) -> float:
+    """A task's q-quantile time: mean x (1 + z_q x cv), z_q the standard normal quantile."""
+    return service_s * (1 + NormalDist().inv_cdf(q) * cv)
 
 
 def erlang_c(n: int, a: float) -> float:
@@ -92,7 +80,7 @@ def wait_quantile(n: int, rate: float, service_s: float, cv: float = 1.0, q: flo
 
 def response_quantile(n: int, rate: float, service_s: float, cv: float = 1.0, q: float = 0.95) -> float:
     """The q-quantile of one task's time at the stage: its service p-q plus the wait's."""
-    return service_s * (1 + _z(q) * cv) + wait_quantile(n, rate, service_s, cv, q)
+    return _service_quantile(service_s, cv, q) + wait_quantile(n, rate, service_s, cv, q)
 
 
 def workers_for(rate: float, service_s: float, budget_s: float, *, cv: float = 1.0, q: float = 0.95,
@@ -102,7 +90,7 @@ def workers_for(rate: float, service_s: float, budget_s: float, *, cv: float = 1
     suffice. At zero rate: 0 workers (a floor is the policy's business)."""
     if rate <= 0 or service_s <= 0:
         return 0
-    if service_s * (1 + _z(q) * cv) > budget_s:
+    if _service_quantile(service_s, cv, q) > budget_s:
         return None
     n = max(1, math.ceil(rate * service_s / max_util - 1e-9))
     while n <= limit:
@@ -126,6 +114,16 @@ class Sizing:
         return self.width * self.workers
 
 
+def sizing(rate: float, service_s1: float, budget_s: float, width: int, efficiency: float = 1.0, *,
+           cv: float = 1.0, q: float = 0.95, max_util: float = 0.95, max_workers: int = MAX_WORKERS,
+           floor: int = 1) -> Sizing | None:
+    """Workers of ``width`` slots (at that ``efficiency``) meeting ``budget_s``, at least ``floor``;
+    None where :func:`workers_for` finds no count within ``max_workers``."""
+    s = service_s1 / (width * efficiency)
+    n = workers_for(rate, s, budget_s, cv=cv, q=q, max_util=max_util, limit=max_workers)
+    return None if n is None else Sizing(width, max(n, floor), True, s)
+
+
 def choose_width(rate: float, service_s1: float, budget_s: float, efficiency: Mapping[int, float] | None = None,
                  *, cv: float = 1.0, q: float = 0.95, max_util: float = 0.95, max_slots: int = MAX_WORKERS,
                  floor: int = 1) -> Sizing:
@@ -139,14 +137,10 @@ def choose_width(rate: float, service_s1: float, budget_s: float, efficiency: Ma
         e = eff[k]
         if k < 1 or not 0 < e <= 1.0 + 1e-9 or k > max_slots:
             continue
-        s = service_s1 / (k * e)
-        n = workers_for(rate, s, budget_s, cv=cv, q=q, max_util=max_util, limit=max(1, max_slots // k))
-        if n is None:
+        cand = sizing(rate, service_s1, budget_s, k, e, cv=cv, q=q, max_util=max_util,
+                      max_workers=max(1, max_slots // k), floor=floor)
+        if cand is None or cand.slots > max_slots:
             continue
-        n = max(n, floor)
-        if n * k > max_slots:
-            continue
-        cand = Sizing(k, n, True, s)
         if best is None or cand.slots < best.slots or (cand.slots == best.slots and k > best.width):
             best = cand
     if best is not None:
