@@ -163,7 +163,7 @@ def policy_config(stages, flows, *, slo: bool = True) -> PolicyConfig:
     budgets: dict[str, float] = {}
     if slo:
         for f in flows.values():
-            means = {s: stages[s].mean_s.get(f"{f.name}:standard", stages[s].mean_s["standard"]) for s in f.stages}
+            means = {s: stages[s].mean(f.name) for s in f.stages}
             for s, b in stage_budgets(f.slo_s, means, f.stages).items():
                 budgets[s] = min(b, budgets.get(s, math.inf))
     return PolicyConfig(budgets=budgets,
@@ -221,7 +221,7 @@ def mono_peak(trace: Trace, sp: int, seed: int) -> tuple[Result, dict]:
     start = {}
     for p in profs:
         st = stages[f"{p.workflow}.pipeline"]
-        n = workers_for(peaks[p.workflow], st.mean_s["standard"] / sp, flows[p.workflow].slo_s, cv=st.cv)
+        n = workers_for(peaks[p.workflow], st.mean(p.workflow) / sp, flows[p.workflow].slo_s, cv=st.cv)
         start[st.name] = max(1, (n or 1) - 1)
 
     def build(alloc):
@@ -249,15 +249,15 @@ def onepiece_static(trace: Trace, seed: int) -> tuple[Result, dict]:
     rate = {s: sum(peaks[f.name] for f in flows.values() if s in f.stages) for s in stages}
     start = {}
     for s, st in stages.items():
-        n = workers_for(rate[s], st.mean_s["standard"], cfg.budgets.get(s, 600.0), cv=st.cv) or 1
-        start[s] = max(1, n - (1 if st.mean_s["standard"] > 30 else 0))
+        n = workers_for(rate[s], st.standard_s, cfg.budgets.get(s, 600.0), cv=st.cv) or 1
+        start[s] = max(1, n - (1 if st.need is not None and st.need.load >= 1.0 else 0))  # a DiT: search up from one fewer
 
     def build(alloc):
         return Deployment("OnePiece static", stages, flows, static=dict(alloc), gpus=POOL, packed=True)
 
     def grow(r, alloc):
         bad = [wf for wf in r.slo if r.attainment(wf) < ATTAIN]
-        return sorted({max(flows[wf].stages, key=lambda s: stages[s].mean_s["standard"]) for wf in bad})
+        return sorted({max(flows[wf].stages, key=lambda s: stages[s].mean(wf)) for wf in bad})
 
     return search_static(trace, build, start, grow, seed)
 

@@ -24,11 +24,12 @@ import math
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from manager.packing import GpuPool, StageNeed, Worker as Seat, capacity
+from manager.packing import GpuPool, StageNeed, Worker as Seat, capacity, declared_need
 from manager.policy import Change, PolicyConfig, ProportionalPolicy, StageSignals
 from manager.profile import Profile
+from stages.workflow import SyntheticSpec, load_workflow
 
 __all__ = ["Deployment", "Result", "SimStage", "SimWorkflow", "monolithic", "simulate", "split"]
 
@@ -39,7 +40,7 @@ HANDOFF_S = 0.032  # bench/handoff.py: checkpoint + ship + rebind of a denoise s
 class SimStage:
     name: str
     gpu: bool
-    mean_s: Mapping[str, float]  # job class -> mean seconds on one slot
+    mean_s: Mapping[str, float]  # "workflow:class" -> mean seconds of a task on one slot
     cv: float
     load_s: float
     need: StageNeed | None  # per GPU (per rank for a wide worker); None: CPU stage
@@ -47,14 +48,17 @@ class SimStage:
     steps: int = 0  # > 0: step-wise (hands off at a step boundary when drained)
     width: int = 1  # the width workers start at (a monolithic sp=8 pipeline: 8)
 
-    def service(self, cls: str, width: int, rng: random.Random) -> float:
-        mean = self.mean_s[cls] / (width * self.efficiency.get(width, 1.0))
-        if mean <= 0:
-            return 0.0
-        if self.cv <= 0:
-            return mean
-        s2 = math.log(1 + self.cv ** 2)
-        return rng.lognormvariate(math.log(mean) - s2 / 2, math.sqrt(s2))
+    def mean(self, workflow: str, cls: str = "standard") -> float:
+        return self.mean_s[f"{workflow}:{cls}"]
+
+    @property
+    def standard_s(self) -> float:
+        """A standard job's task time on one slot (the longest, for a stage workflows share)."""
+        return max(m for k, m in self.mean_s.items() if k.endswith(":standard"))
+
+    def service(self, workflow: str, cls: str, width: int, rng: random.Random) -> float:
+        mean = self.mean(workflow, cls) / (width * self.efficiency.get(width, 1.0))
+        return SyntheticSpec("lognormal", mean, self.cv).sample(rng)
 
 
 @dataclass(frozen=True)
@@ -79,60 +83,54 @@ class Deployment:
     period_s: float = 5.0
 
 
-def _need(p, packed: bool) -> StageNeed | None:
-    if not p.gpu:
-        return None
-    load = 1.0 if not packed or p.sp_efficiency or p.mean_s > 30 else 0.05
-    return StageNeed(p.memory_gb, max(p.peak_gb, 1e-3), load)
-
-
 def split(profiles: Sequence[Profile], *, packed: bool = True, elastic: bool = True, prefix: bool = False,
           fuse_experts: bool = False) -> tuple[dict[str, SimStage], dict[str, SimWorkflow]]:
     """The stages of the workflows of ``profiles`` as separate services (shared by name across
-    workflows unless ``prefix``); ``elastic``: DiT stages may widen (their sp_efficiency);
-    ``fuse_experts``: a workflow's step-wise stages become one stage holding every expert."""
-    from stages.workflow import load_workflow
-
+    workflows unless ``prefix``), each GPU stage holding what its workflow declares (the Node
+    Manager's packing input); ``packed=False``: every GPU worker takes a whole GPU; ``elastic``:
+    DiT stages may widen (their sp_efficiency); ``fuse_experts``: a workflow's step-wise stages
+    become one stage holding every expert."""
     stages: dict[str, SimStage] = {}
     flows: dict[str, SimWorkflow] = {}
     for prof in profiles:
         wf = load_workflow(prof.workflow)
         classes = sorted(set(prof.classes) | {"standard"})
-        name = (lambda s: f"{wf.name}.{s}") if prefix else (lambda s: s)
+        steps = int(prof.job.get("steps", 40))
         experts = [s for s in wf.stages if prof.stages[s].sp_efficiency]
-        fused = fuse_experts and len(experts) > 1
+        fused = experts if fuse_experts and len(experts) > 1 else []
+
+        def rename(s: str) -> str:
+            s = f"{wf.name}.experts" if s in fused else s
+            return f"{wf.name}.{s}" if prefix else s
+
         after: dict[str, tuple[str, ...]] = {}
         for s, spec in wf.stages.items():
-            p = prof.stages[s]
-            if fused and s in experts[1:]:
-                continue
-            key = name(f"{wf.name}.experts" if fused and s == experts[0] else s)
-            ups = tuple(dict.fromkeys(name(f"{wf.name}.experts") if fused and u in experts else name(u)
-                                      for u in spec.after if not (fused and s in experts and u in experts)))
-            after[key] = ups
-            if fused and s == experts[0]:
-                ps = [prof.stages[e] for e in experts]
-                mean = {c: sum(prof.mean_s(e, c) for e in experts) for c in classes}
-                need = StageNeed(sum(q.memory_gb for q in ps), sum(q.memory_gb for q in ps)
-                                 + max(q.peak_gb - q.memory_gb for q in ps), 1.0)
-                stages[key] = SimStage(key, True, mean, max(q.cv for q in ps), sum(q.load_s for q in ps), need,
-                                       dict(p.sp_efficiency) if elastic else {1: 1.0}, steps=prof.job.get("steps", 40))
-                continue
-            mean = {c: prof.mean_s(s, c) for c in classes}
-            st = SimStage(key, p.gpu, mean, p.cv, p.load_s, _need(p, packed),
-                          dict(p.sp_efficiency) if (elastic and p.sp_efficiency) else {1: 1.0},
-                          steps=int(prof.job.get("steps", 40)) if p.sp_efficiency else 0)
-            old = stages.get(key)
-            if old is not None:  # a shared stage: one service, the classes of every workflow
-                st = SimStage(key, p.gpu, {**old.mean_s, **{f"{wf.name}:{c}": m for c, m in mean.items()}},
-                              max(old.cv, p.cv), max(old.load_s, p.load_s), old.need, old.efficiency, old.steps)
+            key = rename(s)
+            ups = tuple(dict.fromkeys(rename(u) for u in spec.after if rename(u) != key))
+            after[key] = after.get(key, ()) + tuple(u for u in ups if u not in after.get(key, ()))
+            if key in stages and s in fused:
+                continue  # the fused experts: built with the first one
+            group = [prof.stages[e] for e in fused] if s in fused else [prof.stages[s]]
+            mean = {f"{wf.name}:{c}": sum(prof.mean_s(p.name, c) for p in group) for c in classes}
+            p = group[0]
+            if s in fused:
+                memory = sum(q.memory_gb for q in group)
+                need = StageNeed(memory, memory + max(q.peak_gb - q.memory_gb for q in group), 1.0)
+            elif spec.gpu:
+                need = declared_need(s, spec.options)
+                need = need if packed else replace(need, load=1.0)
             else:
-                st = SimStage(key, st.gpu, {**mean, **{f"{wf.name}:{c}": m for c, m in mean.items()}}, st.cv,
-                              st.load_s, st.need, st.efficiency, st.steps)
-            stages[key] = st
+                need = None
+            old = stages.get(key)
+            if old is not None:  # a stage workflows share: one service, the classes of every workflow
+                stages[key] = replace(old, mean_s={**old.mean_s, **mean}, cv=max(old.cv, p.cv),
+                                      load_s=max(old.load_s, p.load_s))
+                continue
+            stages[key] = SimStage(key, spec.gpu, mean, max(q.cv for q in group), sum(q.load_s for q in group), need,
+                                   dict(p.sp_efficiency) if (elastic and p.sp_efficiency) else {1: 1.0},
+                                   steps=steps if p.sp_efficiency else 0)
         slo = wf.slo.p95_s if wf.slo else 600.0
-        flows[wf.name] = SimWorkflow(wf.name, after, name(wf.result) if not (fused and wf.result in experts)
-                                     else name(f"{wf.name}.experts"), slo)
+        flows[wf.name] = SimWorkflow(wf.name, after, rename(wf.result), slo)
     return stages, flows
 
 
@@ -140,15 +138,12 @@ def monolithic(profiles: Sequence[Profile], variants: Mapping[str, object]) -> t
                                                                                      dict[str, SimWorkflow]]:
     """One ``<workflow>.pipeline`` stage per workflow: the variant's whole-pipeline time on its
     sp GPUs (held from the first stage to the last), its whole-pipeline load."""
-    from stages.workflow import load_workflow
-
     stages, flows = {}, {}
     for prof in profiles:
         v = prof.variant(variants[prof.workflow])
         classes = sorted(set(prof.classes) | {"standard"})
         key = f"{prof.workflow}.pipeline"
-        mean = {c: prof.pipeline_mean_s(v, c) * v.sp for c in classes}  # on one slot: x sp below
-        mean.update({f"{prof.workflow}:{c}": m for c, m in mean.items()})
+        mean = {f"{prof.workflow}:{c}": prof.pipeline_mean_s(v, c) * v.sp for c in classes}  # on one slot: / sp below
         need = StageNeed(prof.monolithic_memory_gb(v) / v.sp, prof.monolithic_peak_gb(v), 1.0)
         stages[key] = SimStage(key, True, mean, prof.pipeline_cv(v), prof.monolithic_load_time(v), need,
                                {v.sp: 1.0}, steps=0, width=v.sp)
@@ -270,11 +265,10 @@ class _Sim:
         heapq.heappush(self.ev, (t, next(self.seq), kind, args))
 
     def account(self) -> None:
-        held = self.pool.held()
+        """Add the GPU-seconds held since the last change of the pool; called just before one."""
         now = min(self.now, self.account_until)
-        self.gpu_s += held * max(0.0, now - self.t_held)
+        self.gpu_s += self.pool.held() * max(0.0, now - self.t_held)
         self.t_held = max(self.t_held, now)
-        self.peak = max(self.peak, held)
 
     def run(self) -> Result:
         d = self.d
@@ -294,7 +288,6 @@ class _Sim:
             if t > self.horizon:
                 break
             self.now = t
-            self.account()
             getattr(self, "on_" + kind)(*args)
         self.now = self.horizon
         self.account()
@@ -343,9 +336,8 @@ class _Sim:
         elapsed = self.now - w.t_start
         full = elapsed / max(task.left, 1e-9)  # a whole task's time on this worker
         one = full * w.width * st.efficiency.get(w.width, 1.0)  # ... on one slot
-        cls_mean = st.mean_s.get(f"{task.job.workflow}:{task.job.cls}", st.mean_s.get("standard", 1.0))
-        base = st.mean_s.get("standard", cls_mean)
-        norm = one * base / cls_mean if cls_mean else one  # in standard-job seconds
+        cls_mean = st.mean(task.job.workflow, task.job.cls)
+        norm = one * st.mean(task.job.workflow) / cls_mean if cls_mean else one  # in standard-job seconds
         prev = self.svc.get(w.stage)
         self.svc[w.stage] = norm if prev is None else 0.8 * prev + 0.2 * norm
         self.finish(task)
@@ -385,8 +377,7 @@ class _Sim:
             if w.state == "idle" and not w.draining:
                 task = q.popleft()
                 w.task, w.state, w.t_start = task, "busy", self.now
-                full = st.service(task.job.cls if f"{task.job.workflow}:{task.job.cls}" not in st.mean_s
-                                  else f"{task.job.workflow}:{task.job.cls}", w.width, self.rng)
+                full = st.service(task.job.workflow, task.job.cls, w.width, self.rng)
                 w.t_end = self.now + full * task.left + (HANDOFF_S if task.left < 1.0 else 0.0)
                 w.gen += 1
                 self.at(w.t_end, "done", w, w.gen)
@@ -395,6 +386,7 @@ class _Sim:
         st = self.d.stages[stage]
         seats = []
         if st.need is not None:
+            self.account()
             for _ in range(width):
                 seat = Seat(stage, st.need)
                 if self.pool.place(seat) is None:
@@ -402,6 +394,7 @@ class _Sim:
                         self.pool.remove(s)
                     return False
                 seats.append(seat)
+            self.peak = max(self.peak, self.pool.held())
         else:
             if self.cpu_used + 1 > self.d.cpu_slots:
                 return False
@@ -438,6 +431,8 @@ class _Sim:
         if w.state == "gone":
             return
         w.state = "gone"
+        if w.seats:
+            self.account()
         for s in w.seats:
             self.pool.remove(s)
         if not w.seats and self.d.stages[w.stage].need is None:
@@ -506,12 +501,13 @@ class _Sim:
             return
         n = -c.delta
         # drop starts still waiting for room, then idle, loading, and last busy workers (least done first)
-        while n and any(p[0] == s for p in self.pending):
-            for i, p in enumerate(self.pending):
-                if p[0] == s:
-                    del self.pending[i]
-                    break
-            n -= 1
+        kept: deque[tuple[str, int]] = deque()
+        for p in self.pending:
+            if n and p[0] == s:
+                n -= 1
+            else:
+                kept.append(p)
+        self.pending = kept
         cands = [w for w in self.workers[s] if not w.draining]
         order = {"idle": 0, "loading": 1, "busy": 2}
         cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), -(w.t_start if w.state == "busy" else 0)))

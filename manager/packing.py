@@ -33,10 +33,10 @@ also takes no neighbours that would slow it down.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["GpuPool", "Plan", "StageNeed", "Worker", "capacity", "plan"]
+__all__ = ["GpuPool", "Plan", "StageNeed", "Worker", "capacity", "declared_need", "plan"]
 
 _EPS = 1e-9  # sums of floats: 0.1 + 0.2 must fit in 0.3
 
@@ -137,6 +137,16 @@ class GpuPool:
             raise KeyError(f"worker of {worker.stage!r} is on no GPU of this pool")
         self._on[gpu].remove(worker)
         return gpu
+
+
+def declared_need(stage: str, options: Mapping) -> StageNeed:
+    """A GPU stage's need as its workflow declares it: options ``memory_gb``, ``peak_gb``
+    (default: memory_gb) and ``gpu_load`` (its expected share of a GPU's compute, default 0)."""
+    try:
+        memory = float(options["memory_gb"])
+        return StageNeed(memory, float(options.get("peak_gb", memory)), float(options.get("gpu_load", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"stage {stage!r}: bad memory declaration ({exc})") from None
 
 
 @dataclass(frozen=True)

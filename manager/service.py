@@ -61,7 +61,7 @@ from prometheus_client.core import GaugeMetricFamily
 from onepiece.links import BrokerLink
 
 from .launcher import Launcher, WorkerHandle
-from .packing import GpuPool, StageNeed, Worker, capacity
+from .packing import GpuPool, StageNeed, Worker, capacity, declared_need
 from .policy import Change, Policy, StageSignals
 from .signals import LoadTimes, SignalReader
 
@@ -83,16 +83,6 @@ def default_gpu_slots() -> tuple[int, bool]:
 
 def default_cpu_slots() -> int:
     return os.cpu_count() or 1
-
-
-def _declared_need(stage: str, options: Mapping) -> StageNeed:
-    """A GPU stage's declared memory: options ``memory_gb``, ``peak_gb`` (default: memory_gb)
-    and ``gpu_load`` (its expected share of a GPU's compute, default 0)."""
-    try:
-        memory = float(options["memory_gb"])
-        return StageNeed(memory, float(options.get("peak_gb", memory)), float(options.get("gpu_load", 0.0)))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"stage {stage!r}: bad memory declaration ({exc})") from None
 
 
 def _workflow_ref(wf) -> str:
@@ -272,7 +262,7 @@ class Manager:
                 self.ref.setdefault(name, str(ref) if ref is not None else _workflow_ref(wf))
                 self.gpu.setdefault(name, spec.gpu)
                 if spec.gpu and "memory_gb" in spec.options and name not in self._declared:
-                    self._declared[name] = _declared_need(name, spec.options)
+                    self._declared[name] = declared_need(name, spec.options)
         self.pools = {True: self._gpu_pool(gpu_slots, gpu_memory_gb, stage_needs, gpu_max_load),
                       False: _Pool("cpu", cpu_slots)}
         self.reader = SignalReader(self.gpu)

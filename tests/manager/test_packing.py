@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from manager.packing import GpuPool, StageNeed, Worker, capacity, plan
+from manager.packing import GpuPool, StageNeed, Worker, capacity, declared_need, plan
 from manager.profile import load_profile
 
 EPS = 1e-9
@@ -175,14 +175,13 @@ def test_the_shipped_workflows_declarations_put_the_small_stages_on_one_gpu(name
     """What `onepiece up --gpu-memory-gb 80` does with the shipped Wan workflows: one worker of
     every small stage (shared across the workflows) on one GPU, each DiT worker alone (its load
     is 1.0), with the load limit the CLI sets (1 per GPU)."""
-    from manager.service import _declared_need
     from stages.workflow import load_workflow
 
     stages = {}
     for name in names:
         for s, spec in load_workflow(name).stages.items():
             if spec.gpu:
-                stages[s] = _declared_need(s, spec.options)
+                stages[s] = declared_need(s, spec.options)
     small = [s for s in stages if s not in dits]
     demands = [(s, stages[s]) for s in small] + [(s, stages[s]) for s, n in dits.items() for _ in range(n)]
     placed = plan(demands, [80.0] * 16, max_load=1.0)
