@@ -105,6 +105,11 @@ def diurnal(mean: float, ratio: float, day: float, peak_at: float) -> Callable[[
     return lambda t: mean * (1 + a * math.cos(2 * math.pi * (t / day - peak_at)))
 
 
+def peak(rate: Callable[[float], float], horizon: float) -> float:
+    """The highest of ``rate`` over ``horizon`` (sampled at 2001 points)."""
+    return max(rate(i * horizon / 2000) for i in range(2001))
+
+
 def nhpp(rate: Callable[[float], float], rmax: float, horizon: float, rng: random.Random) -> list[float]:
     """Arrival times of a Poisson process of rate ``rate(t) <= rmax`` (thinning)."""
     out, t = [], 0.0
@@ -125,8 +130,7 @@ def make_traces(args) -> list[Trace]:
         rng = random.Random(seed)
         arr = []
         for wf in sorted(rates):
-            rmax = max(rates[wf](t) for t in [i * horizon / 2000 for i in range(2001)]) * 1.01
-            arr += [(t, wf, "standard") for t in nhpp(rates[wf], rmax, horizon, rng)]
+            arr += [(t, wf, "standard") for t in nhpp(rates[wf], peak(rates[wf], horizon) * 1.01, horizon, rng)]
         arr.sort()
         return Trace(name, tuple(arr), horizon, lambda t: {w: f(t) for w, f in rates.items()}, desc)
 
@@ -172,11 +176,7 @@ def policy_config(stages, flows, *, slo: bool = True) -> PolicyConfig:
 
 
 def peak_rates(trace: Trace) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for i in range(2001):
-        for wf, r in trace.rate_fn(i * trace.horizon_s / 2000).items():
-            out[wf] = max(out.get(wf, 0.0), r)
-    return out
+    return {wf: peak(lambda t, wf=wf: trace.rate_fn(t)[wf], trace.horizon_s) for wf in trace.rate_fn(0.0)}
 
 
 def run(dep: Deployment, trace: Trace, seed: int) -> Result:
@@ -362,7 +362,7 @@ def settle_after_step(args, seed: int) -> dict:
         for t, a in post:
             if abs(a.get(s, 0) - final) > 1:
                 last_out = max(last_out, t)
-    period = 5.0
+    period = PolicyConfig().period_s  # the control period the bench's policy runs at
     settle = math.ceil((last_out - step_at) / period)
     window = [(t, st, d) for t, st, d, _, _ in r.changes if st in dits and step_at <= t <= last_out + period]
     reversals = 0
@@ -370,7 +370,6 @@ def settle_after_step(args, seed: int) -> dict:
         signs = [1 if d > 0 else -1 for t, st, d in window if st == s]
         reversals += sum(1 for a, b in zip(signs, signs[1:]) if a != b)
     return {"periods_to_settle": settle, "reversals": reversals, "changes_while_settling": len(window),
-            "load_s": {"denoise": 49.0, "denoise_t2v": 41.8},
             "attainment": {wf: round(r.attainment(wf), 4) for wf in r.slo}}
 
 
@@ -504,11 +503,9 @@ def ratios_of(rows: list[dict]) -> dict:
     def ratio(x):
         return None if x is None or managed["gpu_slot_hours"] <= 0 else round(x / managed["gpu_slot_hours"], 3)
 
-    sp1 = [r["gpu_slot_hours"] for r in rows if r["name"] == "monolithic peak sp=1" and r["meets_slo"]]
-    sp8 = [r["gpu_slot_hours"] for r in rows if r["name"] == "monolithic peak sp=8" and r["meets_slo"]]
     return {"vs_best_monolithic_autoscaled": ratio(best("monolithic autoscaled")),
-            "vs_monolithic_peak_sp8": ratio(sp8[0] if sp8 else None),
-            "vs_monolithic_peak_sp1": ratio(sp1[0] if sp1 else None),
+            "vs_monolithic_peak_sp8": ratio(best("monolithic peak sp=8")),
+            "vs_monolithic_peak_sp1": ratio(best("monolithic peak sp=1")),
             "vs_best_monolithic_peak": ratio(best("monolithic peak")),
             "managed_meets_slo": managed["meets_slo"]}
 

@@ -80,7 +80,6 @@ class Deployment:
     gpu_memory_gb: float = 80.0
     packed: bool = True  # small stages share GPUs (memory and load permitting)
     cpu_slots: int = 256
-    period_s: float = 5.0
 
 
 def split(profiles: Sequence[Profile], *, packed: bool = True, elastic: bool = True, prefix: bool = False,
@@ -255,6 +254,7 @@ class _Sim:
         self.starts = self.reforms = 0
         self.peak = 0
         self.policy = ProportionalPolicy(dep.policy) if dep.policy is not None else None
+        self.period_s = (dep.policy or PolicyConfig()).period_s  # a fixed allocation: its timeline's step
         if dep.policy is not None:
             self.policy_slots = (capacity(sorted((s, st.need) for s, st in dep.stages.items() if st.need),
                                           [dep.gpu_memory_gb] * dep.gpus, max_load=1.0)
@@ -459,8 +459,8 @@ class _Sim:
         held = self.pool.held()
         self.timeline.append((self.now, held, {s: sum(w.width for w in ws) for s, ws in self.workers.items()}))
         self.arr_count = {s: 0 for s in d.stages}
-        if self.now + d.period_s <= self.horizon:
-            self.at(self.now + d.period_s, "tick")
+        if self.now + self.period_s <= self.horizon:
+            self.at(self.now + self.period_s, "tick")
 
     def signals(self) -> dict[str, StageSignals]:
         out = {}
@@ -474,7 +474,7 @@ class _Sim:
             q = self.queues[s]
             pend = sum(1 for p in self.pending if p[0] == s and p[1] == k)
             out[s] = StageSignals(
-                stage=s, gpu=st.gpu, arrival_rate=self.arr_count[s] / d.period_s, service_time=svc,
+                stage=s, gpu=st.gpu, arrival_rate=self.arr_count[s] / self.period_s, service_time=svc,
                 queue_len=len(q), queue_wait=(self.now - q[0].queued_at) if q else 0.0,
                 busy=sum(1 for w in live if w.state == "busy"),
                 workers=sum(1 for w in live if w.state in ("idle", "busy")),
