@@ -25,6 +25,7 @@ import zmq.asyncio
 from broker import protocol
 from onepiece import client
 from onepiece.config import load_settings
+from onepiece.demo import SAMPLE
 from onepiece.stack import Stack
 
 from .helpers import chain3, free_port
@@ -32,7 +33,6 @@ from .helpers import chain3, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 os.environ.setdefault("ONEPIECE_LOG_LEVEL", "WARNING")  # worker processes inherit it
 
-SAMPLE = Path(__file__).resolve().parent.parent / "stages" / "assets" / "sample.png"
 SMALL = dict(height=64, width=96, num_frames=9, steps=4, guidance_scale=5.0, negative_prompt="blur")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,9 +26,8 @@ from stages.wan import (
     vae_encode,
 )
 
-from .wan_helpers import assert_same_video, run_pipeline
+from .wan_helpers import SAMPLE, assert_same_video, run_pipeline
 
-SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,8 @@ from stages.wan import (
 from stages.wan.models import TINY_TRANSFORMER_CONFIG
 from stages.wan.parallel import SequenceParallel, check_split, process_group, sequence_length
 
-SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
+from .wan_helpers import SAMPLE
+
 TOLERANCE = 1e-4
 # 32x32 px, 5 frames: 2 latent frames of 4x4 -> 2 x 2 x 2 = 8 tokens after patchify
 P = WanParams(prompt="a boat on a lake", negative_prompt="blurry", height=32, width=32, num_frames=5, steps=3,

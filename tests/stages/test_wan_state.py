@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,9 +29,8 @@ from stages.wan import (
     vae_encode,
 )
 
-from .wan_helpers import through_the_wire
+from .wan_helpers import SAMPLE, through_the_wire
 
-SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
 P = WanParams(prompt="a boat on a lake", negative_prompt="blurry", height=32, width=48, num_frames=5, steps=7,
               guidance_scale=4.0, guidance_scale_2=3.0, seed=31)
 P21 = replace(P, guidance_scale_2=None)  # a one-DiT model takes no guidance_scale_2

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -34,9 +33,8 @@ from stages.wan import (
     vae_encode,
 )
 
-from .wan_helpers import assert_same_video, run_pipeline, through_the_wire
+from .wan_helpers import SAMPLE, assert_same_video, run_pipeline, through_the_wire
 
-SAMPLE = Path(__file__).resolve().parents[2] / "stages" / "assets" / "sample.png"
 # bf16 on both sides runs the same operations on the same weights; the bound
 # only guards against a gross divergence (one bf16 ulp at 1.0 is 2**-7).
 BF16_TOLERANCE = 2e-2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onepiece.demo import SAMPLE  # noqa: F401 - the image the demo turns into a video, for the tests too
 from stages.wan import WanParams
 from transports import codec
 
