@@ -202,6 +202,7 @@ class Result:
     starts: int = 0
     reforms: int = 0
     peak_gpus: int = 0
+    note: str = ""  # how the configuration was chosen (e.g. the margin a managed one plans for)
 
     def attainment(self, wf: str) -> float:
         lat = self.latencies.get(wf, [])
@@ -225,9 +226,10 @@ class Result:
 
 class _Sim:
     def __init__(self, dep: Deployment, arrivals: Sequence[tuple[float, str, str]], seed: int, horizon: float,
-                 account_until: float):
+                 account_until: float, account_from: float = 0.0):
         self.d = dep
         self.account_until = account_until
+        self.account_from = account_from  # a warm-up: GPUs and jobs before it are not counted
         self.rng = random.Random(seed)
         self.arrivals = arrivals
         self.horizon = horizon
@@ -244,7 +246,7 @@ class _Sim:
         self.pending: deque[tuple[str, int]] = deque()  # starts waiting for room
         self.ids = itertools.count()
         self.gpu_s = 0.0
-        self.t_held = 0.0
+        self.t_held = account_from
         self.arr_count: dict[str, int] = {s: 0 for s in dep.stages}
         self.svc: dict[str, float] = {}
         self.lat: dict[str, list[float]] = {w: [] for w in dep.workflows}
@@ -266,7 +268,7 @@ class _Sim:
 
     def account(self) -> None:
         """Add the GPU-seconds held since the last change of the pool; called just before one."""
-        now = min(self.now, self.account_until)
+        now = max(self.account_from, min(self.now, self.account_until))
         self.gpu_s += self.pool.held() * max(0.0, now - self.t_held)
         self.t_held = max(self.t_held, now)
 
@@ -293,9 +295,9 @@ class _Sim:
         self.account()
         unfinished = {w: 0 for w in d.workflows}
         for j in self.jobs:
-            if j.end is None:
+            if j.end is None and j.t0 >= self.account_from:
                 unfinished[j.workflow] += 1
-        return Result(d.name, self.account_until, self.gpu_s, self.lat, unfinished,
+        return Result(d.name, self.account_until - self.account_from, self.gpu_s, self.lat, unfinished,
                       {w: f.slo_s for w, f in d.workflows.items()}, self.timeline, self.changes,
                       self.starts, self.reforms, self.peak)
 
@@ -352,7 +354,8 @@ class _Sim:
         flow = self.d.workflows[job.workflow]
         if task.stage == flow.result:
             job.end = self.now
-            self.lat[job.workflow].append(self.now - job.t0)
+            if job.t0 >= self.account_from:
+                self.lat[job.workflow].append(self.now - job.t0)
             return
         self.release(job)
 
@@ -516,7 +519,10 @@ class _Sim:
 
 
 def simulate(dep: Deployment, arrivals: Sequence[tuple[float, str, str]], *, horizon_s: float, seed: int = 1,
-             drain_s: float = 1800.0) -> Result:
-    """Run ``dep`` on ``arrivals`` ((time, workflow, class), sorted): GPUs are counted until
-    ``horizon_s`` (the trace's end), jobs may finish for ``drain_s`` more."""
-    return _Sim(dep, arrivals, seed, horizon_s + drain_s, horizon_s).run()
+             drain_s: float = 1800.0, warmup_s: float = 0.0) -> Result:
+    """Run ``dep`` on ``arrivals`` ((time, workflow, class), sorted): GPUs are counted from
+    ``warmup_s`` until ``horizon_s`` (the trace's end), and only jobs that arrive in that time;
+    they may finish for ``drain_s`` more."""
+    if not 0 <= warmup_s < horizon_s:
+        raise ValueError(f"warmup_s must be in [0, horizon_s={horizon_s}), not {warmup_s!r}")
+    return _Sim(dep, arrivals, seed, horizon_s + drain_s, horizon_s, warmup_s).run()

@@ -52,6 +52,21 @@ What :class:`ProportionalPolicy` does each period, per pool:
 6. At most ``max_changes_per_period`` workers started or drained per
    decision (a move counts two), ups first.
 
+Latency objectives. A stage with a budget (its share of a workflow's p95
+objective, ``manager.slo.stage_budgets``) is sized by ``workers_for``: the
+fewest workers whose p95 wait plus service fits the budget, instead of the
+utilisation target. Its queue counts only past what that sizing expects:
+the demand is at least ``queue_len * S / slack`` workers (``slack = budget -
+S``: n workers free one every ``S/n`` seconds, so every queued task starts
+within the slack), not a worker per queued task. It scales down only when
+the survivors would meet a budget tightened by ``scale_down_utilization /
+target_utilization`` at the upper rate. A stage with an ``sp_efficiency``
+table also has a width (``manager.slo.choose_width``); it takes another only
+if that saves slots at the lower bound, estimate and upper bound of the rate,
+by at least one slot *and* by enough to pay for re-loading every new worker
+(``move_gain_factor x load_time x new slots / move_horizon_s``, as for a
+move), held for ``down_delay_periods``, at most once per ``move_horizon_s``.
+
 Move gain. Moving one slot from stage X to stage Y over a horizon of
 ``move_horizon_s`` serves ``min(1, f_Y - n_Y) * H`` worker-seconds more at Y
 and ``min(1, max(0, f_X - (n_X - 1))) * H`` less at X (``f`` the continuous
@@ -68,14 +83,19 @@ Defaults, and why:
 - ``scale_down_utilization = 0.6``: a dead band below the 0.8 at which the
   policy scales up. Without it, a load that sits near a boundary, measured
   with Poisson noise, adds and removes a worker every few periods.
-- ``rate_min_arrivals = 20``, ``rate_window_s = 120``, ``rate_sigmas = 1``:
-  a video workload sees few arrivals per period (a count of 5 is +-45%
-  noise). Twenty arrivals (+-22%) is the least a rate is read from; the
-  two-minute window tightens the bounds of a steady load. Scaling on the
-  bounds instead of the estimate widens the dead band by the noise that is
-  really there, so replayed Poisson traffic settles instead of flapping
-  (``tests/manager/test_policy.py``); a spike does not wait for the window,
-  because the backlog term sees the queue at once.
+- ``rate_min_arrivals = 20``, ``rate_window_s = 120``, ``rate_max_window_s =
+  1800``, ``rate_sigmas = 2``: a video workload sees few arrivals per period
+  (a count of 5 is +-45% noise). Twenty arrivals (+-22%) is the least a rate
+  is read from, so the long window spans two minutes *and* twenty arrivals
+  (at 100 jobs/h that is twelve minutes; a window of two minutes alone held
+  four, and the policy chased them), but never more than half an hour, past
+  which a rate is stale. Scaling on bounds two deviations wide instead of the
+  estimate widens the dead band by the noise that is really there: at one
+  deviation, a window of twenty arrivals crosses its bound several times an
+  hour by chance, and replayed Poisson traffic at video rates added and
+  removed DiT workers all day (``bench/elastic.py``'s step: 8 reversals at
+  one deviation, 1 at two, the same SLO attainment). A spike does not wait
+  for the window, because the backlog term sees the queue at once.
 - ``backlog_drain_s = 30``: a queue should be gone in about the time a
   small worker takes to start; never sooner than this stage's load time,
   since a worker started for a queue helps only once it has loaded.
@@ -210,8 +230,9 @@ class PolicyConfig:
     target_utilization: float = 0.8
     scale_down_utilization: float = 0.6
     rate_window_s: float = 120.0
+    rate_max_window_s: float = 1800.0
     rate_min_arrivals: int = 20
-    rate_sigmas: float = 1.0
+    rate_sigmas: float = 2.0
     backlog_drain_s: float = 30.0
     up_delay_periods: int = 1
     down_delay_periods: int = 3
@@ -246,6 +267,8 @@ class PolicyConfig:
             raise bad("scale_down_utilization", f"in (0, target_utilization={self.target_utilization}]")
         if self.rate_window_s < 0:
             raise bad("rate_window_s", ">= 0")
+        if self.rate_max_window_s < self.rate_window_s:
+            raise bad("rate_max_window_s", f">= rate_window_s={self.rate_window_s}")
         if self.rate_min_arrivals < 1:
             raise bad("rate_min_arrivals", ">= 1")
         if self.rate_sigmas < 0:
@@ -385,6 +408,7 @@ class _Memory:
     rate: float = 0.0  # estimated arrival rate, and its bounds
     rate_lo: float = 0.0
     rate_hi: float = 0.0
+    rate_long: float = 0.0  # over the whole window
     up_since: float | None = None  # first reading of the present run of "wants more"
     down_since: float | None = None  # ... of "survivors could absorb the load"
     over_since: float | None = None  # ... of "above its fair share"
@@ -476,22 +500,37 @@ class ProportionalPolicy:
             backlog = min(float(sig.queue_len), sig.queue_len * S / max(cfg.backlog_drain_s, sig.load_time))
 
             if budget is not None:  # the fewest workers whose p95 fits the stage's budget
-                def need(rate: float) -> float:
+                # a queue is part of what that sizing expects; it calls for more only when the
+                # workers there are could not start every queued task within the budget's slack
+                # (n workers free one every S/n seconds); as many queue as the sizing expects, so
+                # counting each queued task as a worker more would chase the noise it was sized for
+                slack = max(budget - S, cfg.backlog_drain_s, sig.load_time)
+                backlog = sig.queue_len * S / slack
+
+                def need(rate: float, queue: float) -> float:
                     n = workers_for(rate, S, budget, limit=max(1, slots // w), **cfg.slo_terms(sig.stage))
                     if n is None:  # out of reach at this pool: as busy as allowed
                         n = rate * S / cfg.slo_max_utilization
-                    return max(float(n), rate * S + backlog)
+                    return max(float(n), rate * S, queue)
             else:
-                def need(rate: float) -> float:
-                    return max(rate * S / cfg.target_utilization, rate * S + backlog)
+                def need(rate: float, queue: float) -> float:
+                    return max(rate * S / cfg.target_utilization, rate * S + queue)
 
-            demand, demand_lo = need(m.rate), need(m.rate_lo)
-            work_hi = m.rate_hi * S + backlog
+            demand, demand_lo = need(m.rate, backlog), need(m.rate_lo, backlog)
+            # what the load needs, queue aside, read over the whole window (the shortest window's
+            # estimate stops at its twentieth arrival, so a clump reads high)
+            steady = need(max(m.rate_lo, m.rate_long), 0.0)
+            work_hi = m.rate_hi * S + (0.0 if budget is not None else backlog)
         else:  # nothing finished yet: all we know is who is busy and whether tasks wait
-            demand = demand_lo = sig.busy + (1.0 if sig.queue_len else 0.0)
+            demand = demand_lo = steady = sig.busy + (1.0 if sig.queue_len else 0.0)
             work_hi = float(sig.busy) + (1.0 if sig.queue_len else 0.0)
         # scale up on what the load surely is (the lower bound), down on what it may be (the upper)
         desired = max(floor, min(ceiling, math.ceil(demand_lo - _EPS)))
+        if desired > (0 if reform else sig.current):
+            # the evidence (the lower bound) says more are needed: go to what the estimated rate
+            # needs, not to the bound, or a steady load settles two deviations short of its count
+            # (the queue has had its say in the bound; counting it twice would overshoot)
+            desired = max(desired, min(ceiling, math.ceil(steady - _EPS)))
         if sig.current == 0 and not sig.queue_len:
             desired = floor  # from zero, only a queued task starts a worker: past rates are stale there
         elif sig.queue_len and desired == 0 and ceiling > 0:
@@ -558,9 +597,17 @@ class ProportionalPolicy:
         want = cur
         dwell = m.width_changed is None or now - m.width_changed >= cfg.move_horizon_s
         if pick.width != cur and dwell:
-            # better over the whole plausible range of the rate, by a slot at least: a re-form
-            # costs a model load, and a width that wins only on the estimate would flap
-            better = all(slots_at(r, pick.width) <= slots_at(r, cur) - 1 for r in {m.rate_lo, m.rate, m.rate_hi})
+            # better over the whole plausible range of the rate, and by enough to pay for the re-form:
+            # every new worker loads its model (move_gain_factor x that, as for a move, over
+            # move_horizon_s); a width that wins a slot only on the estimate's rounding would flap
+            def pays(r: float) -> bool:
+                new, old = slots_at(r, pick.width), slots_at(r, cur)
+                cost = cfg.move_gain_factor * sig.load_time * new / cfg.move_horizon_s
+                return new <= old - max(1.0, cost)
+
+            # (a width that cannot meet the budget at the estimate at all gives way to one that can)
+            hopeless = math.isinf(slots_at(m.rate, cur)) and not math.isinf(slots_at(m.rate, pick.width))
+            better = hopeless or all(pays(r) for r in {m.rate_lo, m.rate, m.rate_hi})
             if better:
                 if m.width_want != pick.width:
                     m.width_want, m.width_since = pick.width, now
@@ -580,20 +627,29 @@ class ProportionalPolicy:
         cfg = self.config
         if dt is None or dt <= 0:  # first reading: no interval to count over
             if not m.readings:
-                m.rate = m.rate_lo = m.rate_hi = raw
+                m.rate = m.rate_lo = m.rate_hi = m.rate_long = raw
             return
         m.readings.append((dt, raw * dt))
         span = sum(d for d, _ in m.readings)
-        while len(m.readings) > 1 and span - m.readings[0][0] >= cfg.rate_window_s:
-            span -= m.readings.pop(0)[0]
+        total = sum(k for _, k in m.readings)
+        # the long window: at least rate_window_s *and* rate_min_arrivals (at a few jobs a minute two
+        # minutes hold a handful, +-50 % noise), never more than rate_max_window_s (stale)
+        while len(m.readings) > 1:
+            d0, k0 = m.readings[0]
+            if span - d0 >= cfg.rate_max_window_s or (span - d0 >= cfg.rate_window_s
+                                                      and total - k0 >= cfg.rate_min_arrivals):
+                m.readings.pop(0)
+                span, total = span - d0, total - k0
+            else:
+                break
         n = t = 0.0
         for d, k in reversed(m.readings):
             n, t = n + k, t + d
             if n >= cfg.rate_min_arrivals and t >= cfg.period_s * (1 - _JITTER):
                 break
-        total = sum(k for _, k in m.readings)
         k_short, k_long = cfg.rate_sigmas * math.sqrt(n), cfg.rate_sigmas * math.sqrt(total)
         m.rate = n / t
+        m.rate_long = total / span
         m.rate_lo = max(0.0, (n - k_short) / t, (total - k_long) / span)
         m.rate_hi = max((n + k_short) / t, (total + k_long) / span)
 
@@ -637,6 +693,12 @@ class ProportionalPolicy:
         shares = _largest_remainder(fair_slots, slots, {s: v.ceiling * v.w for s, v in views.items()})
         for s, v in views.items():
             v.target = max(v.floor, min(shares[s] // v.w, v.desired))
+        # a share a stage does not want (its desire is below it) goes to those short of theirs,
+        # the furthest below its fair share first: the pool is short, so no slot stays unassigned
+        left = slots - sum(v.target * v.w for v in views.values())
+        for v in sorted(views.values(), key=lambda v: v.target - v.fair):
+            while left >= v.w and v.target < min(v.desired, v.ceiling):
+                v.target, left = v.target + 1, left - v.w
 
     def _donor(self, views: dict[str, _View], taker: str, *, for_floor: bool) -> _View | None:
         """The stage to take a slot from: most surplus over its share, above its floor."""

@@ -148,8 +148,11 @@ def test_one_pool_serves_many_workflows_and_moves_dit_capacity_between_them_as_t
     log = world.run(policy, 80)
     after = world.counts()
     assert after["denoise_t2v"] > after["denoise"]
-    # the DiT capacity followed the mix (the pool is short, so shares are proportional, not exact)
-    assert after["denoise_t2v"] >= before["denoise"] and after["denoise"] <= before["denoise_t2v"], (before, after)
+    # the DiT capacity followed the mix: text-to-video has what image-to-video had, but for the one
+    # worker the dead band (rate bounds two deviations wide) may leave with the incumbent, and
+    # image-to-video keeps no more than its new load needs at the target utilisation
+    i2v_need = math.ceil(total * 0.25 * service["denoise"] / policy.config.target_utilization)
+    assert after["denoise_t2v"] >= before["denoise"] - 1 and after["denoise"] <= i2v_need, (before, after)
     for shared in ("text_encode", "vae_decode"):  # their pooled load did not change: no churn
         assert per_stage(log, shared) == [0] * len(log), shared
     for dit in ("denoise", "denoise_t2v"):
@@ -402,8 +405,6 @@ DIT_EFF = {1: 1.0, 2: 1.0, 4: 0.926, 8: 0.705}
 
 
 def slo_policy(**kw) -> ProportionalPolicy:
-    # a few jobs a minute: a rate is read from an hour of them (20 arrivals need ~15 min at 80/h)
-    kw.setdefault("rate_window_s", 3600.0)
     kw.setdefault("budgets", {"dit": 580.0})
     kw.setdefault("service_cv", {"dit": 0.03})
     return ProportionalPolicy(PolicyConfig(**kw))
@@ -494,3 +495,60 @@ def test_slo_config_is_checked():
         PolicyConfig(sp_efficiency={"dit": {3: 1.5}})
     with pytest.raises(PolicyError, match="slo_quantile"):
         PolicyConfig(slo_quantile=1.0)
+    with pytest.raises(PolicyError, match="rate_max_window_s"):
+        PolicyConfig(rate_window_s=600.0, rate_max_window_s=300.0)
+
+
+# -- video rates: a few arrivals a minute ----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_steady_video_rate_is_read_from_enough_arrivals_and_does_not_flap(seed):
+    """100 jobs/h of 6-minute DiT tasks, Poisson: two minutes hold ~3 arrivals. The policy must
+    read the rate from twenty of them (not from whatever two minutes hold), climb to what the
+    objective needs, and then hold still instead of chasing the noise for hours."""
+    from manager.slo import workers_for
+
+    rate, s = 100 / 3600, 360.0
+    world = World({"dit": StageState(rate, s, load_time=45.0)}, gpu_slots=64, seed=seed, load_periods=9)
+    policy = slo_policy(budgets={"dit": 600.0})
+    world.run(policy, 720)  # an hour to find its count
+    log = world.run(policy, 2160)  # three steady hours
+    deltas = per_stage(log, "dit")
+    # (a two-minute window read the rate from ~3 arrivals: 18 to 33 reversals and 128 to 173
+    # workers started or drained in these three hours, seeds 1 to 6)
+    assert reversals(deltas) <= 3, [(i, c) for i, cs in enumerate(log) for c in cs]
+    assert sum(abs(d) for d in deltas) <= 16, deltas
+    want = workers_for(rate, s, 600.0, cv=0.03)
+    assert want - 1 <= world.counts()["dit"] <= want + 3, (world.counts(), want)
+
+
+def test_a_queue_the_objective_expects_adds_no_worker_and_a_surge_does():
+    # 14 workers of 360 s for a 600 s budget: a queue of 6 starts within 360 x 6 / 14 = 154 s, inside
+    # the 240 s of slack (a worker per queued task would have asked for 16); 40 queued would not
+    policy = slo_policy(budgets={"dit": 600.0})
+    calm = dict(arrival_rate=100 / 3600, service_time=360.0, workers=14, busy=14, load_time=45.0)
+    out = [c for i in range(60) for c in policy.decide(i * P, {"dit": sig("dit", queue_len=6, **calm)}, 64, 4)]
+    assert not [c for c in out if c.delta > 0], out
+    surge = policy.decide(60 * P, {"dit": sig("dit", queue_len=40, **calm)}, 64, 4)
+    surge += policy.decide(61 * P, {"dit": sig("dit", queue_len=40, **calm)}, 64, 4)
+    assert sum(c.delta for c in surge if c.delta > 0) >= 2, surge
+
+
+@pytest.mark.parametrize("load_time, reforms", [(45.0, False), (5.0, True)])
+def test_a_width_reforms_only_when_its_saving_pays_for_the_reloads(load_time, reforms):
+    """Twelve 2-wide slots against fourteen 1-wide ones save 2. Re-forming re-loads every worker:
+    2 x 45 s x 12 slots over a 300 s horizon is 3.6 slots, more than it saves, so the width stays
+    (it used to re-form for any slot, and flapped on rounding); with 5 s loads it pays and happens.
+    The rate is known exactly here (rate_sigmas 0): this is the width rule alone."""
+    from manager.slo import sizing
+
+    eff = {1: 1.0, 2: 1.0}
+    policy = slo_policy(budgets={"dit": 450.0}, sp_efficiency={"dit": eff}, rate_sigmas=0.0)
+    rate, s1 = 100 / 3600, 360.0
+    one, two = sizing(rate, s1, 450.0, 1, 1.0, cv=0.03), sizing(rate, s1, 450.0, 2, 1.0, cv=0.03)
+    assert (one.slots, two.slots) == (14, 12)
+    log = replay(policy, lambda i: sig("dit", arrival_rate=rate, service_time=s1, workers=one.workers, busy=10,
+                                       load_time=load_time), 720)
+    assert (policy.widths["dit"] == 2) is reforms
+    assert bool([c for cs in log for c in cs if c.width == 2]) is reforms
