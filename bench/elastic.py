@@ -44,9 +44,17 @@ Configurations (each on the same traces and profiles):
   memory, elastic sequence-parallel width of the DiT stages, one pool for all workflows, the
   Wan2.2 experts as two stages, drains that hand a denoise off at a step boundary.
 
+Every day trace starts with 30 minutes of the previous day's end (the day is periodic), not
+counted, so no configuration is judged on its climb from the floors; the frontier's steady
+loads start with an uncounted hour. The managed configurations (monolithic autoscaled and
+OnePiece managed) get the same search for headroom: each plans for its SLO x 1.0, 0.9, 0.8, 0.7,
+and the first (the cheapest) that meets 99 % is kept; the table says which.
+
 The decomposition re-runs the managed configuration with mechanisms switched off, one at a time
 from "granularity only" (split stages, each on its own GPU, k = 1, a pool per workflow, the two
-Wan2.2 experts in one stage) up to the full set. The frontier runs steady loads.
+Wan2.2 experts in one stage) up to the full set. The frontier runs steady loads of wan_i2v:
+monolithic sp=1 and sp=8 and OnePiece static at their smallest fixed allocations, and OnePiece
+managed.
 
 Targets (issue 12): GPU-slot-hours of the best configuration of each kind over OnePiece managed's,
 all at >= 99 % SLO attainment: >= 1.5x against the best autoscaled monolithic deployment, >= 4x
@@ -430,8 +438,11 @@ def frontier(args, seed: int) -> list[dict]:
         rng = random.Random(seed + int(mult * 100))
         arr = tuple((t, "wan_i2v", "standard") for t in nhpp(lambda t: rate, rate, horizon, rng))
         trace = Trace(f"steady x{mult:g}", arr, horizon, lambda t: {"wan_i2v": rate}, "steady", warmup)
+        # OnePiece static (the smallest split allocation, searched as the monolithic ones are) tells
+        # the manager's headroom apart from what the split itself costs or saves
         for name, fn in (("monolithic sp=1", lambda: mono_peak(trace, 1, seed)[0]),
                          ("monolithic sp=8", lambda: mono_peak(trace, 8, seed)[0]),
+                         ("OnePiece static", lambda: onepiece_static(trace, seed)[0]),
                          ("OnePiece managed", lambda: onepiece_managed(trace, seed))):
             r = fn()
             out.append({"load_jobs_per_h": round(rate * 3600, 1), "config": name,
@@ -571,7 +582,23 @@ def verdict(report: dict) -> list[dict]:
         {"target": "after a step in the mix: settled within 3 periods, <= 1 reversal",
          "value": f"{st['periods_to_settle']} periods, {st['reversals']} reversals",
          "met": st["periods_to_settle"] <= 3 and st["reversals"] <= 1},
+        frontier_verdict(report["frontier"]),
     ]
+
+
+def frontier_verdict(points: list[dict]) -> dict:
+    """OnePiece managed on or outside monolithic sp=1 and sp=8: at every load, at least the jobs
+    per GPU-hour of the better of them that meets the SLO, meeting it too."""
+    behind = []
+    for load in sorted({p["load_jobs_per_h"] for p in points}):
+        at = {p["config"]: p for p in points if p["load_jobs_per_h"] == load}
+        mono = max((at[c]["jobs_per_gpu_hour"] for c in ("monolithic sp=1", "monolithic sp=8")
+                    if at[c]["slo_attainment"] >= ATTAIN), default=0.0)
+        mine = at["OnePiece managed"]
+        if mine["slo_attainment"] < ATTAIN or mine["jobs_per_gpu_hour"] < mono:
+            behind.append(f"{load:g} jobs/h: {mine['jobs_per_gpu_hour']:.3f} vs {mono:.3f}")
+    return {"target": "frontier: OnePiece managed on or outside monolithic sp=1 and sp=8 at every steady load",
+            "value": "; ".join(behind) or "on or outside at every load", "met": not behind}
 
 
 if __name__ == "__main__":

@@ -72,7 +72,12 @@ class ComposeLauncher(Launcher):
     async def _containers(self, service: str) -> list[str]:
         return (await self._ok(self.compose + ["ps", "-q", service])).split()
 
-    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:
+    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None,
+                    sp: int = 1) -> WorkerHandle:
+        if sp != 1:
+            raise ComposeError(f"the compose launcher starts replicas of one service per stage: a group of {sp} "
+                               "GPUs (sp) is declared in the compose file, not per start; use the local launcher "
+                               "for elastic sequence parallelism")
         if env:
             # A replica of a compose service gets the service's environment; pin GPUs in the file.
             log.warning("compose launcher ignores per-worker environment %s", sorted(env))

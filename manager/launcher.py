@@ -38,9 +38,11 @@ class Launcher(abc.ABC):
     """Starts and stops stage workers."""
 
     @abc.abstractmethod
-    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:
+    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None,
+                    sp: int = 1) -> WorkerHandle:
         """Start one worker of ``stage``; it registers with the broker by itself. ``env`` adds
-        environment variables (the node manager pins a GPU with CUDA_VISIBLE_DEVICES)."""
+        environment variables (the node manager pins GPUs with CUDA_VISIBLE_DEVICES). ``sp > 1``:
+        a sequence-parallel group of that many processes (``onepiece worker --sp``), one GPU each."""
 
     @abc.abstractmethod
     async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:
@@ -68,8 +70,9 @@ class LocalLauncher(Launcher):
         self.env = env
         self._handles: dict[str, WorkerHandle] = {}
 
-    def command(self, workflow: str, stage: str, worker_id: str) -> list[str]:
+    def command(self, workflow: str, stage: str, worker_id: str, sp: int | None = None) -> list[str]:
         s = self.settings
+        sp = s.sp if sp is None else sp
         cmd = [sys.executable, "-m", "onepiece.cli", "worker", "--workflow", workflow, "--stage", stage,
                "--worker-id", worker_id, "--control", s.control, "--transport", s.transport,
                "--model", s.model, "--data-dir", str(s.data_dir), "--heartbeat-s", str(s.heartbeat_s),
@@ -80,18 +83,21 @@ class LocalLauncher(Launcher):
             cmd += ["--device", s.device]
         if s.dtype:
             cmd += ["--dtype", s.dtype]
-        if s.sp != 1:
-            cmd += ["--sp", str(s.sp)]
+        if sp != 1:
+            cmd += ["--sp", str(sp)]
         return cmd + self.extra_args
 
-    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None) -> WorkerHandle:
+    async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None,
+                    sp: int = 1) -> WorkerHandle:
+        if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
+            raise ValueError(f"sp must be an integer >= 1, not {sp!r}")
         worker_id = f"{stage}-{uuid.uuid4().hex[:8]}"
         env = {**os.environ, **(self.env or {}), **(env or {})}
-        process = await asyncio.create_subprocess_exec(*self.command(workflow, stage, worker_id), env=env,
-                                                       stdin=asyncio.subprocess.DEVNULL)
+        cmd = self.command(workflow, stage, worker_id, sp if sp != 1 else None)
+        process = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
         handle = WorkerHandle(worker_id, workflow, stage, process)
         self._handles[worker_id] = handle
-        log.info("started worker %s (pid %d)", worker_id, process.pid)
+        log.info("started worker %s (pid %d%s)", worker_id, process.pid, f", a group of {sp}" if sp != 1 else "")
         return handle
 
     async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:

@@ -133,7 +133,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
-from manager.slo import choose_width, sizing, workers_for
+from manager.slo import Objective, choose_width, objective_budgets, sizing, workers_for
 
 __all__ = [
     "Change",
@@ -242,6 +242,9 @@ class PolicyConfig:
     idle_to_zero_load_times: float = 1.0
     # latency objectives (manager/slo.py): a stage with a budget is sized to meet it
     budgets: Mapping[str, float] = field(default_factory=dict)  # stage -> its share of a p95 objective, s
+    # workflow -> its [slo] and stage graph: budgets split over the measured stage times (explicit
+    # ``budgets`` win), so a served workflow's objective sizes its stages without a profile
+    objectives: Mapping[str, Objective] = field(default_factory=dict)
     sp_efficiency: Mapping[str, Mapping[int, float]] = field(default_factory=dict)  # stage -> {width: eff}
     service_cv: Mapping[str, float] = field(default_factory=dict)  # stage -> cv of a task's time (default 1)
     slo_quantile: float = 0.95
@@ -448,9 +451,15 @@ class ProportionalPolicy:
         self.last_now: float | None = None
         self.targets: dict[str, int] = {}
         self.widths: dict[str, int] = {}  # the width each stage runs at (stages with an sp_efficiency table)
+        self._budgets: dict[str, float] = dict(self.config.budgets)  # this decision's, from objectives too
 
     def on_demand(self, stage: str) -> bool:
         return self.config.floor(stage) == 0
+
+    @property
+    def budgets(self) -> Mapping[str, float]:
+        """Each stage's share of its workflows' p95 objectives at the last decision, s."""
+        return MappingProxyType(self._budgets)
 
     # -- the decision ---------------------------------------------------------------
     def decide(self, now: float, signals: Mapping[str, StageSignals], gpu_slots: int,
@@ -459,6 +468,8 @@ class ProportionalPolicy:
         dt = None if self.last_now is None else now - self.last_now
         self.last_now = now
         changes: list[Change] = []
+        times = {s: sig.service_time for s, sig in signals.items()}
+        self._budgets = {**objective_budgets(cfg.objectives, times), **cfg.budgets}
         budget = cfg.max_changes_per_period
         for gpu, names in _pools(signals).items():
             if not names:
@@ -487,7 +498,7 @@ class ProportionalPolicy:
         raw = max(0.0, sig.arrival_rate)
         self._estimate_rate(m, raw, dt)
         floor, ceiling = cfg.floor(sig.stage), cfg.ceiling(sig.stage, slots)
-        budget = cfg.budgets.get(sig.stage)
+        budget = self._budgets.get(sig.stage)
         w, S = sig.width, sig.service_time
         if S > 0 and budget is not None:
             w, S = self._width(sig, m, now, budget, slots, floor)

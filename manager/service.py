@@ -25,6 +25,19 @@ gets (it is told the pool's worker count, ``packing.capacity``); packing
 decides where they go, and a start with no room anywhere waits, in order,
 for a worker to exit.
 
+Sequence-parallel groups. A change of width k > 1 (the policy's choice for a
+stage with an ``sp_efficiency`` table, or ``scale(..., width=k)``) starts a
+worker group: ``onepiece worker --sp k`` holding k GPU slots (k whole GPUs,
+pinned together with CUDA_VISIBLE_DEVICES; with memory, each rank a GPU to
+itself). The slots are taken one after the other by a start that is first in
+line, so only it ever holds part of what it needs. A stage's first start of a
+new width *re-forms* it: its workers of the old width are replaced, one
+drained as each new one registers (a drained DiT hands its job off at a step
+boundary), and until then they count as draining, holding their slots; the
+stage's measured task time is forgotten, since it was the old width's. A
+launcher that cannot start groups (``compose``) gets width-1 starts and a
+warning.
+
 Scale-down. The least-loaded live worker of the stage that this manager
 started is drained: the broker binds nothing new to it and sends DRAIN, and
 the launcher waits for the process to exit (SIGTERM for a local one; a
@@ -49,10 +62,11 @@ import asyncio
 import collections
 import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import Counter
@@ -111,7 +125,7 @@ class _Pool:
     def index(seat: int) -> int:
         return seat
 
-    async def acquire(self, stage: str) -> int:
+    async def acquire(self, stage: str, whole: bool = False) -> int:
         if self._free and not self._waiters:
             return self._free.pop(0)
         fut = asyncio.get_running_loop().create_future()
@@ -155,8 +169,11 @@ class _MemoryPool:
     def index(self, seat: Worker) -> int:
         return self.gpus.gpu_of(seat)
 
-    async def acquire(self, stage: str) -> Worker:
-        seat = Worker(stage, self.needs[stage])
+    async def acquire(self, stage: str, whole: bool = False) -> Worker:
+        need = self.needs[stage]
+        if whole:  # a rank of a sequence-parallel group: its GPU to itself (no neighbour stalls the group)
+            need = StageNeed(need.memory_gb, max(need.peak_gb, min(self.gpus.sizes_gb)), need.load)
+        seat = Worker(stage, need)
         if not self._waiters and self.gpus.place(seat) is not None:
             return seat
         free = ", ".join(f"GPU {g}: {self.gpus.sizes_gb[g] - self.gpus.peak_gb(g):.1f} GB"
@@ -180,6 +197,19 @@ class _MemoryPool:
         self.gpus.remove(seat)
         self._serve()
 
+    def measured(self, stage: str, memory_gb: float) -> StageNeed | None:
+        """A worker of ``stage`` measured ``memory_gb`` resident at start (CUDA). Above what the
+        stage declared, the stage's next workers are placed by the measurement (the peak grows by
+        the same amount): the new need, or None if the declaration holds."""
+        need = self.needs.get(stage)
+        if need is None or not math.isfinite(memory_gb) or memory_gb <= need.memory_gb:
+            return None
+        top = max(self.gpus.sizes_gb)  # a peak above a whole GPU could never be placed again
+        grown = StageNeed(memory_gb, max(memory_gb, min(top, need.peak_gb + memory_gb - need.memory_gb)), need.load)
+        self.needs[stage] = grown
+        self.policy_slots = capacity(sorted(self.needs.items()), self.gpus.sizes_gb, max_load=self.gpus.max_load)
+        return grown
+
     def _serve(self) -> None:
         """Place waiting starts, in order, while the first of them fits."""
         while self._waiters:
@@ -199,16 +229,23 @@ class _Record:
 
     stage: str
     pool: _Pool | _MemoryPool
-    seat: int | Worker | None = None  # what the pool handed out; None while waiting for it
+    width: int = 1  # GPU slots it holds: a sequence-parallel group of that many processes
+    seats: list = field(default_factory=list)  # what the pool handed out, one per slot
     handle: WorkerHandle | None = None  # None until launched
     launched_at: float | None = None  # wall clock, as the broker's registration time
     registered: bool = False
     draining: bool = False
     launch: asyncio.Task | None = None
+    replacing: bool = False  # of a width the stage no longer runs at: drained as new ones come up
 
     @property
     def starting(self) -> bool:
         return not self.registered and not self.draining
+
+    @property
+    def seated(self) -> bool:
+        """Whether it holds all its slots (a start still waiting for room has launched nothing)."""
+        return len(self.seats) == self.width
 
 
 class Manager:
@@ -244,6 +281,8 @@ class Manager:
         self.poll_s = min(poll_s, period_s)
         self.drain_timeout_s = drain_timeout_s
         self.pin_gpus = pin_gpus and "env" in inspect.signature(launcher.start).parameters
+        self.can_widen = "sp" in inspect.signature(launcher.start).parameters  # sequence-parallel groups
+        self._width: dict[str, int] = {}  # the width each stage's new workers have (1 until a policy asks)
         # GPU slot i is the i-th device this process may use
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self._devices = [d.strip() for d in visible.split(",") if d.strip()]
@@ -330,7 +369,7 @@ class Manager:
             self._loop_task = None
         launching = [r for r in self._records if r.handle is None and r.launch is not None]
         for r in launching:
-            if r.seat is None:  # still waiting for a slot: nothing was launched
+            if not r.seated:  # still waiting for a slot: nothing was launched
                 r.launch.cancel()
         await asyncio.gather(*(r.launch for r in launching), return_exceptions=True)
         for rec in list(self._records):
@@ -390,38 +429,52 @@ class Manager:
         raw = self.broker.stage_signals(time.time())
         starting: dict[str, int] = collections.Counter()
         draining: dict[str, int] = collections.Counter()
+        replacing: dict[str, int] = collections.Counter()
+        held: dict[str, int] = collections.Counter()
         for rec in self._records:
+            held[rec.stage] += rec.width
             if rec.draining:
                 draining[rec.stage] += 1
+            elif rec.replacing:  # an old width: holds its slots until a new worker replaces it
+                replacing[rec.stage] += 1 if rec.registered else 0
+                draining[rec.stage] += 0 if rec.registered else 1
             elif rec.starting:
                 starting[rec.stage] += 1
+        widths = {s: self._width.get(s, 1) for s in self.gpu}
         sig = self.reader.read(time.monotonic(), raw, starting=starting, draining=draining,
-                               load_time=self.load_times.as_dict(self.gpu))
+                               load_time=self.load_times.as_dict(self.gpu), width=widths, replacing=replacing,
+                               held_slots={s: held[s] for s in self.gpu if any(r.stage == s for r in self._records)})
         self._last_signals = sig
         return sig
 
-    def scale(self, stage: str, delta: int, reason: str = "asked by an operator") -> None:
-        """Start (``delta > 0``) or drain workers of ``stage`` outside the policy; logged as a decision."""
+    def scale(self, stage: str, delta: int, reason: str = "asked by an operator", width: int = 1) -> None:
+        """Start (``delta > 0``) or drain workers of ``stage`` outside the policy; logged as a decision.
+        ``width > 1`` starts sequence-parallel groups of that many GPUs and re-forms the stage to them."""
         if stage not in self.gpu:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(self.gpu)}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be an integer >= 1, not {width!r}")
         self._observe()
         a = self.allocation()[stage]  # not self.signals(): a reading here would hide arrivals from the policy
         self._target[stage] = a["workers"] + a["starting"]
-        self._apply(Change(stage, delta, reason), self._last_signals.get(stage))
+        self._apply(Change(stage, delta, reason, width=width), self._last_signals.get(stage))
 
     def _apply(self, change: Change, sig: StageSignals | None) -> None:
         if change.stage not in self.gpu or change.delta == 0:
             log.warning("node manager: ignored %s", change)
             return
-        if change.delta > 0 and change.width != 1:
-            # sequence-parallel groups (`onepiece worker --sp k`, k GPUs each) are chosen by the policy
-            # only with an sp_efficiency table, which this manager does not configure yet
-            log.warning("node manager: %s asks for workers of width %d; this manager starts width-1 workers",
-                        change.stage, change.width)
+        width = change.width if change.delta > 0 else 1
+        if width != 1 and (not self.can_widen or not self.gpu[change.stage]):
+            log.warning("node manager: %s asks for workers of width %d, but %s; starting width-1 workers",
+                        change.stage, width, "it is a CPU stage" if not self.gpu[change.stage] else
+                        f"launcher {type(self.launcher).__name__} cannot start sequence-parallel groups")
+            width = 1
+        if change.delta > 0 and width != self._width.get(change.stage, 1):
+            self._reform(change.stage, width)
         done = 0
         for _ in range(abs(change.delta)):
             if change.delta > 0:
-                self._launch(change.stage)
+                self._launch(change.stage, width)
                 done += 1
             elif self._drain_one(change.stage, change.reason):
                 done += 1
@@ -438,19 +491,48 @@ class Manager:
             self._decisions_metric.labels(change.stage, "up" if delta > 0 else "down").inc(abs(delta))
 
     # -- starting ---------------------------------------------------------------------
-    def _launch(self, stage: str) -> None:
-        rec = _Record(stage, self.pools[self.gpu[stage]])
+    def _reform(self, stage: str, width: int) -> None:
+        """The stage's new workers have ``width``: those of another width are replaced, one drained
+        as each new one registers (or at once if they have not started yet); a task of a drained
+        DiT hands off at a step boundary, so the re-form moves work, it does not redo it."""
+        log.info("node manager: %s re-forms from width %d to %d", stage, self._width.get(stage, 1), width)
+        self._width[stage] = width
+        self.reader.forget_service_time(stage)
+        for rec in [r for r in self._records if r.stage == stage and not r.draining and r.width != width]:
+            if rec.handle is None and not rec.seated:  # still waiting for room: nothing to replace
+                if rec.launch is not None:
+                    rec.launch.cancel()
+                self._forget(rec)
+            else:  # launched (or being launched): replaced once a new one is up
+                rec.replacing = True
+
+    def _replace_one(self, stage: str) -> None:
+        """A worker of the stage's new width registered: one of the old width may go."""
+        old = [r for r in self._records if r.stage == stage and r.replacing and not r.draining
+               and r.handle is not None]
+        if not old:
+            return
+        # an old one that never registered first (it holds slots and serves nothing), then the oldest
+        rec = min(old, key=lambda r: (r.registered, r.launched_at or 0.0))
+        self._drain(rec, f"re-form to width {self._width.get(stage, 1)}: a new worker is up", self.drain_timeout_s)
+
+    def _launch(self, stage: str, width: int = 1) -> None:
+        rec = _Record(stage, self.pools[self.gpu[stage]], width=width)
         self._records.append(rec)
         rec.launch = self._spawn(self._start_worker(rec), f"launch-{stage}")
 
     async def _start_worker(self, rec: _Record) -> None:
         try:
-            rec.seat = await rec.pool.acquire(rec.stage)
-            slot = rec.pool.index(rec.seat)
-            kwargs = {}
+            # a group's slots one after the other: a start waiting for room is first in line (the ones
+            # behind it wait too), so only it holds part of what it needs, and the next exit serves it
+            while not rec.seated:
+                rec.seats.append(await rec.pool.acquire(rec.stage, whole=rec.width > 1))
+            slots = [rec.pool.index(seat) for seat in rec.seats]
+            slot = ",".join(map(str, slots))
+            kwargs: dict = {"sp": rec.width} if rec.width != 1 else {}
             if self.pin_gpus and rec.pool.name == "gpu":  # workers sharing a GPU get the same device
-                device = self._devices[slot] if slot < len(self._devices) else str(slot)
-                kwargs["env"] = {"CUDA_VISIBLE_DEVICES": device}
+                kwargs["env"] = {"CUDA_VISIBLE_DEVICES": ",".join(
+                    self._devices[i] if i < len(self._devices) else str(i) for i in slots)}
             rec.launched_at = time.time()
             rec.handle = await self.launcher.start(self.ref[rec.stage], rec.stage, **kwargs)
         except asyncio.CancelledError:
@@ -460,7 +542,8 @@ class Manager:
             log.exception("node manager: could not start a worker of %s", rec.stage)
             self._forget(rec)
             return
-        log.info("node manager: launched %s on %s slot %d", rec.handle.id, rec.pool.name, slot)
+        log.info("node manager: launched %s on %s slot %s%s", rec.handle.id, rec.pool.name, slot,
+                 f" (a group of {rec.width})" if rec.width != 1 else "")
 
     # -- draining ---------------------------------------------------------------------
     def _drain_one(self, stage: str, reason: str) -> bool:
@@ -472,7 +555,8 @@ class Manager:
         if not live:
             log.warning("node manager: no worker of %s that it started is live to drain (%s)", stage, reason)
             return False
-        w = min(live, key=lambda w: (w["load"], w["holding"], -w["registered"]))
+        # the policy counts the stage's present width: an old-width worker (being replaced) last
+        w = min(live, key=lambda w: (ours[w["id"]].replacing, w["load"], w["holding"], -w["registered"]))
         self._drain(ours[w["id"]], reason, self.drain_timeout_s)
         return True
 
@@ -500,9 +584,20 @@ class Manager:
             return
         registered = {w["id"]: (stage, w) for stage, s in self.broker.stages().items() for w in s["workers"]}
         for stage, w in registered.values():
-            load_s = (w.get("info") or {}).get("load_s")
+            info = w.get("info") or {}
+            load_s = info.get("load_s")
             if load_s is not None:
                 self.load_times.report(stage, load_s)
+            memory = info.get("memory_gb")
+            pool = self.pools[True]
+            if (isinstance(memory, (int, float)) and not isinstance(memory, bool) and self.gpu.get(stage)
+                    and isinstance(pool, _MemoryPool)):
+                declared = pool.needs.get(stage)
+                grown = pool.measured(stage, float(memory))
+                if grown is not None:
+                    log.warning("node manager: a worker of %s holds %.1f GB at start, more than the %.1f GB "
+                                "declared: its next workers are placed for %.1f GB at the peak", stage, memory,
+                                declared.memory_gb, grown.peak_gb)
         alive = {h.id for h in self.launcher.workers()}
         for rec in list(self._records):
             if rec.handle is None:
@@ -512,6 +607,8 @@ class Manager:
                 took = registered[rec.handle.id][1]["registered"] - rec.launched_at
                 self.load_times.record(rec.stage, took)
                 log.info("node manager: %s registered %.1f s after launch", rec.handle.id, took)
+                if not rec.replacing and not rec.draining:
+                    self._replace_one(rec.stage)
             if not rec.draining and rec.handle.id not in alive:
                 code = rec.handle.process.returncode if rec.handle.process is not None else None
                 log.warning("node manager: worker %s of %s exited on its own (code %s)", rec.handle.id,
@@ -530,15 +627,14 @@ class Manager:
                 self._exits.popitem(last=False)
             if how == "drained":
                 log.info("node manager: %s left (code %s); its room on %s slot %s is free", rec.handle.id, code,
-                         rec.pool.name, rec.pool.index(rec.seat) if rec.seat is not None else None)
+                         rec.pool.name, ",".join(str(rec.pool.index(seat)) for seat in rec.seats) or None)
         self._forget(rec)
 
     def _forget(self, rec: _Record) -> None:
         if rec in self._records:
             self._records.remove(rec)
-            if rec.seat is not None:
-                rec.pool.release(rec.seat)
-                rec.seat = None
+            while rec.seats:
+                rec.pool.release(rec.seats.pop())
 
     def _cold_stage(self, now: float) -> bool:
         """A stage with no worker, none starting, and a queued task: decide now (once per period)."""
@@ -561,7 +657,9 @@ class Manager:
 
     # -- views ------------------------------------------------------------------------
     def allocation(self) -> dict[str, dict]:
-        """Per stage: live workers (registered, not draining), starting, draining, and the target."""
+        """Per stage: live workers (registered, not draining), starting, draining, and the target;
+        for a stage with sequence-parallel groups also the width its new workers have (GPU slots
+        each, ``width``) and the slots it holds (``slots``)."""
         stages = self.broker.stages()
         aims = getattr(self.policy, "targets", None) or {}
         out: dict[str, dict] = {}
@@ -573,6 +671,8 @@ class Manager:
             out[stage] = {"workers": live, "starting": starting, "draining": draining,
                           "target": aims.get(stage, self._target.get(stage, live + starting)),
                           "pool": "gpu" if self.gpu[stage] else "cpu"}
+            if self._width.get(stage, 1) != 1 or any(r.width != 1 for r in recs):
+                out[stage].update(width=self._width.get(stage, 1), slots=sum(r.width for r in recs if r.seated))
         return out
 
     def on_demand_stages(self) -> set[str]:
@@ -588,8 +688,8 @@ class Manager:
         out = {p.name: {"total": p.size, "used": p.used} for p in self.pools.values()}
         pool = self.pools[True]
         if isinstance(pool, _MemoryPool):
-            names = {r.seat: r.handle.id if r.handle is not None else f"{r.stage} (starting)"
-                     for r in self._records if r.pool is pool and r.seat is not None}
+            names = {seat: r.handle.id if r.handle is not None else f"{r.stage} (starting)"
+                     for r in self._records if r.pool is pool for seat in r.seats}
             g = pool.gpus
             out["gpu"]["gpus"] = [
                 {"gpu": i, "device": self._devices[i] if i < len(self._devices) else str(i),

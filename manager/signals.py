@@ -54,11 +54,18 @@ class SignalReader:
         starting: Mapping[str, int] | None = None,
         draining: Mapping[str, int] | None = None,
         load_time: Mapping[str, float] | None = None,
+        width: Mapping[str, int] | None = None,
+        replacing: Mapping[str, int] | None = None,
+        held_slots: Mapping[str, int] | None = None,
     ) -> dict[str, StageSignals]:
         """Signals since the previous reading. ``now`` is monotonic seconds; ``raw`` is
         ``stage_signals()``; ``draining`` counts workers still exiting that the broker
-        may no longer list. The first reading has no rate (there is nothing to difference)."""
+        may no longer list. While a stage is re-formed to another ``width``, ``replacing``
+        counts its live workers of the old width: they hold their slots like draining ones
+        and are not the stage's workers any more; ``held_slots`` is every slot the stage
+        holds. The first reading has no rate (there is nothing to difference)."""
         starting, draining, load_time = starting or {}, draining or {}, load_time or {}
+        width, replacing, held_slots = width or {}, replacing or {}, held_slots or {}
         dt = None if self._last_now is None else now - self._last_now
         self._last_now = now
         out: dict[str, StageSignals] = {}
@@ -81,6 +88,8 @@ class SignalReader:
                     mean = max(0.0, now_counts.service_time_sum - last.service_time_sum) / done
                     old = self.service_time.get(stage)
                     self.service_time[stage] = mean if old is None else old + self.service_alpha * (mean - old)
+            stale = int(replacing.get(stage, 0))
+            workers = max(0, int(r["workers"]) - int(r["draining"]) - stale)
             out[stage] = StageSignals(
                 stage=stage,
                 gpu=self.gpu[stage],
@@ -88,13 +97,19 @@ class SignalReader:
                 service_time=self.service_time.get(stage, 0.0),
                 queue_len=int(r["queue_len"]),
                 queue_wait=float(r["oldest_wait_s"]),
-                busy=int(r["busy"]),
-                workers=int(r["workers"]) - int(r["draining"]),
+                busy=min(int(r["busy"]), workers),
+                workers=workers,
                 starting=int(starting.get(stage, 0)),
-                draining=max(int(r["draining"]), int(draining.get(stage, 0))),
+                draining=max(int(r["draining"]), int(draining.get(stage, 0))) + stale,
                 load_time=float(load_time.get(stage, DEFAULT_LOAD_TIME_S)),
+                width=int(width.get(stage, 1)),
+                held_slots=int(held_slots.get(stage, -1)),
             )
         return out
+
+    def forget_service_time(self, stage: str) -> None:
+        """The stage's workers change width: a task's time there is unknown until one finishes."""
+        self.service_time.pop(stage, None)
 
 
 class LoadTimes:

@@ -37,8 +37,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
-__all__ = ["Sizing", "choose_width", "erlang_c", "response_quantile", "sizing", "stage_budgets",
-           "wait_quantile", "workers_for"]
+__all__ = ["Objective", "Sizing", "choose_width", "erlang_c", "objective_budgets", "response_quantile", "sizing",
+           "stage_budgets", "wait_quantile", "workers_for"]
 
 MAX_WORKERS = 4096
 
@@ -171,3 +171,34 @@ def stage_budgets(slo_s: float, means: Mapping[str, float], after: Mapping[str, 
     if total <= 0:
         return {s: slo_s for s in means}
     return {s: slo_s * means[s] / total for s in means}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A workflow's ``[slo]`` as the policy sees it: the p95 in seconds and its stage graph
+    (stage -> the stages it runs after), plain data so the policy need not load workflows."""
+
+    p95_s: float
+    after: Mapping[str, tuple[str, ...]]
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p95_s, (int, float)) and math.isfinite(self.p95_s) and self.p95_s > 0):
+            raise ValueError(f"p95_s must be seconds > 0, not {self.p95_s!r}")
+        stray = {u for ups in self.after.values() for u in ups} - set(self.after)
+        if stray:
+            raise ValueError(f"stages run after unknown stage(s) {sorted(stray)}")
+
+
+def objective_budgets(objectives: Mapping[str, Objective], means: Mapping[str, float]) -> dict[str, float]:
+    """Each stage's budget from the objectives of the workflows it serves (the tightest of them),
+    split by :func:`stage_budgets` over the measured ``means``. A workflow with a stage whose
+    time is not known yet (no task finished) gives no budgets until it is: its split would be a
+    guess."""
+    out: dict[str, float] = {}
+    for obj in objectives.values():
+        if not all(means.get(s, 0.0) > 0 for s in obj.after):
+            continue
+        for s, b in stage_budgets(obj.p95_s, {s: means[s] for s in obj.after}, obj.after).items():
+            out[s] = min(b, out.get(s, math.inf))
+    return out
+

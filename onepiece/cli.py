@@ -106,12 +106,16 @@ def _floors(items: list[str] | None) -> dict[str, int]:
 
 
 def _policy(args, settings):
-    """The node manager's policy from --policy, --floor and --workers."""
+    """The node manager's policy from --policy, --floor, --workers and --profile; the proportional
+    one sizes the stages of a workflow that declares ``[slo]`` to meet it."""
     from manager.policy import NoScaling, PolicyConfig, ProportionalPolicy, StaticPolicy
+    from manager.profile import ProfileError, load_profile
+    from manager.slo import Objective
     from stages.workflow import load_workflow
 
     floors = _floors(args.floor)
-    stages = {s for w in settings.workflows for s in load_workflow(w).stages}
+    workflows = [load_workflow(w) for w in settings.workflows]
+    stages = {s for wf in workflows for s in wf.stages}
     unknown = set(floors) - stages
     if unknown:
         raise SystemExit(f"error: --floor names unknown stage(s) {', '.join(sorted(unknown))}; "
@@ -120,7 +124,27 @@ def _policy(args, settings):
         return NoScaling()
     if args.policy == "static":
         return StaticPolicy({s: floors.get(s, args.workers) for s in sorted(stages)})
-    return ProportionalPolicy(PolicyConfig(floors=floors, default_floor=args.workers, period_s=args.period))
+    objectives = {wf.name: Objective(wf.slo.p95_s, {s: tuple(spec.after) for s, spec in wf.stages.items()})
+                  for wf in workflows if wf.slo is not None}
+    sp_efficiency: dict[str, dict[int, float]] = {}
+    service_cv: dict[str, float] = {}
+    for ref in getattr(args, "profile", None) or []:
+        try:
+            prof = load_profile(ref)
+        except ProfileError as exc:
+            raise SystemExit(f"error: --profile: {exc}") from None
+        served = [s for s in prof.stages if s in stages]
+        if not served:
+            raise SystemExit(f"error: --profile {ref}: none of its stages ({', '.join(prof.stages)}) is served "
+                             f"here; stages: {', '.join(sorted(stages))}")
+        for s in served:
+            st = prof.stages[s]
+            service_cv[s] = st.cv
+            if len(st.sp_efficiency) > 1 and s in stages:
+                sp_efficiency[s] = dict(st.sp_efficiency)
+    return ProportionalPolicy(PolicyConfig(floors=floors, default_floor=args.workers, period_s=args.period,
+                                           objectives=objectives, sp_efficiency=sp_efficiency,
+                                           service_cv=service_cv))
 
 
 # -- commands --------------------------------------------------------------------------
@@ -455,6 +479,11 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
                     help="GPU slots the manager allocates (default: CUDA devices found, else CPU cores)")
     p.add_argument("--cpu-slots", type=int, default=None, help="slots for CPU-only stages (default: CPU cores)")
     p.add_argument("--period", type=float, default=5.0, help="node manager control period, s (default 5)")
+    p.add_argument("--profile", action="append", metavar="NAME|PATH",
+                   help="a stage profile (stages/profiles/, e.g. wan_i2v_480p): its sp_efficiency tables let "
+                        "the proportional policy run those stages as sequence-parallel groups of k GPUs "
+                        "(onepiece worker --sp k) when that meets a workflow's [slo] with fewer slots, and "
+                        "its service-time spread sizes them; repeatable")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="memory of one GPU slot: GPU workers are then packed by their stage's declared "
                         "memory_gb/peak_gb/gpu_load (peaks within the memory, loads within 1 per GPU), "

@@ -116,6 +116,17 @@ class StageOutput:
     handoff_step: int | None = None
 
 
+def _cuda_resident_gb(device: str | None) -> float | None:
+    """GB this process holds on its CUDA device (the loaded model, this rank's share of a group),
+    or None off CUDA. No GPU here: measured only where one is (a lent GPU runs it)."""
+    if not torch.cuda.is_available() or (device is not None and not str(device).startswith("cuda")):
+        return None
+    try:
+        return round(torch.cuda.memory_allocated(torch.device(device or "cuda")) / 1e9, 3)
+    except RuntimeError:  # a device this process cannot use: nothing to report
+        return None
+
+
 class StageKind(abc.ABC):
     """One stage implementation, loaded once per worker process."""
 
@@ -135,7 +146,11 @@ class StageKind(abc.ABC):
         """Run one task; called in a worker thread."""
 
     def info(self) -> dict:
-        return {"kind": self.spec.kind, "model": self.model, "load_s": round(self.load_s, 3)}
+        info = {"kind": self.spec.kind, "model": self.model, "load_s": round(self.load_s, 3)}
+        memory = _cuda_resident_gb(self.device)
+        if memory is not None:  # measured on CUDA: the Node Manager packs by it when it is above the declared
+            info["memory_gb"] = memory
+        return info
 
     def resumable(self, state: dict[str, torch.Tensor], params: dict) -> int | None:
         """The step a checkpoint ``state`` (from another worker) lets this stage resume from, or

@@ -63,7 +63,8 @@ async def wan(tmp_path_factory):
     which then leaves, and a launcher of sp=2 workers."""
     tmp = tmp_path_factory.mktemp("sp-group")
     settings = settings_for(tmp, "shm", ["wan_i2v"], checkpoint_steps=EVERY, checkpoint_s=0.0)
-    async with Stack(settings) as stack, aiohttp.ClientSession() as session:
+    # GPU slots (CPU ones here) for every stage and a group of 2 beside a width-1 denoise worker
+    async with Stack(settings, gpu_slots=8) as stack, aiohttp.ClientSession() as session:
         job = await client.submit(session, stack.url, SAMPLE.read_bytes(), **JOB)
         seen = await asyncio.wait_for(events_until_end(session, stack.url, job), 120)
         assert seen[-1]["type"] == "succeeded", seen[-1]
@@ -168,3 +169,46 @@ async def test_a_drained_group_hands_off_at_a_step_boundary_and_all_ranks_exit(w
 
 def handle_of_group(groups: LocalLauncher, worker: str):
     return next(h for h in groups.workers() if h.id == worker)
+
+
+async def until(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)
+    return value
+
+
+async def test_the_node_manager_re_forms_denoise_into_a_group_and_the_video_is_the_same(wan):
+    """The node manager, not the test, starts the group: a width-2 change launches `onepiece worker
+    --sp 2` on two of its GPU slots (CPU slots here, no GPU: the accounting is the one on CUDA)
+    and drains the stage's width-1 worker once the group has registered."""
+    stack, session, reference, tmp, groups = wan
+    for launcher in (stack.launcher, groups):
+        for handle in [h for h in launcher.workers() if h.stage == "denoise"]:
+            assert await launcher.drain(handle, timeout=30) == 0
+    manager = stack.manager
+    manager.scale("denoise", 1, "test: a width-1 worker")
+    (old,) = await until(lambda: [w["id"] for w in stack.broker.stages()["denoise"]["workers"]
+                                  if not w["draining"]], 120, "a width-1 denoise worker")
+    used = manager.slots()["gpu"]["used"]
+    manager.scale("denoise", 1, "test: re-form to a group of 2", width=2)
+
+    def reformed():
+        live = [w for w in stack.broker.stages()["denoise"]["workers"] if not w["draining"]]
+        a = manager.allocation()["denoise"]
+        return live if (len(live) == 1 and live[0]["id"] != old and a["draining"] == 0
+                        and old in manager.exits()) else None
+
+    (group,) = await until(reformed, 120, "the group to register and the width-1 worker to leave")
+    assert group["info"]["sp"] == 2 and all(alive(pid) for pid in group["info"]["ranks"])
+    a = manager.allocation()["denoise"]
+    assert (a["workers"], a["width"], a["slots"]) == (1, 2, 2)
+    assert manager.slots()["gpu"]["used"] == used + 1  # the group's two slots for the worker's one
+    assert manager.exits()[old]["how"] == "drained" and manager.exits()[old]["code"] == 0
+    job = await client.submit(session, stack.url, SAMPLE.read_bytes(), **JOB)
+    seen = await asyncio.wait_for(events_until_end(session, stack.url, job), 120)
+    assert seen[-1]["type"] == "succeeded", seen[-1]
+    assert [s["worker"] for s in started(seen, "denoise")] == [group["id"]]
+    assert np.array_equal(await frames_of(stack, session, job, tmp), reference)

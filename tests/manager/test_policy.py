@@ -552,3 +552,24 @@ def test_a_width_reforms_only_when_its_saving_pays_for_the_reloads(load_time, re
                                        load_time=load_time), 720)
     assert (policy.widths["dit"] == 2) is reforms
     assert bool([c for cs in log for c in cs if c.width == 2]) is reforms
+
+
+def test_a_workflows_objective_sizes_its_stages_once_their_times_are_measured():
+    """No budgets given: the policy splits the workflow's p95 over the measured stage times
+    (enc 10 s, dit 360 s: dit gets 600 x 360 / 370 s) and sizes dit to it; before dit has a
+    time it has no split to make, and a queue asks one worker at a time."""
+    from manager.slo import Objective, workers_for
+
+    obj = Objective(600.0, {"enc": (), "dit": ("enc",)})
+    rate = 100 / 3600
+    policy = ProportionalPolicy(PolicyConfig(objectives={"wf": obj}, service_cv={"dit": 0.03}))
+    unknown = policy.decide(0.0, {"enc": sig("enc", service_time=10.0, workers=1),
+                                  "dit": sig("dit", queue_len=3, workers=1, busy=1)}, 64, 4)
+    assert sum(c.delta for c in unknown if c.stage == "dit") <= 1 and "dit" not in policy.budgets
+    for i in range(1, 721):
+        policy.decide(i * P, {"enc": sig("enc", arrival_rate=rate, service_time=10.0, workers=1, busy=0),
+                              "dit": sig("dit", arrival_rate=rate, service_time=360.0, workers=1, busy=1,
+                                         load_time=45.0)}, 64, 4)
+    assert policy.budgets["dit"] == pytest.approx(600.0 * 360 / 370)
+    want = workers_for(rate, 360.0, 600.0 * 360 / 370, cv=0.03)
+    assert want - 1 <= policy.targets["dit"] <= want + 1, (policy.targets, want)

@@ -458,3 +458,146 @@ async def test_a_start_waiting_for_gpu_memory_blocks_the_ones_behind_it_and_is_c
         await manager.stop(timeout=5)  # cancels both waiting starts: nothing more is launched
         await broker.stop()
     assert len(launcher.started) == 4 and manager.pools[True].gpus.held() == 0
+
+
+# -- sequence-parallel groups: a worker of width k holds k GPU slots ----------------------------
+
+WIDE = """
+name = "wide"
+result = "dit"
+[stages.enc]
+kind = "synthetic"
+gpu = true
+outputs = ["x"]
+[stages.enc.synthetic]
+service_time = 0.01
+output_bytes = 1024
+[stages.dit]
+kind = "synthetic"
+gpu = true
+after = ["enc"]
+[stages.dit.synthetic]
+service_time = 0.01
+"""
+
+
+class GroupLauncher(MemoryLauncher):
+    """The in-memory launcher that can start groups: it records each start's width and devices."""
+
+    def __init__(self, broker: Broker):
+        super().__init__(broker)
+        self.widths: dict[str, int] = {}
+        self.devices: dict[str, str] = {}
+
+    async def start(self, workflow: str, stage: str, *, env=None, sp: int = 1) -> WorkerHandle:
+        h = await super().start(workflow, stage)
+        self.widths[h.id] = sp
+        self.devices[h.id] = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
+        return h
+
+
+async def test_a_width_2_start_takes_two_gpu_slots_and_retires_the_old_width_as_it_registers(tmp_path, monkeypatch):
+    """No GPU exists here: the accounting (and the devices a group is pinned to) is the one the
+    manager does on CUDA, with workers that exist only as registrations (GroupLauncher)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    wf = tmp_path / "wide.toml"
+    wf.write_text(WIDE + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+    launcher = GroupLauncher(broker)
+    policy = StaticPolicy({"enc": 1, "dit": 1})
+    manager = Manager(broker, launcher, policy, gpu_slots=4, cpu_slots=0, period_s=60.0, pin_gpus=True)
+    try:
+        await manager.start()
+        (old,) = [w for w, _ in launcher.started if w.startswith("dit-")]
+        assert manager.slots()["gpu"]["used"] == 2 and "width" not in manager.allocation()["dit"]
+        manager.scale("dit", 1, "test: a group of 2", width=2)
+        (group,) = await until(lambda: [w for w, _ in launcher.started if w.startswith("dit-") and w != old], 5,
+                               "the group to be launched")
+        assert launcher.widths[group] == 2 and len(launcher.devices[group].split(",")) == 2
+        assert set(launcher.devices[group].split(",")) <= {"4", "5", "6", "7"}
+        assert launcher.devices[group] != launcher.devices[old]
+        # the group registered at once (in memory): the old width-1 worker is drained as it comes up
+        manager._observe()
+        await until(lambda: old in launcher.exited, 5, "the width-1 worker to be replaced")
+        a = manager.allocation()["dit"]
+        assert (a["workers"], a["width"], a["slots"]) == (1, 2, 2)
+        assert manager.slots()["gpu"]["used"] == 3  # enc 1 + the group 2
+        sig = manager.signals()["dit"]
+        assert (sig.width, sig.slots, sig.workers, sig.draining) == (2, 2, 1, 0)
+        # a second group does not fit in the one free slot: it waits, holding what it has, and
+        # an exit gives it the rest
+        manager.scale("dit", 1, "test: another group", width=2)
+        await asyncio.sleep(0.1)
+        assert manager.allocation()["dit"]["starting"] == 1 and manager.slots()["gpu"]["used"] == 4
+        policy.targets.update(enc=0)
+        manager.scale("enc", -1, "test: make room")
+        await until(lambda: manager.allocation()["dit"]["workers"] == 2, 5, "the second group to start")
+        assert manager.slots()["gpu"]["used"] == 4
+        assert [launcher.widths[w] for w, _ in launcher.started if w.startswith("dit-")] == [1, 2, 2]
+    finally:
+        await manager.stop(timeout=5)
+        await broker.stop()
+    assert manager.pools[True].used == 0
+
+
+async def test_a_launcher_without_groups_starts_width_1_workers_and_says_so(tmp_path, caplog):
+    wf = tmp_path / "wide.toml"
+    wf.write_text(WIDE + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+    manager = Manager(broker, MemoryLauncher(broker), StaticPolicy({"enc": 1, "dit": 1}), gpu_slots=4,
+                      cpu_slots=0, period_s=60.0)
+    try:
+        await manager.start()
+        with pytest.raises(ValueError, match="width must be an integer >= 1"):
+            manager.scale("dit", 1, "test", width=0)
+        manager.scale("dit", 1, "test: a group of 2", width=2)
+        assert "cannot start sequence-parallel groups" in caplog.text
+        await until(lambda: manager.allocation()["dit"]["workers"] == 2, 5, "a second width-1 worker")
+        assert manager.slots()["gpu"]["used"] == 3 and "width" not in manager.allocation()["dit"]
+    finally:
+        await manager.stop(timeout=5)
+        await broker.stop()
+
+
+async def test_memory_measured_at_start_above_the_declared_places_the_next_workers_by_it(tmp_path):
+    """On CUDA a worker reports the memory it holds once loaded (``info.memory_gb``, see
+    stages/kinds.py); no GPU here, so the workers (registrations only) report 30 GB for s1, which
+    declares 2 GB resident and 25 GB at its peak: the next s1 is placed for 53 GB."""
+    wf = tmp_path / "packed.toml"
+    wf.write_text(PACKED + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+
+    class Measuring(MemoryLauncher):
+        async def start(self, workflow: str, stage: str) -> WorkerHandle:
+            self._n += 1
+            h = WorkerHandle(f"{stage}-{self._n}", workflow, stage)
+            self.handles[h.id] = h
+            self.started.append((h.id, time.time()))
+            info = {"load_s": 0.25, **({"memory_gb": 30.0} if stage == "s1" else {})}
+            self.broker.core.register(h.id, stage, 1, {"transport": "none"}, time.time(), info)
+            return h
+
+    launcher = Measuring(broker)
+    policy = StaticPolicy({"s1": 1, "s2": 0, "s3": 0, "big": 0})
+    manager = Manager(broker, launcher, policy, gpu_slots=2, cpu_slots=0, period_s=60.0, gpu_memory_gb=80.0,
+                      gpu_max_load=1.0)
+    try:
+        await manager.start()
+        assert manager.pools[True].needs["s1"].peak_gb == 25.0
+        manager._observe()
+        need = manager.pools[True].needs["s1"]
+        assert (need.memory_gb, need.peak_gb) == (30.0, 53.0)
+        manager.scale("s1", 1, "test: a second s1")
+        await until(lambda: manager.allocation()["s1"]["workers"] == 2, 5, "the second s1")
+        # placed for 53 GB, best fit: beside the first (25 + 53 of 80 GB), not alone on the empty GPU
+        gpus = manager.slots()["gpu"]["gpus"]
+        assert sorted(g["used_gb"] for g in gpus) == [0.0, 78.0]
+    finally:
+        await manager.stop(timeout=5)
+        await broker.stop()

@@ -101,3 +101,31 @@ def test_a_large_pool_of_long_tasks_runs_hotter_than_the_fixed_target():
     # 160 jobs/h of 358.6 s: 80 % utilisation asks for 20 workers; a 580 s p95 is met with fewer
     rate, s = 160 / 3600, 358.6
     assert workers_for(rate, s, 580.0, cv=0.03) < math.ceil(rate * s / 0.8)
+
+
+# -- objectives: a workflow's [slo] split over measured stage times ---------------------------
+
+
+def test_objective_budgets_split_each_workflow_and_keep_the_tightest_for_a_shared_stage():
+    from manager.slo import Objective, objective_budgets
+
+    i2v = Objective(600.0, {"enc": (), "img": (), "dit": ("enc", "img"), "dec": ("dit",)})
+    t2v = Objective(750.0, {"enc": (), "dit2": ("enc",), "dec": ("dit2",)})
+    means = {"enc": 1.0, "img": 0.5, "dit": 360.0, "dec": 9.0, "dit2": 360.0}
+    b = objective_budgets({"i2v": i2v, "t2v": t2v}, means)
+    # i2v's longest path enc -> dit -> dec is 370 s; t2v's 370 s too, with a looser objective
+    assert b["dit"] == pytest.approx(600.0 * 360 / 370) and b["dit2"] == pytest.approx(750.0 * 360 / 370)
+    assert b["dec"] == pytest.approx(min(600.0, 750.0) * 9 / 370)  # shared: the tighter workflow's
+    assert b["img"] == pytest.approx(600.0 * 0.5 / 370)
+    # a stage of t2v without a measured time yet: t2v gives no budgets, i2v still does
+    b2 = objective_budgets({"i2v": i2v, "t2v": t2v}, {**means, "dit2": 0.0})
+    assert "dit2" not in b2 and b2["dec"] == pytest.approx(600.0 * 9 / 370)
+
+
+def test_an_objective_is_checked():
+    from manager.slo import Objective
+
+    with pytest.raises(ValueError, match="p95_s must be seconds > 0"):
+        Objective(0.0, {"a": ()})
+    with pytest.raises(ValueError, match="unknown stage"):
+        Objective(60.0, {"a": ("b",)})
