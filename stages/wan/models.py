@@ -72,7 +72,9 @@ TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "image_dim": 16,
     # must equal the inner dim (heads * head_dim), as 5120 does in the 14B model
     "added_kv_proj_dim": 24,
-    "rope_max_seq_len": 32,
+    # positions per axis the rotary table covers, as in the 14B model: the workflow allows 1280 px
+    # (80 patches) and 161 frames (41 latent frames); at 32, a 480x832 job (52 patches) failed
+    "rope_max_seq_len": 1024,
 }
 # Text-to-video DiTs take the latents alone and no image tokens.
 TINY_T2V_TRANSFORMER_CONFIG: dict[str, Any] = {

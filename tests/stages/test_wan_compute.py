@@ -95,6 +95,14 @@ def test_stage_outputs_have_expected_shapes_and_dtypes(outputs):
     assert torch.all(mask[:, :, 0] == 1) and torch.all(mask[:, :, 1:] == 0)
 
 
+def test_the_default_resolution_runs_on_the_tiny_model(components, image):
+    # 480x832 is 30x52 patches: the tiny DiT's rotary table once covered 32 positions per axis,
+    # and the workflow's default job failed with a shape error in denoise
+    p = replace(SMALL, height=480, width=832, num_frames=5, steps=1)
+    out = run_all(components, image, p)
+    assert tuple(out["video"].shape) == (1, 3, 5, 480, 832) and torch.isfinite(out["video"]).all()
+
+
 def test_frames_from_video(outputs):
     frames = frames_from_video(outputs["video"])
     assert frames.shape == (17, 256, 256, 3)
