@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from onepiece.ports import free_port
 
 __all__ = ["SYNTHETIC_PARAMS", "chain3", "free_port"]
@@ -49,3 +52,14 @@ after = ["b"]
 [stages.c.synthetic]
 service_time = 0.01
 """ + SYNTHETIC_PARAMS
+
+
+async def until(cond, timeout: float = 60.0, what: str = "condition"):
+    """Poll ``cond`` every 50 ms until it returns something true (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+

@@ -27,6 +27,7 @@ from onepiece import client
 from onepiece.stack import Stack
 from stages.wan.group import EXIT_GROUP_LOST, LOST_EXIT_DELAY_S
 
+from .helpers import until
 from .test_e2e import SAMPLE, events_until_end, read_mp4, settings_for
 from .test_handoff import at_step, started
 
@@ -169,15 +170,6 @@ async def test_a_drained_group_hands_off_at_a_step_boundary_and_all_ranks_exit(w
 
 def handle_of_group(groups: LocalLauncher, worker: str):
     return next(h for h in groups.workers() if h.id == worker)
-
-
-async def until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)
-    return value
 
 
 async def test_the_node_manager_re_forms_denoise_into_a_group_and_the_video_is_the_same(wan):

@@ -20,7 +20,7 @@ from manager.service import Manager
 from onepiece.config import load_settings
 from stages.workflow import load_workflow
 
-from ..helpers import SYNTHETIC_PARAMS, chain3, free_port
+from ..helpers import SYNTHETIC_PARAMS, chain3, free_port, until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,15 +32,6 @@ def settings_for(tmp: Path, b_service: float = 0.2, heartbeat_s: float = 0.5):
     wf.write_text(chain3("mgr3", b_service))
     return load_settings(env={}, data_dir=tmp / "data", control="tcp://127.0.0.1:*", rest_port=free_port(),
                          transport="shm", workflows=[str(wf)], heartbeat_s=heartbeat_s, liveness=3)
-
-
-async def until(cond, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return value
 
 
 async def job_events(broker: Broker, job: str, on_event=None) -> list[dict]:
@@ -75,8 +66,12 @@ class MemoryLauncher(Launcher):
         h = WorkerHandle(f"{stage}-{self._n}", workflow, stage)
         self.handles[h.id] = h
         self.started.append((h.id, time.time()))
-        self.broker.core.register(h.id, stage, 1, {"transport": "none"}, time.time(), {"load_s": 0.25})
+        self.broker.core.register(h.id, stage, 1, {"transport": "none"}, time.time(), self.info(stage))
         return h
+
+    def info(self, stage: str) -> dict:
+        """What a worker of ``stage`` says about itself when it registers."""
+        return {"load_s": 0.25}
 
     async def drain(self, handle: WorkerHandle, timeout: float = 600.0) -> int | None:
         gate = self.gates.setdefault(handle.id, asyncio.Event())
@@ -574,14 +569,8 @@ async def test_memory_measured_at_start_above_the_declared_places_the_next_worke
     await broker.start()
 
     class Measuring(MemoryLauncher):
-        async def start(self, workflow: str, stage: str) -> WorkerHandle:
-            self._n += 1
-            h = WorkerHandle(f"{stage}-{self._n}", workflow, stage)
-            self.handles[h.id] = h
-            self.started.append((h.id, time.time()))
-            info = {"load_s": 0.25, **({"memory_gb": 30.0} if stage == "s1" else {})}
-            self.broker.core.register(h.id, stage, 1, {"transport": "none"}, time.time(), info)
-            return h
+        def info(self, stage: str) -> dict:
+            return {**super().info(stage), **({"memory_gb": 30.0} if stage == "s1" else {})}
 
     launcher = Measuring(broker)
     policy = StaticPolicy({"s1": 1, "s2": 0, "s3": 0, "big": 0})
