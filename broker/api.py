@@ -50,7 +50,9 @@ from stages.params import ParamError, show, type_name
 from stages.workflow import Workflow
 
 from . import openapi
+from .auth import ACCESS, OPEN, ApiKey, KeyRing, allows, exposure_error, is_loopback
 from .errors import CoreError, UnknownJob
+from .limits import Limits, Refusal
 from .service import Broker
 
 log = logging.getLogger("onepiece.broker.api")
@@ -67,6 +69,10 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_LIST = 1000
 
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
+KEYS: web.AppKey = web.AppKey("keys", object)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+API_KEY: web.RequestKey = web.RequestKey("api_key", object)  # the request's ApiKey, with keys  # a KeyRing, or None: no keys (loopback only, or --insecure)
+INSECURE_WARN_S = 60.0
 HEARTBEAT: web.AppKey[float] = web.AppKey("heartbeat_s", float)
 STREAMS: web.AppKey[set] = web.AppKey("streams", set)
 
@@ -74,12 +80,14 @@ STREAMS: web.AppKey[set] = web.AppKey("streams", set)
 class Invalid(Exception):
     """A refused request: becomes ``{"error", "field"}`` with ``status``; ``reason`` labels the metric."""
 
-    def __init__(self, field: str | None, message: str, status: int = 400, reason: str | None = None):
+    def __init__(self, field: str | None, message: str, status: int = 400, reason: str | None = None,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.field = field
         self.message = message
         self.status = status
         self.reason = reason or (f"invalid_{field}" if field else "invalid")
+        self.retry_after_s = retry_after_s  # 429/503: when to try again (a Retry-After header)
 
 
 # -- validation ----------------------------------------------------------------------
@@ -293,15 +301,35 @@ def _job_view(job: dict) -> dict:
     return view
 
 
-def _job_or_404(broker: Broker, job_id: str) -> dict:
-    job = broker.job(job_id)
-    if job is None:
+def _key(request: web.Request) -> ApiKey | None:
+    """The API key of the request (None when the API has no keys)."""
+    return request.get(API_KEY)
+
+
+def _job_or_404(request: web.Request, job_id: str) -> dict:
+    """The job, if it exists and the request's key may see it: a key with only ``submit`` sees its
+    own jobs, and another key's job is answered as one that does not exist (no existence leak)."""
+    job = request.app[BROKER].job(job_id)
+    key = _key(request)
+    if job is None or (key is not None and not allows(key, ("read",)) and job.get("owner") != key.id):
         raise Invalid("id", f"no job with id {show(job_id)}", status=404, reason="unknown_job")
     return job
 
 
+def _refused(r: Refusal, what: str) -> Invalid:
+    return Invalid(None, r.message, status=r.status, retry_after_s=r.retry_after_s,
+                   reason="rate_limited" if r.status == 429 else f"{what}_overloaded")
+
+
 async def submit(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
+    key = _key(request)
+    # before the body is read: an overload costs as little as possible
+    refusal = request.app[LIMITS].submit(key.id if key else None, asyncio.get_running_loop().time(),
+                                         getattr(broker, "active_by_owner", {}).get(key.id, 0) if key else 0,
+                                         getattr(broker, "active", 0))
+    if refusal is not None:
+        raise _refused(refusal, "jobs")
     ctype = request.content_type
     if ctype == "application/json":
         body, form = await _json_body(request), False
@@ -316,11 +344,12 @@ async def submit(request: web.Request) -> web.Response:
         limit = broker.settings.max_request_bytes
         payload = {k: await asyncio.to_thread(_image_bytes, k, v, limit) for k, v in images.items()}
     try:
-        job_id = broker.submit(workflow, params, payload)
+        job_id = broker.submit(workflow, params, payload, **({"owner": key.id} if key is not None else {}))
     except CoreError as exc:
         raise Invalid("workflow", str(exc), reason="refused") from None
     links = _links(job_id)
-    log.info("job %s accepted: %s%s", job_id, workflow, _log_params(params))
+    log.info("job %s accepted: %s%s%s", job_id, workflow, _log_params(params),
+             f" (key {key.id})" if key is not None else "")
     return web.json_response({"id": job_id, "state": "queued", "links": links}, status=201,
                              headers={"Location": links["self"]})
 
@@ -333,18 +362,25 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit = -1
     if not 1 <= limit <= MAX_LIST:
         raise Invalid("limit", f"limit must be an integer between 1 and {MAX_LIST}, got {show(raw)}")
-    jobs = request.app[BROKER].store.recent(limit)
+    key = _key(request)
+    mine = key is not None and not allows(key, ("read",))  # a submit key lists its own jobs
+    jobs = request.app[BROKER].store.recent(limit, owner=key.id if mine else None)
     return web.json_response({"jobs": [{**j, "links": _links(j["id"])} for j in jobs]})
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = _job_or_404(request.app[BROKER], request.match_info["id"])
+    job = _job_or_404(request, request.match_info["id"])
     return web.json_response(_job_view(job), dumps=lambda o: json.dumps(o, default=str))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
     broker, job_id = request.app[BROKER], request.match_info["id"]
-    _job_or_404(broker, job_id)
+    job = _job_or_404(request, job_id)
+    key = _key(request)
+    if key is not None and "admin" not in key.scopes and job.get("owner") != key.id:
+        # a read key sees every job but cancels none; only admin cancels another key's job
+        raise Invalid("Authorization", f"key {key.id} may not cancel job {job_id}: cancelling needs the submit "
+                      "scope and the job's own key, or admin", status=403, reason="forbidden")
     try:
         cancelled = broker.cancel(job_id)
     except UnknownJob:
@@ -357,7 +393,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 async def get_result(request: web.Request) -> web.StreamResponse:
     broker, job_id = request.app[BROKER], request.match_info["id"]
-    job = _job_or_404(broker, job_id)
+    job = _job_or_404(request, job_id)
     if job["state"] != "succeeded":
         raise Invalid("id", f"job is {job['state']}", status=409, reason="conflict")
     path = broker.result_path(job_id)
@@ -374,13 +410,25 @@ def _sse(event: dict) -> bytes:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     broker, job_id = request.app[BROKER], request.match_info["id"]
-    _job_or_404(broker, job_id)
+    _job_or_404(request, job_id)
     raw = request.headers.get("Last-Event-ID", "").strip()
     try:
         last = int(raw) if raw else -1
     except ValueError:
         raise Invalid("Last-Event-ID", f"Last-Event-ID must be an event id (an integer), got {show(raw)}",
                       reason="invalid_last_event_id") from None
+    key = _key(request)
+    limits = request.app[LIMITS]
+    refusal = limits.enter_stream(key.id if key else None)
+    if refusal is not None:
+        raise _refused(refusal, "streams")
+    try:
+        return await _stream(request, broker, job_id, last)
+    finally:
+        limits.leave_stream(key.id if key else None)
+
+
+async def _stream(request: web.Request, broker: Broker, job_id: str, last: int) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     history, queue = broker.subscribe(job_id)
@@ -515,21 +563,33 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def openapi_json(request: web.Request) -> web.Response:
     broker = request.app[BROKER]
-    return web.json_response(openapi_document(broker.workflows, broker.settings.max_request_bytes))
+    return web.json_response(openapi_document(broker.workflows, broker.settings.max_request_bytes,
+                                              secured=request.app[KEYS] is not None))
 
 
-def openapi_document(workflows: Mapping[str, Workflow], max_request_bytes: int) -> dict:
-    """The OpenAPI document of this API serving ``workflows``, from the declarations the validator reads."""
+def openapi_document(workflows: Mapping[str, Workflow], max_request_bytes: int, secured: bool = False) -> dict:
+    """The OpenAPI document of this API serving ``workflows``, from the declarations the validator reads;
+    ``secured``: the API has keys, and every route but the open ones requires one."""
     return openapi.document(
         {name: {"description": wf.description, "params": {n: p.schema() for n, p in wf.params.items()},
                 "required": [n for n, p in wf.params.items() if p.required], "images": wf.images()}
          for name, wf in workflows.items()},
         default_workflow(workflows),
         max_request_bytes,
-        {"max_side": IMAGE_MAX_SIDE, "min_side": IMAGE_MIN_SIDE, "formats": sorted(set(IMAGE_FORMATS.values()))})
+        {"max_side": IMAGE_MAX_SIDE, "min_side": IMAGE_MIN_SIDE, "formats": sorted(set(IMAGE_FORMATS.values()))},
+        secured)
 
 
 # -- the application ---------------------------------------------------------------------
+
+
+def check_exposure(settings, host: str) -> None:
+    """CoreError if the REST API may not be served on ``host`` with these settings."""
+    why = exposure_error("the REST API", host, getattr(settings, "api_keys", None) is not None,
+                         bool(getattr(settings, "insecure", False)))
+    if why:
+        raise CoreError(why)
+
 
 
 @web.middleware
@@ -540,7 +600,10 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
     except Invalid as exc:
         if request.method == "POST" and request.path == "/v1/jobs" and exc.status != 404:
             request.app[BROKER].metrics.rejected.labels(exc.reason).inc()
-        return _error(exc.status, exc.field, exc.message)
+        resp = _error(exc.status, exc.field, exc.message)
+        if exc.retry_after_s is not None:
+            resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -565,14 +628,78 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         return _error(500, None, "internal error")
 
 
+def _unauthorized(message: str) -> web.Response:
+    resp = _error(401, "Authorization", message)
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="onepiece"'
+    return resp
+
+
+@web.middleware
+async def _auth(request: web.Request, handler) -> web.StreamResponse:
+    """With keys: every route but OPEN needs a valid bearer key (401) with one of the scopes
+    ACCESS names for it (403, saying which). Without keys (loopback, or --insecure): open."""
+    keys = request.app[KEYS]
+    if keys is None:
+        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    method = "GET" if request.method == "HEAD" else request.method
+    if route is None or (method, route) in OPEN or (method, route) not in ACCESS:
+        return await handler(request)  # open, or no such route: the router's 404/405 say so
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        return _unauthorized("this route needs an API key: send 'Authorization: Bearer <key>' "
+                             "(onepiece keys create makes one)")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _unauthorized("the Authorization header must be 'Bearer <key>'")
+    key = keys.authenticate(token.strip())
+    if key is None:
+        request.app[BROKER].metrics.rejected.labels("unauthorized").inc()
+        return _unauthorized("the API key is not valid (unknown, revoked or mistyped)")
+    need = ACCESS[(method, route)]
+    if not allows(key, need):
+        return _error(403, "Authorization", f"key {key.id} ({', '.join(sorted(key.scopes))}) may not {method} "
+                      f"{route}: it needs the scope {' or '.join(need)}{'' if 'admin' in need else ' (or admin)'}")
+    request[API_KEY] = key
+    return await handler(request)
+
+
+async def _warn_open(app: web.Application) -> None:
+    """--insecure beyond loopback: say so every minute for as long as it serves."""
+    async def loop():
+        while True:
+            log.warning("the REST API is served on %s without API keys (--insecure): anyone who can reach it "
+                        "controls this service", app[EXPOSED])
+            await asyncio.sleep(INSECURE_WARN_S)
+
+    task = asyncio.get_running_loop().create_task(loop(), name="insecure-warning")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+EXPOSED: web.AppKey[str] = web.AppKey("exposed", str)
+
+
 async def _end_streams(app: web.Application) -> None:
     # Open event streams would hold the shutdown for their whole life: end them.
     for queue in list(app[STREAMS]):
         queue.put_nowait(None)
 
 
-def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S) -> web.Application:
-    app = web.Application(client_max_size=broker.settings.max_request_bytes, middlewares=[_errors])
+def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S, keys: KeyRing | None = None) -> web.Application:
+    """The API of ``broker``; ``keys`` (default: the settings' ``api_keys`` file, if any) guards it."""
+    app = web.Application(client_max_size=broker.settings.max_request_bytes, middlewares=[_errors, _auth])
+    path = getattr(broker.settings, "api_keys", None)
+    if keys is None and path is not None:
+        keys = KeyRing(path)
+    app[KEYS] = keys
+    st = broker.settings
+    app[LIMITS] = Limits(rate=getattr(st, "submit_rate", 20.0), burst=getattr(st, "submit_burst", 100),
+                         max_active_per_key=getattr(st, "max_active_per_key", 1000),
+                         max_active=getattr(st, "max_active_jobs", 10000),
+                         max_streams_per_key=getattr(st, "max_streams_per_key", 32))
     app[BROKER] = broker
     app[HEARTBEAT] = heartbeat_s
     app[STREAMS] = set()
@@ -599,8 +726,14 @@ def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S) -> web.Applicatio
 async def start_api(broker: Broker, host: str, port: int, heartbeat_s: float = HEARTBEAT_S
                     ) -> tuple[web.AppRunner, int]:
     """Serve the API on ``host:port`` (0 picks a free port); returns the runner and the bound port.
-    Stop it with ``await runner.cleanup()`` before stopping the broker."""
-    runner = web.AppRunner(make_app(broker, heartbeat_s), shutdown_timeout=5.0)
+    Stop it with ``await runner.cleanup()`` before stopping the broker. Beyond loopback it needs
+    API keys or ``insecure`` (CoreError, saying how to make keys, before anything is bound)."""
+    check_exposure(broker.settings, host)
+    app = make_app(broker, heartbeat_s)
+    if app[KEYS] is None and getattr(broker.settings, "insecure", False) and not is_loopback(host):
+        app[EXPOSED] = host
+        app.cleanup_ctx.append(_warn_open)
+    runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

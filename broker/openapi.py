@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .auth import ACCESS, OPEN
+
 VERSION = "0.1.0"
 EVENT_TYPES = ["queued", "requeued", "stage_assigned", "stage_started", "progress", "stage_finished",
                "stage_retry", "succeeded", "failed", "cancelled"]
@@ -102,7 +104,7 @@ def request_union(workflows: Mapping[str, Any], default_workflow: str | None, fo
 
 
 def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str | None, max_request_bytes: int,
-             image: Mapping[str, Any]) -> dict:
+             image: Mapping[str, Any], secured: bool = False) -> dict:
     """The whole document.
 
     ``workflows`` maps each served workflow to its ``description``, ``params``
@@ -426,12 +428,51 @@ def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str |
                              "responses": {"200": {"description": "Prometheus text format 0.0.4.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     }
+    _secure(paths, secured)
+    paths["/v1/jobs"]["post"]["responses"].setdefault("429", _error(
+        "This key submits too fast (per-key token bucket); the Retry-After header says when to try again."))
+    paths["/v1/jobs"]["post"]["responses"].setdefault("503", _error(
+        "Too many unfinished jobs, of this key or in all; Retry-After says when to try again. Nothing "
+        "accepted is dropped."))
+    paths["/v1/jobs/{id}/events"]["get"]["responses"].setdefault("429", _error(
+        "This key has too many event streams open; Retry-After says when to try again."))
     return {
         "openapi": "3.1.0",
         "info": {"title": "OnePiece broker", "version": VERSION,
                  "description": "Multi-stage video jobs, one request schema per workflow: submit, follow, "
                                 "fetch, cancel. "
-                                "Every error is JSON with `error` and `field`."},
+                                "Every error is JSON with `error` and `field`. "
+                                "A broker started with API keys (--api-keys) needs `Authorization: Bearer <key>` "
+                                "on every route but /healthz, /readyz and this document; each operation's "
+                                "`x-scopes` says which scopes may call it (admin may call all). A key with "
+                                "only `submit` sees and cancels its own jobs."},
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {"schemas": schemas, "securitySchemes": {
+            "apiKey": {"type": "http", "scheme": "bearer",
+                       "description": "An API key from `onepiece keys create` (op_<id>_<secret>)."}}},
     }
+
+
+def _secure(paths: dict, secured: bool) -> None:
+    """Each operation's security from the table the API enforces (broker/auth.py: ACCESS, OPEN):
+    ``x-scopes`` always; the requirement itself only where this broker has keys (without them,
+    on loopback or with --insecure, every route is open, and the document says so)."""
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            if method not in ("get", "post", "put", "patch", "delete", "head", "options"):
+                continue  # "parameters" shared by a path's operations
+            route = (method.upper(), path)
+            if route in OPEN:
+                op["security"] = []
+                continue
+            scopes = ACCESS.get(route)
+            if scopes is None:
+                raise AssertionError(f"{route} is neither open nor in broker.auth.ACCESS")
+            op["security"] = [{"apiKey": []}] if secured else []
+            op["x-scopes"] = list(scopes)
+            if not secured:
+                continue
+            op.setdefault("responses", {})
+            op["responses"].setdefault("401", _error("No valid API key (with keys configured)."))
+            op["responses"].setdefault("403", _error(f"The key lacks the scope: one of {', '.join(scopes)}, "
+                                                     "or admin."))

@@ -14,6 +14,7 @@ silent workers and heartbeats live ones. The REST API
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections import defaultdict
@@ -60,6 +61,9 @@ class Broker:
         self._endings: list[tuple[str, dict]] = []  # terminal events, published once committed
         self._commit_timer: asyncio.TimerHandle | None = None
         self._running: set[str] = set()  # jobs already marked 'running' in the store
+        self.active = 0  # unfinished jobs (accepted, not ended): bounded by the API's limits
+        self.active_by_owner: collections.Counter[str] = collections.Counter()
+        self._owner: dict[str, str] = {}  # unfinished job -> its API key's id
         # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
         self.extensions: dict[str, object] = {}
 
@@ -109,6 +113,7 @@ class Broker:
 
     def _requeue_unfinished(self) -> None:
         now = time.time()
+        owners = self.store.unfinished_owners()
         for job_id, workflow, params, payload, created in self.store.unfinished():
             if workflow not in self.workflows:
                 self.store.add_event(job_id, "failed", {"reason": f"workflow {workflow!r} is no longer served"})
@@ -116,17 +121,33 @@ class Broker:
                 continue
             log.warning("re-queueing job %s: the broker stopped while it ran", job_id)
             self.store.add_event(job_id, "requeued", {"reason": "broker restarted"})
+            self._count_in(job_id, owners.get(job_id))  # before: the submit may end it at once
             self._apply(self.core.submit(job_id, workflow, params, payload, now, created=created))
         self.store.commit()
 
+    def _count_in(self, job_id: str, owner: str | None) -> None:
+        self.active += 1
+        if owner is not None:
+            self._owner[job_id] = owner
+            self.active_by_owner[owner] += 1
+
+    def _count_out(self, job_id: str) -> None:
+        self.active = max(0, self.active - 1)
+        owner = self._owner.pop(job_id, None)
+        if owner is not None:
+            self.active_by_owner[owner] -= 1
+            if self.active_by_owner[owner] <= 0:
+                del self.active_by_owner[owner]
+
     # -- facade for the REST API ----------------------------------------------
-    def submit(self, workflow: str, params: dict, payload: dict | None = None) -> str:
-        """Accept a job; it is durable in the store when this returns. CoreError if refused."""
-        job_id = self._accept(workflow, params, payload)
+    def submit(self, workflow: str, params: dict, payload: dict | None = None, owner: str | None = None) -> str:
+        """Accept a job; it is durable in the store when this returns. CoreError if refused.
+        ``owner``: the id of the API key that submitted it (only it, or a read key, sees it)."""
+        job_id = self._accept(workflow, params, payload, owner)
         self.store.commit()
         return job_id
 
-    def _accept(self, workflow: str, params: dict, payload: dict | None = None) -> str:
+    def _accept(self, workflow: str, params: dict, payload: dict | None = None, owner: str | None = None) -> str:
         """Accept a job into the core and the store's open transaction (durable at the next commit)."""
         wf = self.workflows.get(workflow)
         if wf is None:
@@ -142,8 +163,9 @@ class Broker:
             raise CoreError(f"workflow {workflow!r} needs the input image {missing[0]!r} in the payload")
         job_id = new_job_id()
         now = time.time()
-        self.store.add_job(job_id, workflow, params, payload, now)
+        self.store.add_job(job_id, workflow, params, payload, now, owner)
         self.metrics.submitted.inc()
+        self._count_in(job_id, owner)
         self._apply(self.core.submit(job_id, workflow, params, payload, now))
         return job_id
 
@@ -189,11 +211,28 @@ class Broker:
                 del self._subscribers[job_id]
 
     def result_path(self, job_id: str) -> Path | None:
+        """The file of a succeeded job's result, only if it is inside the result store: a worker
+        reports where it wrote the result, and a worker may lie. The file, symlinks followed, must
+        be a regular file under ``results_dir`` named for this job (``<job id>.<ext>``); anything
+        else (``..``, an absolute path elsewhere, a symlink out, another job's file) is refused,
+        logged, and served as no result."""
         job = self.store.job(job_id)
         if job is None or job["state"] != "succeeded" or not job.get("result"):
             return None
-        path = Path(job["result"].get("path", ""))
-        return path if path.is_file() else None
+        result = job["result"]
+        reported = result.get("key") or result.get("path")
+        if not isinstance(reported, str) or not reported:
+            return None
+        root = self.results_dir.resolve()
+        try:
+            real = (root / reported).resolve(strict=True)  # an absolute ``reported`` stays absolute
+        except (OSError, RuntimeError):  # missing, a symlink loop
+            return None
+        if real.parent != root or not real.name.startswith(f"{job_id}.") or not real.is_file():
+            log.warning("job %s: its result %r is not a file of this job in the result store %s: refused",
+                        job_id, reported[:200], root)
+            return None
+        return real
 
     def stages(self) -> dict:
         """Per stage: workers, queue, load, the progress bound and the tasks that look stuck."""
@@ -361,6 +400,8 @@ class Broker:
             log.info("worker %s left", wid)
             return core.disconnect(wid, now)
         if kind == "SUBMIT":
+            if self.active >= self.settings.max_active_jobs:  # the REST API's bound, at this door too
+                raise CoreError(f"the service holds {self.active} unfinished jobs, its limit: try again later")
             job_id = self._accept(m["workflow"], m["params"], m.get("payload"))
             self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))  # sent once it is durable
             return []
@@ -394,6 +435,7 @@ class Broker:
                 self.metrics.observe_job(self.workflows[job["workflow"]], job["finished"] - job["created"])
             self.core.forget(e.job_id)
             self._running.discard(e.job_id)
+            self._count_out(e.job_id)
             log.info("job %s %s%s", e.job_id, e.type, f": {e.data['reason']}" if e.data.get("reason") else "")
             # Published once durable: a client that saw a job end must never see it run again
             # because the broker died before the commit (the store would re-queue it).

@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL,
     reason TEXT,
     result BLOB,
-    stages BLOB
+    stages BLOB,
+    owner TEXT  -- the id of the API key that submitted it (broker/auth.py); NULL: no key
 );
 CREATE TABLE IF NOT EXISTS event_runs (
     job TEXT NOT NULL,
@@ -122,8 +123,8 @@ class _Batch:
 
     def apply(self, db: sqlite3.Connection) -> None:
         if self.jobs:
-            db.executemany("INSERT INTO jobs (id, workflow, state, params, payload, created) "
-                           "VALUES (?, ?, 'queued', ?, ?, ?)", self.jobs)
+            db.executemany("INSERT INTO jobs (id, workflow, state, params, payload, created, owner) "
+                           "VALUES (?, ?, 'queued', ?, ?, ?, ?)", self.jobs)
         if self.states:
             db.executemany("UPDATE jobs SET state = ? WHERE id = ? AND state NOT IN (?, ?, ?)",
                            [(state, job, *TERMINAL) for job, state in self.states.items()])
@@ -148,6 +149,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "owner" not in columns:  # a store of an earlier version: its jobs have no owner
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
         self._seq: dict[str, int] = {}  # last event number, per job with events this run
         self._batch = _Batch()
         self._queue: collections.deque[_Batch] = collections.deque()  # taken, not yet applied
@@ -166,10 +170,11 @@ class JobStore:
         self.commit()
         self._db.close()
 
-    def add_job(self, job_id: str, workflow: str, params: dict, payload: dict | None, created: float) -> None:
+    def add_job(self, job_id: str, workflow: str, params: dict, payload: dict | None, created: float,
+                owner: str | None = None) -> None:
         """Insert; durable at the next commit, which comes before the job's id is returned."""
         self._batch.jobs.append((job_id, workflow, _pack(params),
-                                 msgpack.packb(payload) if payload else None, created))
+                                 msgpack.packb(payload) if payload else None, created, owner))
         self._seq[job_id] = -1  # a new job has no events yet
 
     def add_event(self, job_id: str, type_: str, data: dict, ts: float | None = None) -> int:
@@ -254,7 +259,7 @@ class JobStore:
             return self._db.execute(sql, args).fetchall()
 
     def job(self, job_id: str) -> dict | None:
-        rows = self._read("SELECT id, workflow, state, params, created, finished, reason, result, stages "
+        rows = self._read("SELECT id, workflow, state, params, created, finished, reason, result, stages, owner "
                           "FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             return None
@@ -264,6 +269,7 @@ class JobStore:
             "created": row[4], "finished": row[5], "reason": row[6],
             "result": _unpack(row[7]) if row[7] else None,
             "stages": _unpack(row[8]) if row[8] else {},
+            "owner": row[9],
         }
 
     def events(self, job_id: str, after: int = -1) -> list[dict]:
@@ -284,10 +290,17 @@ class JobStore:
                           "ORDER BY created", TERMINAL)
         return [(i, w, _unpack(p), msgpack.unpackb(b) if b else None, c) for i, w, p, b, c in rows]
 
+    def unfinished_owners(self) -> dict[str, str]:
+        """The API key (id) of each unfinished job that has one."""
+        return dict(self._read("SELECT id, owner FROM jobs WHERE state NOT IN (?, ?, ?) AND owner IS NOT NULL",
+                               TERMINAL))
+
     def counts(self) -> dict[str, int]:
         return dict(self._read("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
-    def recent(self, limit: int = 20) -> list[dict]:
-        rows = self._read("SELECT id, workflow, state, created, finished, reason FROM jobs "
-                          "ORDER BY created DESC LIMIT ?", (limit,))
-        return [dict(zip(("id", "workflow", "state", "created", "finished", "reason"), r)) for r in rows]
+    def recent(self, limit: int = 20, owner: str | None = None) -> list[dict]:
+        """The newest jobs, of ``owner`` only if given."""
+        where, args = ("WHERE owner = ? ", (owner, limit)) if owner is not None else ("", (limit,))
+        rows = self._read("SELECT id, workflow, state, created, finished, reason, owner FROM jobs "
+                          f"{where}ORDER BY created DESC LIMIT ?", args)
+        return [dict(zip(("id", "workflow", "state", "created", "finished", "reason", "owner"), r)) for r in rows]

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from onepiece import client
 from stages.workflow import load_workflow
 
 log = logging.getLogger("onepiece.manager.remote")
@@ -29,11 +30,16 @@ class _Metrics:
         self.registry = CollectorRegistry()
 
 
+class BrokerRefused(Exception):
+    """The broker refused the manager's API key (missing, invalid, or without admin)."""
+
+
 class RemoteBroker:
     """A read-mostly proxy of a broker's REST API (see the module docstring)."""
 
-    def __init__(self, url: str, workflows: list[str], *, refresh_s: float = 0.25):
+    def __init__(self, url: str, workflows: list[str], *, refresh_s: float = 0.25, api_key: str | None = None):
         self.url = url.rstrip("/")
+        self.api_key = api_key  # needs admin (signals, drain); default: $ONEPIECE_API_KEY
         self.workflows = {wf.name: wf for wf in map(load_workflow, workflows)}
         self.refresh_s = refresh_s
         self.metrics = _Metrics()
@@ -44,7 +50,7 @@ class RemoteBroker:
 
     async def start(self, timeout: float = 120.0) -> None:
         """Connect and take a first snapshot (retrying while the broker starts)."""
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._session = client.session(self.api_key, timeout=aiohttp.ClientTimeout(total=10))
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -66,6 +72,10 @@ class RemoteBroker:
 
     async def _refresh(self) -> None:
         async with self._session.get(f"{self.url}/v1/signals") as resp:
+            if resp.status in (401, 403):  # no retry can fix a key: say so at once
+                raise BrokerRefused(f"the broker at {self.url} refused the node manager (HTTP {resp.status}): "
+                                    f"{await client.error_text(resp)}; give it an admin key (--api-key or "
+                                    f"{client.API_KEY_ENV})")
             resp.raise_for_status()
             body = await resp.json()
         self.snapshot = {"signals": body["signals"], "stages": body["stages"]}
@@ -75,7 +85,7 @@ class RemoteBroker:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self._refresh()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except (aiohttp.ClientError, OSError, TimeoutError, BrokerRefused) as exc:
                 log.warning("broker at %s: %s (keeping the last snapshot)", self.url, exc)
 
     def stages(self) -> dict:

@@ -60,6 +60,12 @@ SETTINGS_FLAGS = {
     "checkpoint_s": ("--checkpoint-s", float,
                      "... or every this many seconds, whichever comes first (default 60; 0: not by time)"),
     "checkpoint_bytes": ("--checkpoint-bytes", int, "other workers' checkpoints kept here (default 512 MiB)"),
+    "api_keys": ("--api-keys", Path, "REST API keys file (onepiece keys create); needed to serve REST on an "
+                                     "address other than loopback"),
+    "api_keys_init": ("--api-keys-init", Path, "at first start (no --api-keys file yet): create it with one admin "
+                                               "key and write that key to this file (mode 0600)"),
+    "insecure": ("--insecure", None, "serve REST on a non-loopback address without API keys: anyone who can "
+                                     "reach it controls the service (a warning is logged every minute)"),
 }
 
 
@@ -67,7 +73,10 @@ def _settings_args(p: argparse.ArgumentParser, *names: str) -> None:
     """Add the SETTINGS_FLAGS of ``names`` to a subcommand."""
     for name in names:
         flag, typ, help_ = SETTINGS_FLAGS[name]
-        p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+        if typ is None:  # a switch: given, it is true; absent, the settings decide
+            p.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
 
 
 def _settings(args):
@@ -147,11 +156,29 @@ def _policy(args, settings):
                                            service_cv=service_cv))
 
 
+def _check_exposure(settings) -> None:
+    """Make the first admin key if asked (--api-keys-init), then refuse, before anything starts,
+    to serve REST beyond loopback without keys (or --insecure)."""
+    from broker.api import check_exposure
+    from broker.auth import KeysError, init_keys
+    from broker.errors import CoreError
+
+    try:
+        if settings.api_keys_init is not None:
+            if settings.api_keys is None:
+                raise SystemExit("error: --api-keys-init needs --api-keys (the keys file to create)")
+            init_keys(settings.api_keys, settings.api_keys_init)
+        check_exposure(settings, settings.rest_host)
+    except (CoreError, KeysError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 # -- commands --------------------------------------------------------------------------
 async def cmd_up(args) -> int:
     from .stack import Stack
 
     settings = _settings(args)
+    _check_exposure(settings)
     stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
                   cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb)
     try:
@@ -175,9 +202,14 @@ async def cmd_broker(args) -> int:
     from broker.service import Broker
 
     settings = _settings(args)
+    _check_exposure(settings)
     broker = Broker(settings)
     await broker.start()
-    runner, port = await start_api(broker, settings.rest_host, settings.rest_port)
+    try:
+        runner, port = await start_api(broker, settings.rest_host, settings.rest_port)
+    except BaseException:
+        await broker.stop()
+        raise
     log.info("REST API on http://%s:%d", settings.rest_host, port)
     freeze_startup_heap()
     try:
@@ -189,11 +221,20 @@ async def cmd_broker(args) -> int:
 
 
 async def cmd_manager(args) -> int:
-    from manager.remote import RemoteBroker, start_manager_api
+    from manager.remote import BrokerRefused, RemoteBroker, start_manager_api
     from manager.service import Manager, default_cpu_slots, default_gpu_slots
 
     settings = _settings(args)
-    remote = RemoteBroker(args.broker_url, settings.workflows)
+    key = args.api_key
+    if key is None and args.api_key_file is not None:
+        from broker.auth import KeysError, read_token
+
+        try:  # beside a broker that writes it at its first start: wait for it a while
+            key = await asyncio.to_thread(read_token, args.api_key_file, 120.0)
+        except KeysError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    remote = RemoteBroker(args.broker_url, settings.workflows, api_key=key)
     if args.launcher == "compose":
         from manager.compose import ComposeLauncher
 
@@ -206,7 +247,12 @@ async def cmd_manager(args) -> int:
     manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
                       cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned,
                       gpu_memory_gb=args.gpu_memory_gb, gpu_max_load=1.0 if args.gpu_memory_gb else None)
-    await remote.start()
+    try:
+        await remote.start()
+    except BrokerRefused as exc:
+        await remote.stop()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     runner = None
     try:
         await manager.start()
@@ -219,6 +265,36 @@ async def cmd_manager(args) -> int:
         if runner is not None:
             await runner.cleanup()
         await remote.stop()
+    return 0
+
+
+async def cmd_keys(args) -> int:
+    """Make, list and revoke REST API keys in a keys file (broker/auth.py)."""
+    from broker.auth import KeysError, add_key, list_keys, revoke_key
+
+    path = args.file or _settings(args).api_keys
+    if path is None:
+        print("error: name the keys file with --file (or --api-keys / ONEPIECE_API_KEYS)", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_command == "create":
+            key_id, token = add_key(path, args.scope, args.name or "")
+            print(token)
+            print(f"key {key_id} ({', '.join(sorted(set(args.scope)))}) added to {path}. The line above is the "
+                  "key: it is shown once and stored only as a hash. Clients send it as "
+                  "'Authorization: Bearer <key>' (onepiece: --api-key or ONEPIECE_API_KEY).", file=sys.stderr)
+        elif args.keys_command == "list":
+            for e in list_keys(path):
+                print(f"{e['id']}  {','.join(e['scopes']):<20} {e.get('created', ''):<21} {e.get('name', '')}")
+        else:
+            if not revoke_key(path, args.id):
+                print(f"error: no key {args.id} in {path}", file=sys.stderr)
+                return 1
+            print(f"key {args.id} revoked (a broker reading {path} stops accepting it within a second)",
+                  file=sys.stderr)
+    except KeysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -255,7 +331,7 @@ async def cmd_submit(args) -> int:
     # only what was given: the broker fills in the defaults of its own declaration
     params = {name: value for name in args.value_params if (value := getattr(args, _dest(name))) is not None}
     image = images.pop("image", None)
-    async with aiohttp.ClientSession() as session:
+    async with client.session(args.api_key) as session:
         try:
             job_id = await client.submit(session, args.url, image, workflow=args.submit_workflow, **images, **params)
             print(f"job {job_id} submitted", file=sys.stderr)
@@ -291,15 +367,17 @@ def _dest(name: str) -> str:
     return f"param_{name}"  # apart from the command's own options (url, out, ...)
 
 
-def _get_json(url: str, timeout: float):
+def _get_json(url: str, timeout: float, key: str | None = None):
     import json
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    from .client import auth_headers
+
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers(key)), timeout=timeout) as resp:
         return json.load(resp)
 
 
-def fetch_declaration(url: str, workflow: str | None, timeout: float = 3.0) -> Declaration:
+def fetch_declaration(url: str, workflow: str | None, timeout: float = 3.0, key: str | None = None) -> Declaration:
     """The params of ``workflow`` as the broker at ``url`` declares them (it is the one that checks
     them); the shipped workflow file of that name where the broker cannot be reached. None: the
     broker's default workflow (wan_i2v offline). A path to a TOML file is read as it is."""
@@ -322,18 +400,18 @@ def fetch_declaration(url: str, workflow: str | None, timeout: float = 3.0) -> D
     offline = f" (the broker at {url} did not answer)"
     try:
         if workflow is None:
-            listing = _get_json(f"{url}/v1/workflows", timeout)
+            listing = _get_json(f"{url}/v1/workflows", timeout, key)
             workflow = listing.get("default")
             if workflow is None:
                 served = ", ".join(w["name"] for w in listing.get("workflows", []))
                 raise SystemExit(f"error: the broker at {url} serves {served} and no default: pass --workflow")
-        view = _get_json(f"{url}/v1/workflows/{urllib.parse.quote(workflow, safe='')}", timeout)
+        view = _get_json(f"{url}/v1/workflows/{urllib.parse.quote(workflow, safe='')}", timeout, key)
     except urllib.error.HTTPError as exc:
         try:
             body = json.load(exc)
         except ValueError:
             body = {}
-        if exc.code == 404 and body.get("field") == "name":
+        if (exc.code == 404 and body.get("field") == "name") or exc.code in (401, 403):
             raise SystemExit(f"error: {body.get('error')} (at {url})") from None
         # a broker without GET /v1/workflows, or one that is failing: the shipped file says what it takes
         return from_file(workflow or "wan_i2v", f" (the broker at {url} answered HTTP {exc.code})")
@@ -425,17 +503,23 @@ def _submit_workflow(argv: list[str]) -> Declaration | None:
     sub = argparse.ArgumentParser(add_help=False)
     sub.add_argument("--workflow")
     sub.add_argument("--url", default=DEFAULT_URL)
+    sub.add_argument("--api-key", default=None)
     opts, _ = sub.parse_known_args(known.rest)
-    return fetch_declaration(opts.url, opts.workflow)
+    return fetch_declaration(opts.url, opts.workflow, key=opts.api_key)
 
 
 async def cmd_status(args) -> int:
     import aiohttp
 
+    from . import client
+
     try:
-        async with aiohttp.ClientSession() as session:
+        async with client.session(args.api_key) as session:
             async with session.get(f"{args.url}/v1/stages") as resp:
                 overview = await resp.json()
+                if resp.status in (401, 403):
+                    print(f"error: {overview.get('error')}", file=sys.stderr)
+                    return 2
             async with session.get(f"{args.url}/v1/jobs", params={"limit": str(args.jobs)}) as resp:
                 jobs = (await resp.json()) if resp.status == 200 else {"jobs": []}
     except aiohttp.ClientConnectorError as exc:
@@ -490,6 +574,11 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
                         "several small stages to a GPU (default: one worker per slot)")
 
 
+def _api_key_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="the REST API key to send (default: $ONEPIECE_API_KEY; none on a broker without keys)")
+
+
 def _shipped_declaration() -> Declaration:
     from stages.workflow import load_workflow
 
@@ -509,7 +598,8 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run broker, REST API, node manager and stage workers here")
     _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts",
-                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "checkpoint_steps", "checkpoint_s")
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "checkpoint_steps", "checkpoint_s",
+                   "api_keys", "api_keys_init", "insecure")
     up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     _manager_args(up)
     up.add_argument("--ready-timeout", type=float, default=300.0)
@@ -517,7 +607,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
 
     br = sub.add_parser("broker", help="run the broker and its REST API")
     _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts",
-                   "job_deadline_s", "progress_floor_s", "progress_cap_s")
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "api_keys", "api_keys_init", "insecure")
     br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     br.set_defaults(func=cmd_broker)
 
@@ -531,6 +621,9 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     mg.add_argument("--compose-file", default="docker/compose.yaml")
     mg.add_argument("--compose-project", default="onepiece")
     mg.add_argument("--port", type=int, default=8001, help="port of the manager's /metrics (default 8001)")
+    _api_key_arg(mg)
+    mg.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                    help="read the (admin) API key from this file, e.g. the broker's --api-keys-init file")
     _manager_args(mg)
     mg.set_defaults(func=cmd_manager)
 
@@ -552,12 +645,30 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     sb.add_argument("--out", default="video.mp4")
     sb.add_argument("--url", default=DEFAULT_URL)
     sb.add_argument("--quiet", action="store_true")
+    _api_key_arg(sb)
     _submit_args(sb, submit if submit is not None else _shipped_declaration())
     sb.set_defaults(func=cmd_submit)
+
+    ks = sub.add_parser("keys", help="make, list and revoke REST API keys")
+    ks_sub = ks.add_subparsers(dest="keys_command", required=True)
+    kc = ks_sub.add_parser("create", help="add a key and print it, once")
+    kc.add_argument("--scope", action="append", required=True, choices=("submit", "read", "admin"),
+                    help="what the key may do (repeatable): submit (create jobs, see and cancel its own), "
+                         "read (every job, the stages, metrics), admin (everything: drain workers, signals)")
+    kc.add_argument("--name", default="", help="who or what the key is for (shown by keys list)")
+    kl = ks_sub.add_parser("list", help="the keys of the file (ids, scopes, names; never the keys)")
+    kr = ks_sub.add_parser("revoke", help="remove a key")
+    kr.add_argument("id", help="the key's id (8 hex digits, as keys list shows it)")
+    for k in (kc, kl, kr):
+        k.add_argument("--file", type=Path, default=None,
+                       help="the keys file (default: --api-keys / ONEPIECE_API_KEYS of the settings)")
+        _settings_args(k, "api_keys")
+    ks.set_defaults(func=cmd_keys)
 
     st = sub.add_parser("status", help="stages, workers and recent jobs")
     st.add_argument("--url", default="http://127.0.0.1:8000")
     st.add_argument("--jobs", type=int, default=10)
+    _api_key_arg(st)
     st.set_defaults(func=cmd_status)
     return p
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -11,11 +12,32 @@ from pathlib import Path
 import aiohttp
 
 
+API_KEY_ENV = "ONEPIECE_API_KEY"
+
+
+def api_key(given: str | None = None) -> str | None:
+    """The API key to send: ``given`` (a --api-key flag), else ``ONEPIECE_API_KEY``, else none."""
+    key = given if given else os.environ.get(API_KEY_ENV, "")
+    return key.strip() or None
+
+
+def auth_headers(key: str | None = None) -> dict[str, str]:
+    """The Authorization header of ``api_key(key)`` (empty without a key)."""
+    key = api_key(key)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def session(key: str | None = None, **kwargs) -> aiohttp.ClientSession:
+    """A client session that sends the API key (``key``, else ``ONEPIECE_API_KEY``) on every request."""
+    headers = {**kwargs.pop("headers", {}), **auth_headers(key)}
+    return aiohttp.ClientSession(headers=headers, **kwargs)
+
+
 class JobFailed(Exception):
     """The job ended failed or cancelled; the message is the broker's reason."""
 
 
-async def _error(resp: aiohttp.ClientResponse) -> str:
+async def error_text(resp: aiohttp.ClientResponse) -> str:
     try:
         body = await resp.json()
         return body.get("error", str(body))
@@ -40,7 +62,7 @@ async def submit(session: aiohttp.ClientSession, url: str, image: bytes | None, 
         body["image"] = base64.b64encode(image).decode()
     async with session.post(f"{url}/v1/jobs", json=body) as resp:
         if resp.status != 201:
-            raise JobFailed(f"submission refused ({resp.status}): {await _error(resp)}")
+            raise JobFailed(f"submission refused ({resp.status}): {await error_text(resp)}")
         return (await resp.json())["id"]
 
 
@@ -48,7 +70,7 @@ async def events(session: aiohttp.ClientSession, url: str, job_id: str) -> Async
     """Server-sent events of a job until it ends."""
     async with session.get(f"{url}/v1/jobs/{job_id}/events", timeout=aiohttp.ClientTimeout(total=None)) as resp:
         if resp.status != 200:
-            raise JobFailed(f"events unavailable ({resp.status}): {await _error(resp)}")
+            raise JobFailed(f"events unavailable ({resp.status}): {await error_text(resp)}")
         event: dict = {}
         async for raw in resp.content:
             line = raw.decode().rstrip("\r\n")
@@ -77,7 +99,7 @@ async def wait(session, url: str, job_id: str, on_event: Callable[[dict], None] 
 async def download(session, url: str, job_id: str, out: Path) -> int:
     async with session.get(f"{url}/v1/jobs/{job_id}/result") as resp:
         if resp.status != 200:
-            raise JobFailed(f"result unavailable ({resp.status}): {await _error(resp)}")
+            raise JobFailed(f"result unavailable ({resp.status}): {await error_text(resp)}")
         data = await resp.read()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)

@@ -35,6 +35,17 @@ class Settings:
     progress_factor: float = 4.0
     job_deadline_s: float = 3600.0
     max_request_bytes: int = 16 << 20
+    # REST API keys (broker/auth.py): the keys file; None = no keys, allowed on loopback only
+    api_keys: Path | None = None
+    # first start: if the api_keys file does not exist, make one admin key and write it here (0600)
+    api_keys_init: Path | None = None
+    insecure: bool = False  # serve a non-loopback address without keys (logs a warning every minute)
+    # overload (broker/limits.py): past these, 429 or 503 with Retry-After, never a lost job
+    submit_rate: float = 20.0  # jobs/s per API key (token bucket) ...
+    submit_burst: int = 100  # ... this deep
+    max_active_per_key: int = 1000  # unfinished jobs of one key
+    max_active_jobs: int = 10000  # unfinished jobs in all (REST and control-socket SUBMIT)
+    max_streams_per_key: int = 32  # open event streams of one key
     commit_interval_s: float = 0.02  # group commit of the job store; SUBMIT replies wait for it
     # workers
     transport: str = "shm"  # shm | tcp | rdma | auto
@@ -89,6 +100,12 @@ class Settings:
 def _coerce(f: dataclasses.Field, raw: Any) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if isinstance(raw, str):
+        if kind.startswith("bool"):
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"expected true or false, not {raw!r}")
         if kind.startswith("int"):
             return int(raw)
         if kind.startswith("float"):

@@ -324,8 +324,10 @@ class VideoEncode(StageKind):
         tmp.write_bytes(data)
         os.replace(tmp, path)  # a reader never sees half a file
         _, _, frames, height, width = video.shape
-        return StageOutput({}, {"path": str(path.resolve()), "bytes": len(data), "frames": int(frames),
-                                "height": int(height), "width": int(width), "content_type": "video/mp4"})
+        # the key names the file inside the broker's result store; the broker resolves it there
+        return StageOutput({}, {"key": path.name, "path": str(path.resolve()), "bytes": len(data),
+                                "frames": int(frames), "height": int(height), "width": int(width),
+                                "content_type": "video/mp4"})
 
 
 class Synthetic(StageKind):
