@@ -269,13 +269,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_error(what: str, host: str, keys: bool, insecure: bool) -> str | None:
+REST_HOW = ("Create a key with `onepiece keys create --scope admin --file KEYS.json` and start with --api-keys "
+            "KEYS.json (clients take the key from --api-key or ONEPIECE_API_KEY)")
+REST_RISK = "anyone who can reach it could submit, read and cancel every job and drain the workers"
+
+
+def exposure_error(what: str, host: str, keys: bool, insecure: bool, how: str = REST_HOW,
+                   risk: str = REST_RISK) -> str | None:
     """Why serving ``what`` on ``host`` is refused (None if it is not): beyond loopback, only
     with keys, or with ``--insecure`` said out loud."""
     if keys or insecure or is_loopback(host):
         return None
-    return (f"refusing to serve {what} on {host} without API keys: anyone who can reach it could submit, read "
-            "and cancel every job and drain the workers. Create a key with `onepiece keys create --scope admin "
-            "--file KEYS.json` and start with --api-keys KEYS.json (clients take the key from --api-key or "
-            "ONEPIECE_API_KEY), or bind to 127.0.0.1, or pass --insecure to serve it open anyway")
+    return (f"refusing to serve {what} on {host} without keys: {risk}. {how}, or bind to 127.0.0.1, or pass "
+            "--insecure to serve it open anyway")
 

@@ -28,6 +28,7 @@ from stages.workflow import Workflow, load_workflow
 from . import protocol
 from .control import ControlSocket
 from .core import TERMINAL, Core, JobEvent, Stale, ToWorker
+from .curve import Allowlist, CurveError, secure_server
 from .errors import CoreError, UnknownJob, UnknownWorker
 from .metrics import BrokerMetrics
 from .store import JobStore, new_job_id
@@ -66,11 +67,27 @@ class Broker:
         self._owner: dict[str, str] = {}  # unfinished job -> its API key's id
         # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
         self.extensions: dict[str, object] = {}
+        self._allow = None  # the CURVE allow-list's ZAP handler, with --curve-secret
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         self._ctx = zmq.Context()
+        self._allow = None
+        st = self.settings
+        if getattr(st, "curve_secret", None) is not None:  # CURVE: only allow-listed peers get in
+            if getattr(st, "curve_allow", None) is None:
+                self._ctx.term()
+                raise CoreError("--curve-secret needs --curve-allow: the directory of the public certificates "
+                                "of the workers and managers that may connect")
+            try:
+                self._allow = Allowlist(self._ctx, st.curve_allow)
+                self._allow.start()  # the ZAP handler is there before the socket binds
+            except CurveError as exc:
+                self._ctx.term()
+                raise CoreError(str(exc)) from None
         sock = self._ctx.socket(zmq.ROUTER)
+        if self._allow is not None:
+            secure_server(sock, st.curve_secret)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker keeps its id
         sock.setsockopt(zmq.RCVHWM, 100_000)
@@ -80,6 +97,8 @@ class Broker:
             sock.bind(self.settings.control)  # "tcp://host:*" picks a free port
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            if self._allow is not None:
+                self._allow.stop()
             self._ctx.term()
             raise CoreError(f"cannot bind the control plane on {self.settings.control}: {exc}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -107,6 +126,9 @@ class Broker:
         self._subscribers.clear()
         if self._ctl is not None:
             self._ctl.close()
+            if self._allow is not None:
+                self._allow.stop()
+                self._allow = None
             self._ctx.term()
             self._ctl = None
         self.store.close()

@@ -83,6 +83,8 @@ class LocalLauncher(Launcher):
             cmd += ["--device", s.device]
         if s.dtype:
             cmd += ["--dtype", s.dtype]
+        if s.curve_broker is not None:  # CURVE: the worker's certificate and the broker's public one
+            cmd += ["--curve-secret", str(s.curve_secret), "--curve-broker", str(s.curve_broker)]
         if sp != 1:
             cmd += ["--sp", str(sp)]
         return cmd + self.extra_args

@@ -64,6 +64,13 @@ SETTINGS_FLAGS = {
                                      "address other than loopback"),
     "api_keys_init": ("--api-keys-init", Path, "at first start (no --api-keys file yet): create it with one admin "
                                                "key and write that key to this file (mode 0600)"),
+    "curve_secret": ("--curve-secret", Path, "CURVE on the control plane: this process's certificate "
+                                           "(NAME.key_secret, from onepiece keys curve)"),
+    "curve_allow": ("--curve-allow", Path, "the broker's allow-list: a directory of the public certificates "
+                                          "(NAME.key) of the workers and managers that may connect"),
+    "curve_broker": ("--curve-broker", Path, "the broker's public certificate (broker.key), for a worker"),
+    "curve_init": ("--curve-init", Path, "at first start, make the broker's CURVE pair, the workers' pair and "
+                                        "the allow-list in this directory (compose)"),
     "insecure": ("--insecure", None, "serve REST on a non-loopback address without API keys: anyone who can "
                                      "reach it controls the service (a warning is logged every minute)"),
 }
@@ -156,11 +163,13 @@ def _policy(args, settings):
                                            service_cv=service_cv))
 
 
-def _check_exposure(settings) -> None:
-    """Make the first admin key if asked (--api-keys-init), then refuse, before anything starts,
-    to serve REST beyond loopback without keys (or --insecure)."""
+def _check_exposure(settings):
+    """Make the first keys if asked (--api-keys-init, --curve-init), then refuse, before anything
+    starts, to serve REST or the control socket beyond loopback without keys (or --insecure).
+    Returns the settings, with the CURVE paths --curve-init made."""
     from broker.api import check_exposure
-    from broker.auth import KeysError, init_keys
+    from broker.auth import KeysError, exposure_error, init_keys
+    from broker.curve import CurveError, init_dir
     from broker.errors import CoreError
 
     try:
@@ -168,17 +177,40 @@ def _check_exposure(settings) -> None:
             if settings.api_keys is None:
                 raise SystemExit("error: --api-keys-init needs --api-keys (the keys file to create)")
             init_keys(settings.api_keys, settings.api_keys_init)
+        if settings.curve_init is not None:
+            made = init_dir(settings.curve_init)
+            settings = settings.replace(curve_secret=settings.curve_secret or made["broker_secret"],
+                                        curve_allow=settings.curve_allow or made["allow"])
         check_exposure(settings, settings.rest_host)
-    except (CoreError, KeysError) as exc:
+        host = _endpoint_host(settings.control)
+        why = host and exposure_error(
+            "the control socket", host, settings.curve_secret is not None, settings.insecure,
+            how="Make CURVE key pairs with `onepiece keys curve broker --dir KEYS` (and one per worker host, its "
+                "public .key file in an allow-list directory) and start with --curve-secret KEYS/broker.key_secret "
+                "--curve-allow ALLOWDIR (workers: --curve-secret, --curve-broker KEYS/broker.key), or "
+                "--curve-init DIR to make them all",
+            risk="anyone who can reach it could register as a worker, receive other users' prompts and images, "
+                 "and submit jobs")
+        if why:
+            raise SystemExit("error: " + why)
+    except (CoreError, KeysError, CurveError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    return settings
+
+
+def _endpoint_host(endpoint: str) -> str | None:
+    """The host a ZeroMQ tcp endpoint binds (None for ipc://, inproc://: this machine only)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0]
+    return "0.0.0.0" if host == "*" else host
 
 
 # -- commands --------------------------------------------------------------------------
 async def cmd_up(args) -> int:
     from .stack import Stack
 
-    settings = _settings(args)
-    _check_exposure(settings)
+    settings = _check_exposure(_settings(args))
     stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
                   cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb)
     try:
@@ -201,8 +233,7 @@ async def cmd_broker(args) -> int:
     from broker.api import start_api
     from broker.service import Broker
 
-    settings = _settings(args)
-    _check_exposure(settings)
+    settings = _check_exposure(_settings(args))
     broker = Broker(settings)
     await broker.start()
     try:
@@ -271,9 +302,10 @@ async def cmd_manager(args) -> int:
 async def cmd_keys(args) -> int:
     """Make, list and revoke REST API keys in a keys file (broker/auth.py)."""
     from broker.auth import KeysError, add_key, list_keys, revoke_key
+    from broker.curve import CurveError
 
     path = args.file or _settings(args).api_keys
-    if path is None:
+    if path is None and args.keys_command != "curve":
         print("error: name the keys file with --file (or --api-keys / ONEPIECE_API_KEYS)", file=sys.stderr)
         return 2
     try:
@@ -283,6 +315,15 @@ async def cmd_keys(args) -> int:
             print(f"key {key_id} ({', '.join(sorted(set(args.scope)))}) added to {path}. The line above is the "
                   "key: it is shown once and stored only as a hash. Clients send it as "
                   "'Authorization: Bearer <key>' (onepiece: --api-key or ONEPIECE_API_KEY).", file=sys.stderr)
+        elif args.keys_command == "curve":
+            from broker.curve import make_keypair
+
+            directory = args.dir
+            public, secret = make_keypair(directory, args.name)
+            print(f"{public}\n{secret}")
+            print(f"CURVE pair {args.name}: give {secret.name} (0600) to that process (--curve-secret) only; "
+                  f"copy {public.name} into the broker's --curve-allow directory to let it in (the broker's own "
+                  f"{public.name} goes to its workers as --curve-broker)", file=sys.stderr)
         elif args.keys_command == "list":
             for e in list_keys(path):
                 print(f"{e['id']}  {','.join(e['scopes']):<20} {e.get('created', ''):<21} {e.get('name', '')}")
@@ -292,7 +333,7 @@ async def cmd_keys(args) -> int:
                 return 1
             print(f"key {args.id} revoked (a broker reading {path} stops accepting it within a second)",
                   file=sys.stderr)
-    except KeysError as exc:
+    except (KeysError, CurveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -607,14 +648,16 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
 
     br = sub.add_parser("broker", help="run the broker and its REST API")
     _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts",
-                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "api_keys", "api_keys_init", "insecure")
+                   "job_deadline_s", "progress_floor_s", "progress_cap_s", "api_keys", "api_keys_init", "insecure",
+                   "curve_secret", "curve_allow", "curve_init")
     br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     br.set_defaults(func=cmd_broker)
 
     mg = sub.add_parser("manager", help="run the node manager next to a broker reached over REST")
     mg.add_argument("--broker-url", default="http://127.0.0.1:8000")
     _settings_args(mg, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
-                   "liveness", "data_host", "ring_bytes", "rest_host", "checkpoint_steps", "checkpoint_s")
+                   "liveness", "data_host", "ring_bytes", "rest_host", "checkpoint_steps", "checkpoint_s",
+                   "curve_secret", "curve_broker")
     mg.add_argument("--workflows", nargs="+", help="workflows the broker serves (default wan_i2v)")
     mg.add_argument("--launcher", choices=("local", "compose"), default="local",
                     help="start workers as local processes or as docker compose replicas")
@@ -634,7 +677,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
                    "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
-                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp")
+                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp", "curve_secret", "curve_broker")
     wk.set_defaults(func=cmd_worker)
 
     sb = sub.add_parser("submit", help="submit a job over REST, follow it and save the video",
@@ -663,6 +706,10 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
         k.add_argument("--file", type=Path, default=None,
                        help="the keys file (default: --api-keys / ONEPIECE_API_KEYS of the settings)")
         _settings_args(k, "api_keys")
+    kv = ks_sub.add_parser("curve", help="make a CURVE key pair for the control plane: NAME.key, NAME.key_secret")
+    kv.add_argument("name", help="whose pair: broker, a worker host's name, ...")
+    kv.add_argument("--dir", type=Path, required=True, help="where to write the two files")
+    kv.set_defaults(file=None)
     ks.set_defaults(func=cmd_keys)
 
     st = sub.add_parser("status", help="stages, workers and recent jobs")

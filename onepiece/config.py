@@ -40,6 +40,12 @@ class Settings:
     # first start: if the api_keys file does not exist, make one admin key and write it here (0600)
     api_keys_init: Path | None = None
     insecure: bool = False  # serve a non-loopback address without keys (logs a warning every minute)
+    # CURVE on the control plane (broker/curve.py): this process's secret certificate; the broker's
+    # allow-list of peers' public certificates; a peer's copy of the broker's public certificate
+    curve_secret: Path | None = None
+    curve_allow: Path | None = None
+    curve_broker: Path | None = None
+    curve_init: Path | None = None  # the broker makes its pair, the workers' pair and the allow-list here once
     # overload (broker/limits.py): past these, 429 or 503 with Retry-After, never a lost job
     submit_rate: float = 20.0  # jobs/s per API key (token bucket) ...
     submit_burst: int = 100  # ... this deep
@@ -78,6 +84,8 @@ class Settings:
     workflows: list[str] = field(default_factory=lambda: ["wan_i2v"])
 
     def __post_init__(self) -> None:
+        if self.curve_broker is not None and self.curve_secret is None:
+            raise ValueError("curve_broker needs curve_secret: this peer's own certificate (.key_secret)")
         if self.sp not in (1, 2, 4, 8):
             raise ValueError(f"sp: {self.sp}; must be 1, 2, 4 or 8")
 

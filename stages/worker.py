@@ -390,6 +390,10 @@ class Worker:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.id.encode())
         sock.setsockopt(zmq.LINGER, 0)
+        if self.settings.curve_broker is not None:  # CURVE: this worker's key, the broker's public one
+            from broker.curve import secure_client
+
+            secure_client(sock, self.settings.curve_secret, self.settings.curve_broker)
         sock.connect(self.settings.control)
         self._ctl = ControlSocket(sock, routed=False, on_message=self._on_control,
                                   on_bad=lambda _peer, reason: log.warning("bad control message from the broker: %s",

@@ -91,7 +91,7 @@ def test_serving_beyond_loopback_needs_keys_or_insecure():
 
 
 def test_the_cli_refuses_a_non_loopback_broker_without_keys_before_it_starts(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="refusing to serve the REST API on 0.0.0.0 without API keys"):
+    with pytest.raises(SystemExit, match="refusing to serve the REST API on 0.0.0.0 without keys"):
         cli_main(["broker", "--rest-host", "0.0.0.0", "--data-dir", str(tmp_path / "d")])
     assert not (tmp_path / "d").exists()  # nothing was started, not even the store
 
@@ -100,7 +100,7 @@ async def test_start_api_refuses_before_binding(tmp_path):
     broker = Broker(Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path, workflows=["synthetic3"]))
     await broker.start()
     try:
-        with pytest.raises(CoreError, match="without API keys"):
+        with pytest.raises(CoreError, match="without keys"):
             await start_api(broker, "0.0.0.0", 0)
     finally:
         await broker.stop()
