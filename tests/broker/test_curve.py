@@ -160,3 +160,19 @@ async def test_workers_with_their_keys_run_a_job_end_to_end(tmp_path, keys):
             assert broker.job(job)["state"] == "succeeded", broker.job(job)
         finally:
             await launcher.aclose(10)
+
+
+def test_a_control_socket_beyond_loopback_needs_curve_or_insecure(tmp_path):
+    from onepiece.cli import _check_exposure, main
+
+    with pytest.raises(SystemExit, match="refusing to serve the control socket on 0.0.0.0 without keys.*keys curve"):
+        main(["broker", "--control", "tcp://0.0.0.0:5555", "--data-dir", str(tmp_path / "d")])
+    assert not (tmp_path / "d").exists()  # refused before anything started
+    base = load_settings(env={}, data_dir=tmp_path / "d", control="tcp://0.0.0.0:5555")
+    assert _check_exposure(base.replace(insecure=True)).curve_secret is None
+    made = _check_exposure(base.replace(curve_init=tmp_path / "curve"))  # first start: keys are made
+    assert made.curve_secret == tmp_path / "curve" / "broker.key_secret"
+    assert made.curve_allow == tmp_path / "curve" / "allow"
+    assert (made.curve_allow / "workers.key").is_file()
+    ipc = load_settings(env={}, data_dir=tmp_path / "d", control=f"ipc://{tmp_path}/ctl")
+    assert _check_exposure(ipc).curve_secret is None  # this machine only
