@@ -30,6 +30,8 @@ ORPHANS = (  # worker stats key -> metric: data-plane messages nobody asked for,
      "Bytes of unsolicited or orphaned data-plane messages dropped by live workers"),
     ("orphan_bytes_held", GaugeMetricFamily, "onepiece_orphan_held_bytes",
      "Bytes of data-plane messages live workers hold for tasks not (yet) theirs"),
+    ("data_refused", CounterMetricFamily, "onepiece_data_refused_messages",
+     "Data-plane messages live workers refused for want of the broker's credential"),
 )
 
 

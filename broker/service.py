@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import secrets
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -68,6 +69,7 @@ class Broker:
         # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
         self.extensions: dict[str, object] = {}
         self._allow = None  # the CURVE allow-list's ZAP handler, with --curve-secret
+        self._data_keys: dict[str, bytes] = {}  # worker -> its data-plane key (protocol.data_auth)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -399,8 +401,12 @@ class Broker:
             cmds = core.register(wid, m["stage"], m["capacity"], m["descriptor"], now, m.get("info") or {},
                                  kind=m.get("kind"), model=m.get("model"))
             self._worker_stats.pop(wid, None)  # a new incarnation counts from zero
+            key = self._data_keys[wid] = secrets.token_bytes(32)  # a new incarnation, a new key
+            if len(self._data_keys) > 1024:  # keys of workers long gone
+                self._data_keys = {w: k for w, k in self._data_keys.items() if core.registered(w)}
+            # before any TASK or SEND of cmds: the worker knows its key when data comes
             self._send(wid, protocol.pack("REGISTERED", heartbeat_s=self.settings.heartbeat_s,
-                                          liveness=self.settings.liveness))
+                                          liveness=self.settings.liveness, data_key=key.hex()))
             log.info("worker %.64r registered for %s (%.32r)", wid, m["stage"], m["descriptor"].get("transport"))
             return cmds
         if kind == "STARTED":
@@ -429,9 +435,25 @@ class Broker:
             return []
         raise CoreError(f"{kind} is not a message a broker accepts")
 
+    def _credential(self, c: ToWorker) -> None:
+        """Give a SEND the credential its consumer checks, and a TASK that leaves checkpoints the
+        one its holder checks (protocol.data_auth: a MAC with the receiver's data key)."""
+        b = c.body
+        if c.kind == "SEND":
+            key = self._data_keys.get(b["to"])
+            if key is not None:
+                b["auth"] = protocol.data_auth(key, b["job"], b["stage"], b["to_stage"], b.get("binding"))
+        elif c.kind == "TASK" and b.get("checkpoint_to") is not None:
+            holder = b["checkpoint_to"]
+            key = self._data_keys.get(holder["worker"])
+            if key is not None:
+                b["checkpoint_auth"] = protocol.checkpoint_auth(key, b["job"], b["stage"], holder["stage"])
+
     def _apply(self, commands: list) -> None:
         for c in commands:
             if isinstance(c, ToWorker):  # nothing waits on a RELEASE: it rides with the next message
+                if c.kind in ("SEND", "TASK"):
+                    self._credential(c)
                 self._send(c.worker_id, protocol.pack(c.kind, **c.body), urgent=c.kind != "RELEASE")
             elif isinstance(c, JobEvent):
                 self._on_event(c)

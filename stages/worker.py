@@ -78,6 +78,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hmac
 import logging
 import os
 import signal
@@ -253,6 +254,8 @@ class Worker:
         self.early: dict[Key, _Early] = {}
         self._early_bytes = 0
         self._early_messages = 0
+        self._data_key: bytes | None = None  # from REGISTERED: data sent here must carry its credential
+        self.refused = 0  # data-plane messages refused for want of a credential
         self.orphans_dropped = 0  # data-plane messages dropped unused (and their bytes)
         self.orphan_bytes_dropped = 0
         # bindings (see broker.protocol) that ended here: inputs that come later for them are late
@@ -427,7 +430,8 @@ class Worker:
                 self._reset()
                 self._connect()
                 continue
-            stats = {**self.transport.stats(), "transport": self.transport.name, **self.orphan_stats()}
+            stats = {**self.transport.stats(), "transport": self.transport.name, **self.orphan_stats(),
+                     "data_refused": self.refused}
             running = [[t.job, t.stage] for t in self.tasks.values() if t.running]
             self._send("HEARTBEAT", load=len(self.tasks), stats=stats, running=running)
 
@@ -461,6 +465,11 @@ class Worker:
             self.drain()
         elif kind == "REGISTERED":
             log.info("worker %s registered with the broker for %s", self.id, self.stage)
+            try:  # what peers send here must carry a credential made with it (protocol.data_auth)
+                self._data_key = bytes.fromhex(m["data_key"]) if m.get("data_key") else None
+            except ValueError:
+                log.warning("the broker's data key is not hex: data-plane credentials are not checked")
+                self._data_key = None
         elif kind == "ERROR":
             log.warning("broker: %s", m["reason"])
             if m.get("reregister") and not self._left:  # a late heartbeat after DISCONNECT
@@ -541,6 +550,11 @@ class Worker:
         if not all(isinstance(x, str) for x in (job, stage, upstream)) or stage != self.stage:
             self._discard(msg, nbytes, "dropped a data message with header %r", h)
             return
+        if self._data_key is not None and not self._authorized(h, job, upstream):
+            self.refused += 1
+            self._discard(msg, nbytes, "job %s: refused data from %s: no credential from the broker for it "
+                          "(a stranger, or a peer never told to send it here)", job, upstream)
+            return
         if "checkpoint" in h:
             self._keep_checkpoint(msg, job, upstream, h["checkpoint"], nbytes)
             return
@@ -572,6 +586,19 @@ class Worker:
             self._discard(msg, nbytes, "job %s: dropped input from %s: %s already ended here", job, upstream, stage)
             return
         self._keep_early(key, binding, upstream, msg, nbytes)
+
+    def _authorized(self, h: dict, job: str, upstream: str) -> bool:
+        """Whether the header carries the credential the broker gave its sender for exactly this."""
+        got = h.get("auth")
+        if not isinstance(got, str):
+            return False
+        if "checkpoint" in h:
+            want = protocol.checkpoint_auth(self._data_key, job, upstream, self.stage)
+        else:
+            binding = h.get("binding")
+            want = protocol.data_auth(self._data_key, job, upstream, self.stage,
+                                      binding if isinstance(binding, int) else None)
+        return hmac.compare_digest(got, want)
 
     def _keep_checkpoint(self, msg, job: str, consumer: str, step, nbytes: int) -> None:
         """Keep the state a task of ``consumer`` left here after ``step`` steps: only for a job
@@ -771,6 +798,8 @@ class Worker:
         """Send ``state`` to the holder the task's TASK names; False if it could not be sent."""
         to = task.body["checkpoint_to"]
         header = {"job": task.job, "stage": to["stage"], "from": task.stage, "checkpoint": step}
+        if task.body.get("checkpoint_auth") is not None:  # the holder checks it
+            header["auth"] = task.body["checkpoint_auth"]
         try:
             await self._deliver(str(to["descriptor"].get("id", to["worker"])), to["descriptor"], header, state)
             return True
@@ -850,6 +879,8 @@ class Worker:
         header = {"job": m["job"], "stage": m["to_stage"], "from": m["stage"]}
         if m.get("binding") is not None:
             header["binding"] = m["binding"]
+        if m.get("auth") is not None:  # the consumer checks it (protocol.data_auth)
+            header["auth"] = m["auth"]
         peer = str(m["descriptor"].get("id", m["to"]))
         sender = self.senders.get(peer)
         if sender is not None:

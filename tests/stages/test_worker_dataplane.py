@@ -227,9 +227,22 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
 
         peer = await endpoints()
         sender = await peer.connect(b.transport.descriptor)
+        # a stranger's flood is refused outright: nothing of it is kept (the data key, below)
+        for _ in range(3):
+            await sender.send({"job": new_job(), "stage": "b", "from": "a"}, filler(4 * MiB))
+        await until(lambda: b.refused == 3, "the stranger's refusals")
+        assert b.early == {} and b.orphans_dropped == 3
+        b.orphans_dropped = b.orphan_bytes_dropped = 0  # the counts below are the flood's
+        # a flood with credentials (as a worker the broker told to send could make for jobs that
+        # never reach b): the orphan bound holds
+        key = broker._data_keys[b.id]
+
+        def auth(job):
+            return protocol.data_auth(key, job, "a", "b", None)
+
         jobs = [new_job() for _ in range(12)]
         for job in jobs:  # 12 x 4 MiB of well-formed inputs for jobs nobody assigned
-            await sender.send({"job": job, "stage": "b", "from": "a"}, filler(4 * MiB))
+            await sender.send({"job": job, "stage": "b", "from": "a", "auth": auth(job)}, filler(4 * MiB))
         await until(lambda: b.orphans_dropped + sum(len(e.inputs) for e in b.early.values()) == 12, "arrival")
 
         stats = b.orphan_stats()
@@ -237,6 +250,7 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
         assert list(b.early) == [(job, "b") for job in jobs[-4:]]  # the oldest went first
         # The heartbeat carries the three numbers to the broker (for its /metrics).
         await until(lambda: broker.worker_stats().get(b.id, {}).get("orphans_dropped") == 8, "heartbeat")
+        assert broker.worker_stats()[b.id]["data_refused"] == 3
         reported = broker.worker_stats()[b.id]
         assert {k: reported[k] for k in stats} == stats
         assert all(type(reported[k]) is int for k in stats)
@@ -251,7 +265,7 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
 
         # A late re-send of that job's inputs to b (its task already ran there) is not kept.
         before = b.orphan_stats()
-        await sender.send({"job": job, "stage": "b", "from": "a"}, filler(MiB))
+        await sender.send({"job": job, "stage": "b", "from": "a", "auth": auth(job)}, filler(MiB))
         await until(lambda: b.orphans_dropped == before["orphans_dropped"] + 1, "the late re-send")
         assert b.orphan_stats() == {**before, "orphans_dropped": before["orphans_dropped"] + 1,
                                     "orphan_bytes_dropped": before["orphan_bytes_dropped"] + MiB}
@@ -508,3 +522,56 @@ def test_settings_have_the_bounds_and_take_them_from_the_environment(tmp_path):
     d = load_settings(env={})
     assert d.orphan_bytes > 0 and d.orphan_ttl_s > 0 and d.send_timeout_s > 0 and d.connect_timeout_s > 0
     assert d.load_timeout_s > 0 and d.task_timeout_s > 0
+
+
+# -- 5. data-plane credentials: only what the broker authorised is kept ---------------------
+
+
+class KeyingBroker(FakeBroker):
+    """The fake broker, giving the worker a data key at REGISTERED as the real one does."""
+
+    KEY = bytes(range(32))
+
+    async def _serve(self) -> None:
+        while True:
+            ident, frame = await self.sock.recv_multipart()
+            good, bad = protocol.unpack_frame(frame)
+            for m in good:
+                self.messages.append(m)
+                if m["k"] == "REGISTER":
+                    self.ident = ident
+                    await self.sock.send_multipart([ident, protocol.pack(
+                        "REGISTERED", heartbeat_s=0.5, liveness=10, data_key=self.KEY.hex())])
+                elif m["k"] == "HEARTBEAT":
+                    await self.sock.send_multipart([ident, protocol.pack("HEARTBEAT")])
+
+
+async def test_data_without_the_brokers_credential_is_refused_before_a_byte_is_kept(tmp_path, workers, endpoints):
+    fb = KeyingBroker()
+    try:
+        w = await start_worker(workers, fb, tmp_path, "b")
+        await until(lambda: w._data_key == KeyingBroker.KEY, "the data key")
+        peer = await endpoints()
+        sender = await peer.connect(w.transport.descriptor)
+        job = new_job()
+        good = protocol.data_auth(KeyingBroker.KEY, job, "a", "b", 7)
+        lies = [
+            {"job": job, "stage": "b", "from": "a", "binding": 7},  # no credential at all
+            {"job": job, "stage": "b", "from": "a", "binding": 7, "auth": "0" * 64},
+            {"job": new_job(), "stage": "b", "from": "a", "binding": 7, "auth": good},  # another job's
+            {"job": job, "stage": "b", "from": "a", "binding": 8, "auth": good},  # another binding's
+            {"job": job, "stage": "b", "from": "c", "binding": 7, "auth": good},  # another producer stage's
+            {"job": job, "stage": "b", "from": "a", "binding": 7, "checkpoint": 3, "auth": good},
+            {"job": job, "stage": "b", "from": "a", "binding": 7,
+             "auth": protocol.data_auth(bytes(32), job, "a", "b", 7)},  # made with another key
+        ]
+        for header in lies:
+            await sender.send(header, filler(MiB))
+        await until(lambda: w.refused == len(lies), "the refusals")
+        assert w.early == {} and w.orphan_stats()["orphan_bytes_held"] == 0
+        await sender.send({"job": job, "stage": "b", "from": "a", "binding": 7, "auth": good}, filler(MiB))
+        await until(lambda: (job, "b") in w.early, "the authorised input, kept for its TASK")
+        assert w.refused == len(lies)
+        await sender.aclose()
+    finally:
+        await fb.close()
