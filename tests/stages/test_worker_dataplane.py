@@ -116,7 +116,8 @@ class FakeBroker:
     """A ZeroMQ ROUTER playing the broker: records what workers say, answers REGISTER and
     HEARTBEAT (so the worker never thinks the broker is gone), sends what a test tells it to."""
 
-    def __init__(self):
+    def __init__(self, **registered):
+        self.registered = registered  # more fields of REGISTERED (the real broker's data_key)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -137,7 +138,7 @@ class FakeBroker:
                 if m["k"] == "REGISTER":
                     self.ident = ident
                     await self.sock.send_multipart([ident, protocol.pack("REGISTERED", heartbeat_s=0.5,
-                                                                         liveness=10)])
+                                                                         liveness=10, **self.registered)])
                 elif m["k"] == "HEARTBEAT":
                     await self.sock.send_multipart([ident, protocol.pack("HEARTBEAT")])
 
@@ -527,34 +528,18 @@ def test_settings_have_the_bounds_and_take_them_from_the_environment(tmp_path):
 # -- 5. data-plane credentials: only what the broker authorised is kept ---------------------
 
 
-class KeyingBroker(FakeBroker):
-    """The fake broker, giving the worker a data key at REGISTERED as the real one does."""
-
-    KEY = bytes(range(32))
-
-    async def _serve(self) -> None:
-        while True:
-            ident, frame = await self.sock.recv_multipart()
-            good, bad = protocol.unpack_frame(frame)
-            for m in good:
-                self.messages.append(m)
-                if m["k"] == "REGISTER":
-                    self.ident = ident
-                    await self.sock.send_multipart([ident, protocol.pack(
-                        "REGISTERED", heartbeat_s=0.5, liveness=10, data_key=self.KEY.hex())])
-                elif m["k"] == "HEARTBEAT":
-                    await self.sock.send_multipart([ident, protocol.pack("HEARTBEAT")])
+KEY = bytes(range(32))  # the data key the fake broker gives, as the real one does
 
 
 async def test_data_without_the_brokers_credential_is_refused_before_a_byte_is_kept(tmp_path, workers, endpoints):
-    fb = KeyingBroker()
+    fb = FakeBroker(data_key=KEY.hex())
     try:
         w = await start_worker(workers, fb, tmp_path, "b")
-        await until(lambda: w._data_key == KeyingBroker.KEY, "the data key")
+        await until(lambda: w._data_key == KEY, "the data key")
         peer = await endpoints()
         sender = await peer.connect(w.transport.descriptor)
         job = new_job()
-        good = protocol.data_auth(KeyingBroker.KEY, job, "a", "b", 7)
+        good = protocol.data_auth(KEY, job, "a", "b", 7)
         lies = [
             {"job": job, "stage": "b", "from": "a", "binding": 7},  # no credential at all
             {"job": job, "stage": "b", "from": "a", "binding": 7, "auth": "0" * 64},
