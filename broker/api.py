@@ -40,7 +40,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -69,9 +69,10 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_LIST = 1000
 
 BROKER: web.AppKey[Broker] = web.AppKey("broker", Broker)
-KEYS: web.AppKey = web.AppKey("keys", object)
+KEYS: web.AppKey = web.AppKey("keys", object)  # a KeyRing, or None: no keys (loopback only, or --insecure)
 LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
-API_KEY: web.RequestKey = web.RequestKey("api_key", object)  # the request's ApiKey, with keys  # a KeyRing, or None: no keys (loopback only, or --insecure)
+EXPOSED: web.AppKey[str] = web.AppKey("exposed", str)  # the non-loopback host served without keys
+API_KEY: web.RequestKey = web.RequestKey("api_key", object)  # the request's ApiKey, with keys
 INSECURE_WARN_S = 60.0
 HEARTBEAT: web.AppKey[float] = web.AppKey("heartbeat_s", float)
 STREAMS: web.AppKey[set] = web.AppKey("streams", set)
@@ -591,7 +592,6 @@ def check_exposure(settings, host: str) -> None:
         raise CoreError(why)
 
 
-
 @web.middleware
 async def _errors(request: web.Request, handler) -> web.StreamResponse:
     """Every refusal becomes JSON; a bug becomes a logged 500, and the service keeps serving."""
@@ -665,7 +665,7 @@ async def _auth(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
-async def _warn_open(app: web.Application) -> None:
+async def _warn_open(app: web.Application) -> AsyncIterator[None]:
     """--insecure beyond loopback: say so every minute for as long as it serves."""
     async def loop():
         while True:
@@ -677,9 +677,6 @@ async def _warn_open(app: web.Application) -> None:
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-
-
-EXPOSED: web.AppKey[str] = web.AppKey("exposed", str)
 
 
 async def _end_streams(app: web.Application) -> None:
@@ -695,11 +692,8 @@ def make_app(broker: Broker, heartbeat_s: float = HEARTBEAT_S, keys: KeyRing | N
     if keys is None and path is not None:
         keys = KeyRing(path)
     app[KEYS] = keys
-    st = broker.settings
-    app[LIMITS] = Limits(rate=getattr(st, "submit_rate", 20.0), burst=getattr(st, "submit_burst", 100),
-                         max_active_per_key=getattr(st, "max_active_per_key", 1000),
-                         max_active=getattr(st, "max_active_jobs", 10000),
-                         max_streams_per_key=getattr(st, "max_streams_per_key", 32))
+    # the broker's, which bound control-socket SUBMIT too (a stand-in broker: from its settings)
+    app[LIMITS] = getattr(broker, "limits", None) or Limits.from_settings(broker.settings)
     app[BROKER] = broker
     app[HEARTBEAT] = heartbeat_s
     app[STREAMS] = set()

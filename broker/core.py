@@ -412,8 +412,7 @@ class Core:
                 self._lose(w, f"worker {w.id} lost (no heartbeat for {silent:.1f} s)", now, out)
         for task, silent, bound in self._stalled(now):
             if task.state in _BOUND:  # an earlier one in this loop may have ended its job
-                if task.worker in self._workers:  # a worker lost above needs no CANCEL
-                    out.append(ToWorker(task.worker, "CANCEL", {"job": task.job, "stage": task.stage}))
+                out.append(ToWorker(task.worker, "CANCEL", {"job": task.job, "stage": task.stage}))
                 self._retry(task, f"no progress for {silent:.1f} s on worker {task.worker} "
                                   f"(the bound for {task.stage} is {bound:.1f} s)", now, out)
         for j in [j for j in self._jobs.values() if j.state not in TERMINAL and now > j.deadline]:
@@ -1073,8 +1072,7 @@ class Core:
             self._set(producer, DONE)
             producer.finished = now
         elif producer.state in _BOUND:
-            if producer.worker in self._workers:  # a worker being removed (lost) needs no CANCEL
-                out.append(ToWorker(producer.worker, "CANCEL", {"job": producer.job, "stage": producer.stage}))
+            out.append(ToWorker(producer.worker, "CANCEL", {"job": producer.job, "stage": producer.stage}))
             self._unbind(producer)
             self._set(producer, DONE)
             producer.finished = now
@@ -1106,7 +1104,7 @@ class Core:
         return any(j.tasks[c].state in _WAITING for c in j.workflow.downstream(producer.stage))
 
     def _deadline_fail(self, j: _Job, culprit: _Task, reason: str, now: float, out: list[Command]) -> None:
-        if culprit.state in _BOUND and culprit.worker in self._workers:  # alive: stop it
+        if culprit.state in _BOUND:  # the worker is alive (or would have been lost): stop it
             out.append(ToWorker(culprit.worker, "CANCEL", {"job": j.id, "stage": culprit.stage}))
         elif culprit.state == QUEUED:
             self._dequeue(culprit)

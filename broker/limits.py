@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 __all__ = ["Limits", "Refusal"]
 
+# Limits field -> the setting that sets it (onepiece.config.Settings)
+SETTINGS = {"rate": "submit_rate", "burst": "submit_burst", "max_active_per_key": "max_active_per_key",
+            "max_active": "max_active_jobs", "max_streams_per_key": "max_streams_per_key"}
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -48,6 +52,11 @@ class Limits:
         for name in ("rate", "burst", "max_active_per_key", "max_active", "max_streams_per_key"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_settings(cls, settings) -> Limits:
+        """The limits ``settings`` name; one it does not have keeps the default here."""
+        return cls(**{f: getattr(settings, s) for f, s in SETTINGS.items() if hasattr(settings, s)})
 
     def submit(self, key: str | None, now: float, active_of_key: int, active: int) -> Refusal | None:
         """Whether a submission of ``key`` (None: no keys) may go in now; takes a token if so."""

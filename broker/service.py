@@ -31,6 +31,7 @@ from .control import ControlSocket
 from .core import TERMINAL, Core, JobEvent, Stale, ToWorker
 from .curve import Allowlist, CurveError, secure_server
 from .errors import CoreError, UnknownJob, UnknownWorker
+from .limits import Limits
 from .metrics import BrokerMetrics
 from .store import JobStore, new_job_id
 
@@ -63,7 +64,8 @@ class Broker:
         self._endings: list[tuple[str, dict]] = []  # terminal events, published once committed
         self._commit_timer: asyncio.TimerHandle | None = None
         self._running: set[str] = set()  # jobs already marked 'running' in the store
-        self.active = 0  # unfinished jobs (accepted, not ended): bounded by the API's limits
+        self.active = 0  # unfinished jobs (accepted, not ended): bounded by ``limits``
+        self.limits = Limits.from_settings(settings)  # also the REST API's (broker/api.py)
         self.active_by_owner: collections.Counter[str] = collections.Counter()
         self._owner: dict[str, str] = {}  # unfinished job -> its API key's id
         # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
@@ -74,10 +76,9 @@ class Broker:
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
         self._ctx = zmq.Context()
-        self._allow = None
         st = self.settings
-        if getattr(st, "curve_secret", None) is not None:  # CURVE: only allow-listed peers get in
-            if getattr(st, "curve_allow", None) is None:
+        if st.curve_secret is not None:  # CURVE: only allow-listed peers get in
+            if st.curve_allow is None:
                 self._ctx.term()
                 raise CoreError("--curve-secret needs --curve-allow: the directory of the public certificates "
                                 "of the workers and managers that may connect")
@@ -101,6 +102,7 @@ class Broker:
             sock.close(linger=0)
             if self._allow is not None:
                 self._allow.stop()
+                self._allow = None
             self._ctx.term()
             raise CoreError(f"cannot bind the control plane on {self.settings.control}: {exc}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -428,8 +430,9 @@ class Broker:
             log.info("worker %s left", wid)
             return core.disconnect(wid, now)
         if kind == "SUBMIT":
-            if self.active >= self.settings.max_active_jobs:  # the REST API's bound, at this door too
-                raise CoreError(f"the service holds {self.active} unfinished jobs, its limit: try again later")
+            refusal = self.limits.submit(None, time.monotonic(), 0, self.active)  # the REST API's bound too
+            if refusal is not None:
+                raise CoreError(refusal.message)
             job_id = self._accept(m["workflow"], m["params"], m.get("payload"))
             self._replies.append((wid, protocol.pack("SUBMITTED", job=job_id)))  # sent once it is durable
             return []

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from broker.auth import SCOPES
+
 from .config import load_settings
 from .heap import freeze_startup_heap
 
@@ -156,7 +158,7 @@ def _policy(args, settings):
         for s in served:
             st = prof.stages[s]
             service_cv[s] = st.cv
-            if len(st.sp_efficiency) > 1 and s in stages:
+            if len(st.sp_efficiency) > 1:
                 sp_efficiency[s] = dict(st.sp_efficiency)
     return ProportionalPolicy(PolicyConfig(floors=floors, default_floor=args.workers, period_s=args.period,
                                            objectives=objectives, sp_efficiency=sp_efficiency,
@@ -302,7 +304,7 @@ async def cmd_manager(args) -> int:
 async def cmd_keys(args) -> int:
     """Make, list and revoke REST API keys in a keys file (broker/auth.py)."""
     from broker.auth import KeysError, add_key, list_keys, revoke_key
-    from broker.curve import CurveError
+    from broker.curve import CurveError, make_keypair
 
     path = args.file or _settings(args).api_keys
     if path is None and args.keys_command != "curve":
@@ -316,10 +318,7 @@ async def cmd_keys(args) -> int:
                   "key: it is shown once and stored only as a hash. Clients send it as "
                   "'Authorization: Bearer <key>' (onepiece: --api-key or ONEPIECE_API_KEY).", file=sys.stderr)
         elif args.keys_command == "curve":
-            from broker.curve import make_keypair
-
-            directory = args.dir
-            public, secret = make_keypair(directory, args.name)
+            public, secret = make_keypair(args.dir, args.name)
             print(f"{public}\n{secret}")
             print(f"CURVE pair {args.name}: give {secret.name} (0600) to that process (--curve-secret) only; "
                   f"copy {public.name} into the broker's --curve-allow directory to let it in (the broker's own "
@@ -695,7 +694,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     ks = sub.add_parser("keys", help="make, list and revoke REST API keys")
     ks_sub = ks.add_subparsers(dest="keys_command", required=True)
     kc = ks_sub.add_parser("create", help="add a key and print it, once")
-    kc.add_argument("--scope", action="append", required=True, choices=("submit", "read", "admin"),
+    kc.add_argument("--scope", action="append", required=True, choices=SCOPES,
                     help="what the key may do (repeatable): submit (create jobs, see and cancel its own), "
                          "read (every job, the stages, metrics), admin (everything: drain workers, signals)")
     kc.add_argument("--name", default="", help="who or what the key is for (shown by keys list)")

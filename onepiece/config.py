@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from broker.limits import Limits
+
 
 @dataclass
 class Settings:
@@ -47,11 +49,11 @@ class Settings:
     curve_broker: Path | None = None
     curve_init: Path | None = None  # the broker makes its pair, the workers' pair and the allow-list here once
     # overload (broker/limits.py): past these, 429 or 503 with Retry-After, never a lost job
-    submit_rate: float = 20.0  # jobs/s per API key (token bucket) ...
-    submit_burst: int = 100  # ... this deep
-    max_active_per_key: int = 1000  # unfinished jobs of one key
-    max_active_jobs: int = 10000  # unfinished jobs in all (REST and control-socket SUBMIT)
-    max_streams_per_key: int = 32  # open event streams of one key
+    submit_rate: float = Limits.rate  # jobs/s per API key (token bucket) ...
+    submit_burst: int = Limits.burst  # ... this deep
+    max_active_per_key: int = Limits.max_active_per_key  # unfinished jobs of one key
+    max_active_jobs: int = Limits.max_active  # unfinished jobs in all (REST and control-socket SUBMIT)
+    max_streams_per_key: int = Limits.max_streams_per_key  # open event streams of one key
     commit_interval_s: float = 0.02  # group commit of the job store; SUBMIT replies wait for it
     # workers
     transport: str = "shm"  # shm | tcp | rdma | auto
