@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import time
 import traceback
 from dataclasses import replace
@@ -166,6 +165,11 @@ def _rank_main(rank: int, k: int, port: int, job: str, folder: str) -> None:
     except BaseException:
         (Path(folder) / f"{job}.k{k}.{rank}.err").write_text(traceback.format_exc())
         raise
+    # End the way a worker ends after its group (stages.wan.group: os._exit): after a
+    # peer died or an operation timed out, gloo's threads can make the interpreter's
+    # C++ teardown abort (SIGABRT, "terminate called without an active exception"),
+    # which says nothing about the job, whose results are saved above.
+    os._exit(0)
 
 
 def launch(job: str, k: int, folder: Path, deadline_s: float) -> tuple[list[dict[str, Any] | None], list[int | None]]:
@@ -315,13 +319,10 @@ def test_heads8_model_matches_plain(folder, inputs, k):
                                           ("hung_peer", HUNG_PEER_TIMEOUT.total_seconds() + 5)])
 def test_a_failing_rank_makes_the_survivor_raise_within_the_bound(folder, job, bound_s):
     """A rank that dies (its sockets close) or hangs (the group timeout fires) mid-forward:
-    the other raises within the bound, tears its group down, reports, and its process ends.
-    After a timed-out gloo operation the process may abort at exit (SIGABRT, seen here
-    about half the time, after destroy_process_group returned): accepted, the group was
-    lost anyway; what must not happen is a hang (-9: killed at the deadline)."""
+    the other raises within the bound, tears its group down, reports, and its process ends
+    (with os._exit, as a worker does: -9 would be a hang killed at the deadline)."""
     results, codes = launch(job, 2, folder, deadline_s=90)
-    survivor_codes = (0,) if job == "dead_peer" else (0, -signal.SIGABRT)
-    assert codes[0] in survivor_codes and codes[1] == 3, f"exit codes {codes}\n{_errors(job, folder, 2)}"
+    assert codes == [0, 3], f"exit codes {codes}\n{_errors(job, folder, 2)}"
     survivor = results[0]
     print(f"{job}: survivor raised after {survivor['elapsed_s']:.2f} s (exit {codes[0]}): {survivor['error']}")
     assert survivor["error"] is not None
