@@ -52,7 +52,6 @@ checks (a good str field costs no call at all).
 
 from __future__ import annotations
 
-import hashlib
 
 from dataclasses import dataclass
 from itertools import repeat
@@ -363,16 +362,19 @@ SCHEMA: dict[str, dict[str, Any]] = {
     # client -> broker
     "SUBMIT": {"workflow": Str(), "params": PARAMS, "payload": Opt(PAYLOAD)},
     # broker -> worker or client
-    # data_key: this worker's data-plane key (hex), for checking what peers send it (data_auth)
+    # data_key: this worker's data-plane key (hex), for checking what peers send it (onepiece.credentials);
+    # auth, checkpoint_auth: the receiver's MAC of the message; link, checkpoint_link: what lets this
+    # worker connect to the receiver (its handshake proves it)
     "REGISTERED": {"heartbeat_s": Num(1e-3, 86400.0), "liveness": Int(1, 1000), "data_key": Opt(Str(64))},
     "TASK": {"job": JOB_ID, "workflow": Opt(Str()), "stage": STAGE, "attempt": Int(1, MAX_COUNT),
              "params": PARAMS, "inputs": INPUTS, "payload": Opt(PAYLOAD), "binding": Opt(BINDING),
              "checkpoint_to": Opt(Record({"worker": Str(), "stage": STAGE, "descriptor": DESCRIPTOR})),
-             "resume_step": Opt(Int(0, MAX_COUNT)), "checkpoint_auth": Opt(Str(64))},
+             "resume_step": Opt(Int(0, MAX_COUNT)), "checkpoint_auth": Opt(Str(64)),
+             "checkpoint_link": Opt(Str(64))},
     # resume_step: also ship the consumer's checkpoint of (at least) that step, kept here
     "SEND": {"job": JOB_ID, "stage": STAGE, "to": Str(), "to_stage": STAGE, "descriptor": DESCRIPTOR,
              "names": List(Str(), max_items=256), "binding": Opt(BINDING),
-             "resume_step": Opt(Int(0, MAX_COUNT)), "auth": Opt(Str(64))},
+             "resume_step": Opt(Int(0, MAX_COUNT)), "auth": Opt(Str(64)), "link": Opt(Str(64))},
     "RELEASE": {"job": JOB_ID, "stage": STAGE},
     "CANCEL": {"job": JOB_ID, "stage": STAGE},
     "DRAIN": {},
@@ -487,31 +489,4 @@ def problem(reason: str) -> str:
     if head in SCHEMA:
         return head
     return next((name for start, name in _PROBLEMS if reason.startswith(start)), "other")
-
-
-# -- the data plane's credentials ------------------------------------------------------------------
-#
-# The broker gives each worker a random key when it registers (REGISTERED data_key, over the
-# control plane, encrypted with CURVE where it is on). To let a producer send outputs to a
-# consumer, it gives the producer an ``auth``: a MAC (keyed BLAKE2b), with the consumer's key, of what the
-# consumer may accept from it (the job, the producing stage, the consuming stage and the
-# binding). The consumer recomputes it from the message's header and drops anything that does
-# not match before keeping a byte of it: a stranger, or a worker that was never told to send
-# this job's data here, cannot make one. Checkpoints left with a holder carry one the same way.
-
-
-def _mac(key: bytes, text: str) -> str:
-    # keyed BLAKE2b is a MAC by design (RFC 7693) and ~3x cheaper than HMAC-SHA256 here, where the
-    # broker makes one per task edge; 128 bits are plenty for a credential that is never reused
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), key=key, digest_size=16).hexdigest()
-
-
-def data_auth(key: bytes, job: str, from_stage: str, to_stage: str, binding: int | None) -> str:
-    """The credential of data for ``job`` from ``from_stage`` to the ``to_stage`` whose key is ``key``."""
-    return _mac(key, f"data|{job}|{from_stage}|{to_stage}|{'' if binding is None else binding}")
-
-
-def checkpoint_auth(key: bytes, job: str, from_stage: str, holder_stage: str) -> str:
-    """The credential of a checkpoint of ``job``'s ``from_stage`` left with a holder of ``holder_stage``."""
-    return _mac(key, f"checkpoint|{job}|{from_stage}|{holder_stage}")
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import secrets
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import zmq
 
+from onepiece import credentials
 from stages.params import ParamError
 from stages.workflow import Workflow, load_workflow
 
@@ -71,7 +71,7 @@ class Broker:
         # services that run beside the broker and show in its API (onepiece.links.ManagerLink)
         self.extensions: dict[str, object] = {}
         self._allow = None  # the CURVE allow-list's ZAP handler, with --curve-secret
-        self._data_keys: dict[str, bytes] = {}  # worker -> its data-plane key (protocol.data_auth)
+        self._data_keys: dict[str, bytes] = {}  # worker -> its data-plane key (onepiece.credentials)
 
     # -- lifecycle ----------------------------------------------------------
     async def start(self) -> None:
@@ -403,7 +403,7 @@ class Broker:
             cmds = core.register(wid, m["stage"], m["capacity"], m["descriptor"], now, m.get("info") or {},
                                  kind=m.get("kind"), model=m.get("model"))
             self._worker_stats.pop(wid, None)  # a new incarnation counts from zero
-            key = self._data_keys[wid] = secrets.token_bytes(32)  # a new incarnation, a new key
+            key = self._data_keys[wid] = credentials.new_key()  # a new incarnation, a new key (C2)
             if len(self._data_keys) > 1024:  # keys of workers long gone
                 self._data_keys = {w: k for w, k in self._data_keys.items() if core.registered(w)}
             # before any TASK or SEND of cmds: the worker knows its key when data comes
@@ -439,18 +439,21 @@ class Broker:
         raise CoreError(f"{kind} is not a message a broker accepts")
 
     def _credential(self, c: ToWorker) -> None:
-        """Give a SEND the credential its consumer checks, and a TASK that leaves checkpoints the
-        one its holder checks (protocol.data_auth: a MAC with the receiver's data key)."""
+        """Give a SEND the credentials its consumer checks, and a TASK that leaves checkpoints the
+        ones its holder checks (onepiece.credentials: MACs with the receiver's data key): the link
+        that lets the sender connect, and the MAC of what it sends."""
         b = c.body
         if c.kind == "SEND":
             key = self._data_keys.get(b["to"])
             if key is not None:
-                b["auth"] = protocol.data_auth(key, b["job"], b["stage"], b["to_stage"], b.get("binding"))
+                b["auth"] = credentials.data_auth(key, b["job"], b["stage"], b["to_stage"], b.get("binding"))
+                b["link"] = credentials.link_key(key, c.worker_id)
         elif c.kind == "TASK" and b.get("checkpoint_to") is not None:
             holder = b["checkpoint_to"]
             key = self._data_keys.get(holder["worker"])
             if key is not None:
-                b["checkpoint_auth"] = protocol.checkpoint_auth(key, b["job"], b["stage"], holder["stage"])
+                b["checkpoint_auth"] = credentials.checkpoint_auth(key, b["job"], b["stage"], holder["stage"])
+                b["checkpoint_link"] = credentials.link_key(key, c.worker_id)
 
     def _apply(self, commands: list) -> None:
         for c in commands:

@@ -78,7 +78,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import hmac
 import logging
 import os
 import signal
@@ -95,6 +94,7 @@ import zmq
 
 from broker import protocol
 from broker.control import ControlSocket
+from onepiece import credentials
 from onepiece.heap import freeze_startup_heap
 from transports import PeerGone, TransportError, TransportTimeout, open_transport
 
@@ -465,11 +465,12 @@ class Worker:
             self.drain()
         elif kind == "REGISTERED":
             log.info("worker %s registered with the broker for %s", self.id, self.stage)
-            try:  # what peers send here must carry a credential made with it (protocol.data_auth)
+            try:  # what peers send here must carry credentials made with it (onepiece.credentials)
                 self._data_key = bytes.fromhex(m["data_key"]) if m.get("data_key") else None
             except ValueError:
                 log.warning("the broker's data key is not hex: data-plane credentials are not checked")
                 self._data_key = None
+            self.transport.guard(self._data_key)  # connections must prove a link made with it
         elif kind == "ERROR":
             log.warning("broker: %s", m["reason"])
             if m.get("reregister") and not self._left:  # a late heartbeat after DISCONNECT
@@ -589,16 +590,13 @@ class Worker:
 
     def _authorized(self, h: dict, job: str, upstream: str) -> bool:
         """Whether the header carries the credential the broker gave its sender for exactly this."""
-        got = h.get("auth")
-        if not isinstance(got, str):
-            return False
         if "checkpoint" in h:
-            want = protocol.checkpoint_auth(self._data_key, job, upstream, self.stage)
+            want = credentials.checkpoint_auth(self._data_key, job, upstream, self.stage)
         else:
             binding = h.get("binding")
-            want = protocol.data_auth(self._data_key, job, upstream, self.stage,
-                                      binding if isinstance(binding, int) else None)
-        return hmac.compare_digest(got, want)
+            want = credentials.data_auth(self._data_key, job, upstream, self.stage,
+                                         binding if isinstance(binding, int) else None)
+        return credentials.authentic(h.get("auth"), want)
 
     def _keep_checkpoint(self, msg, job: str, consumer: str, step, nbytes: int) -> None:
         """Keep the state a task of ``consumer`` left here after ``step`` steps: only for a job
@@ -801,7 +799,8 @@ class Worker:
         if task.body.get("checkpoint_auth") is not None:  # the holder checks it
             header["auth"] = task.body["checkpoint_auth"]
         try:
-            await self._deliver(str(to["descriptor"].get("id", to["worker"])), to["descriptor"], header, state)
+            await self._deliver(str(to["descriptor"].get("id", to["worker"])), to["descriptor"], header, state,
+                                self._credential(task.body.get("checkpoint_link")))
             return True
         except Exception as exc:  # noqa: BLE001 - a checkpoint is an optimisation: log and go on
             log.warning("job %s: the state of %s after step %d could not be left with %s: %r",
@@ -879,7 +878,7 @@ class Worker:
         header = {"job": m["job"], "stage": m["to_stage"], "from": m["stage"]}
         if m.get("binding") is not None:
             header["binding"] = m["binding"]
-        if m.get("auth") is not None:  # the consumer checks it (protocol.data_auth)
+        if m.get("auth") is not None:  # the consumer checks it (onepiece.credentials)
             header["auth"] = m["auth"]
         peer = str(m["descriptor"].get("id", m["to"]))
         sender = self.senders.get(peer)
@@ -914,7 +913,7 @@ class Worker:
         error: BaseException | None = None
         for attempt in range(SEND_ATTEMPTS):
             try:
-                await self._deliver(peer, m["descriptor"], header, tensors)
+                await self._deliver(peer, m["descriptor"], header, tensors, self._credential(m.get("link")))
                 return
             except Exception as exc:  # noqa: BLE001 - transport errors, timeouts, a bad descriptor: all end below
                 error = exc
@@ -929,12 +928,17 @@ class Worker:
         self._send("FAILED", job=key[0], stage=key[1], reason=reason[:protocol.REASON - 64], retryable=True,
                    to=m["to"], to_stage=to_stage)
 
-    async def _deliver(self, peer: str, descriptor: dict, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def _credential(self, link: str | None) -> credentials.Credential | None:
+        """What this worker shows when it connects to a peer the broker gave it ``link`` for."""
+        return None if link is None else credentials.Credential(self.id, link)
+
+    async def _deliver(self, peer: str, descriptor: dict, header: dict, tensors: dict[str, torch.Tensor],
+                       credential: credentials.Credential | None) -> None:
         """One bounded send to ``peer`` over its (possibly new) sender; on any failure the sender
         is dropped, so the next attempt connects afresh, and the error is raised."""
         sender = None
         try:
-            sender = await self._sender(peer, descriptor)
+            sender = await self._sender(peer, descriptor, credential)
             async with asyncio.timeout(self.settings.send_timeout_s):
                 await sender.send(header, tensors, timeout=self.settings.send_timeout_s)
         except Exception:
@@ -943,14 +947,15 @@ class Worker:
                 await self._close_sender(sender)
             raise
 
-    async def _sender(self, peer: str, descriptor: dict):
+    async def _sender(self, peer: str, descriptor: dict, credential: credentials.Credential | None):
         """The open sender to ``peer``, connecting at most once at a time (bounded)."""
         timeout = self.settings.connect_timeout_s
         async with asyncio.timeout(timeout):
             async with self._connecting.setdefault(peer, asyncio.Lock()):
                 sender = self.senders.get(peer)
                 if sender is None:
-                    sender = self.senders[peer] = await self.transport.connect(descriptor, timeout=timeout)
+                    sender = self.senders[peer] = await self.transport.connect(descriptor, timeout=timeout,
+                                                                               credential=credential)
                 return sender
 
     def _forget_sender(self, peer: str, sender) -> None:

@@ -6,6 +6,7 @@ from .errors import (
     MessageTooLarge,
     PeerGone,
     ProtocolError,
+    Refused,
     TransportClosed,
     TransportError,
     TransportTimeout,
@@ -14,6 +15,6 @@ from .errors import (
 
 __all__ = [
     "TRANSPORTS", "Message", "Sender", "Transport", "open_transport", "transport_class",
-    "CodecError", "MessageTooLarge", "PeerGone", "ProtocolError", "TransportClosed",
+    "CodecError", "MessageTooLarge", "PeerGone", "ProtocolError", "Refused", "TransportClosed",
     "TransportError", "TransportTimeout", "TransportUnavailable",
 ]

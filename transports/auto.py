@@ -35,15 +35,17 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from onepiece.credentials import Credential
+
 from .base import Message, Sender, Transport, transport_class
-from .errors import ProtocolError, TransportClosed, TransportError, TransportTimeout, TransportUnavailable
+from .errors import ProtocolError, Refused, TransportClosed, TransportError, TransportTimeout, TransportUnavailable
 from .host import host_id, shm_namespace
 from .rdma import PortInfo, fabric_mismatch  # plain data: importing it does not import pyverbs
 
 log = logging.getLogger(__name__)
 
 MEDIA = ("shm", "rdma", "tcp")  # best first
-COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received")
+COUNTERS = ("bytes_sent", "bytes_received", "messages_sent", "messages_received", "connections_refused")
 
 
 def _split(descriptor: Mapping) -> tuple[Any, Any, dict]:
@@ -170,7 +172,13 @@ class AutoTransport(Transport):
         out["auto_fallbacks"] = dict(self._fallbacks)
         return out
 
-    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None) -> Sender:
+    def guard(self, key: bytes | None) -> None:
+        super().guard(key)
+        for medium in self._media.values():
+            medium.guard(key)
+
+    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None,
+                      credential: Credential | None = None) -> Sender:
         if self._closed:
             raise TransportClosed("auto endpoint is closed")
         peer = str(descriptor.get("id", "?"))
@@ -182,8 +190,8 @@ class AutoTransport(Transport):
         last: TransportError | None = None
         for i, (name, why) in enumerate(picks):
             try:
-                sender = await self._media[name].connect(theirs[name], timeout=timeout)
-            except TransportClosed:
+                sender = await self._media[name].connect(theirs[name], timeout=timeout, credential=credential)
+            except (TransportClosed, Refused):  # another medium would be refused the same way
                 raise
             except (TransportError, LookupError, TypeError, ValueError) as exc:
                 if not isinstance(exc, TransportError):

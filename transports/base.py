@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import abc
 import importlib
+import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+
+from onepiece import credentials
+from onepiece.credentials import Credential
+from onepiece.loglimit import LogLimiter
+
+log = logging.getLogger(__name__)
 
 #: name -> "module:Class", resolved on first use.
 TRANSPORTS: dict[str, str] = {
@@ -125,6 +132,7 @@ class Transport(abc.ABC):
     """A worker's data-plane endpoint: it accepts peers and receives from them."""
 
     name: ClassVar[str]
+    gate_key: bytes | None = None  # whose links a producer must prove (guard)
 
     @classmethod
     @abc.abstractmethod
@@ -137,8 +145,16 @@ class Transport(abc.ABC):
         """What a peer needs to connect; published over the control plane."""
 
     @abc.abstractmethod
-    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None) -> Sender:
-        """Open a sender to the endpoint that published ``descriptor``."""
+    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None,
+                      credential: Credential | None = None) -> Sender:
+        """Open a sender to the endpoint that published ``descriptor``, showing ``credential``
+        at the handshake (onepiece.credentials); raises Refused if the peer refuses it."""
+
+    def guard(self, key: bytes | None) -> None:
+        """From now on accept only connections whose producer proves a link made with ``key``
+        (onepiece.credentials, C1); None accepts anyone (C3). Open connections stay: they
+        were accepted under the key of their time. Counted in ``stats()["connections_refused"]``."""
+        self.gate_key = key
 
     @abc.abstractmethod
     async def recv(self, *, timeout: float | None = None) -> Message:
@@ -161,6 +177,30 @@ class Transport(abc.ABC):
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+class Doorkeeper:
+    """A consumer's side of the handshake's credential check (onepiece.credentials): it
+    decides on a producer's hello, counts refusals and logs them sparsely (a flood of
+    strangers writes a line per ``LOG_EVERY_S``, saying how many it held back)."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, name: str):
+        self.name = name
+        self.refused = 0
+        self._log = LogLimiter(interval_s=self.LOG_EVERY_S, max_keys=1)
+
+    def refusal(self, key: bytes | None, nonce: bytes, hello: dict, where: str) -> str | None:
+        """Why the connection from ``where`` is refused (counted and logged), or None."""
+        why = credentials.refusal(key, nonce, hello)
+        if why is not None:
+            self.refused += 1
+            note = self._log.admit("refused")
+            if note is not None:
+                log.warning("%s: refused a connection from %s (peer %.40s): %s%s", self.name, where,
+                            str(hello.get("hello", "?")), why, note)
+        return why
 
 
 def transport_class(name: str) -> type[Transport]:

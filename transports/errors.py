@@ -8,6 +8,7 @@ the event loop are wrapped at the boundary with ``raise ... from exc``::
     │                          RDMA device, no /dev/shm); raised at start-up
     ├── TransportClosed        this endpoint or sender was closed locally
     ├── PeerGone               the peer closed, died, or its connection broke
+    ├── Refused                the peer refused the connection: no valid credential
     ├── TransportTimeout       a wait (room at the peer, a handshake) timed out
     ├── ProtocolError          bytes from the peer do not follow the protocol
     │   └── CodecError         a message header or tensor table is malformed
@@ -31,6 +32,11 @@ class TransportClosed(TransportError):
 
 class PeerGone(TransportError):
     """The peer closed or died; whatever was in flight on that connection is lost."""
+
+
+class Refused(TransportError):
+    """The peer refused this connection at its handshake: the credential shown (or its
+    absence) is not one the broker gave for that peer (onepiece.credentials)."""
 
 
 class TransportTimeout(TransportError, TimeoutError):

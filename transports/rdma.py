@@ -86,6 +86,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from onepiece.credentials import Credential
+
 from .errors import PeerGone, ProtocolError, TransportError, TransportTimeout, TransportUnavailable
 from .ring import (
     CONTROL_BYTES, CREDIT_BYTES, GRANULE, HEADER, HEADER_BYTES, MAGIC, PAD, SLEEPING_OFFSET,
@@ -955,11 +957,12 @@ class RdmaTransport(RingTransport):
         return link
 
     # -- lifecycle --------------------------------------------------------------
-    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None):
+    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None,
+                      credential: Credential | None = None):
         info = descriptor.get("rdma")
         if isinstance(info, Mapping) and (why := fabric_mismatch(self._local, PortInfo.from_dict(info))):
             raise TransportError(f"rdma peer {descriptor.get('id', '?')} is out of reach: {why}")
-        sender = await super().connect(descriptor, timeout=timeout)
+        sender = await super().connect(descriptor, timeout=timeout, credential=credential)
         link = sender._data  # the _Link that _complete() returned
         link.bell = sender._channel.ring
         link.peer = f"{str(descriptor.get('id', '?'))[:8]} on {link.peer}"

@@ -6,9 +6,12 @@ region (POSIX shared memory mapped by both processes, or RDMA-registered
 memory reached with RDMA WRITE). Everything else is here, once:
 
 * a TCP *side channel* per directed connection carries the handshake
-  (msgpack frames naming the regions), then single-byte doorbells, and tells
-  each side at once when its peer dies (the kernel closes the socket of a
-  killed process);
+  (msgpack frames: the consumer's challenge, the producer's hello with its
+  proof (onepiece.credentials) and offer, the consumer's answer naming the
+  regions or its refusal, the producer's ready), then single-byte doorbells,
+  and tells each side at once when its peer dies (the kernel closes the
+  socket of a killed process). A consumer with a key (``guard``) allocates
+  no region for a producer that cannot prove the broker's link;
 * :class:`RingSender` writes records and waits for credit: a short spin,
   then it raises its "waiting" flag in the consumer's memory and sleeps on
   the doorbell;
@@ -40,12 +43,16 @@ from typing import Any
 
 import msgpack
 
+from onepiece import credentials
+from onepiece.credentials import Credential
+
 from . import codec
-from .base import Message, Sender, Transport
+from .base import Doorkeeper, Message, Sender, Transport
 from .errors import (
     MessageTooLarge,
     PeerGone,
     ProtocolError,
+    Refused,
     TransportClosed,
     TransportError,
     TransportTimeout,
@@ -55,7 +62,7 @@ from .ring import MSG, Assembler, RingConfig, RingConsumer, RingProducer
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: the consumer challenges, the hello proves a credential
 FRAME = struct.Struct("<I")
 MAX_FRAME = 64 << 10
 BELL = b"!"
@@ -122,7 +129,8 @@ class _Channel:
         if not isinstance(obj, dict):
             raise ProtocolError(f"handshake frame from {self.address} is not a map")
         if obj.get("error"):
-            raise TransportError(f"peer {self.address} refused the connection: {obj['error']}")
+            error = Refused if obj.get("refused") else TransportError  # refused: no valid credential
+            raise error(f"peer {self.address} refused the connection: {str(obj['error'])[:300]}")
         return obj
 
     def start_watching(self) -> None:
@@ -393,6 +401,7 @@ class RingTransport(Transport):
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stats = dict.fromkeys(("bytes_sent", "bytes_received", "messages_sent", "messages_received"), 0)
+        self._doorkeeper = Doorkeeper(self.name)
 
     # -- medium hooks -------------------------------------------------------
     @abc.abstractmethod
@@ -435,7 +444,7 @@ class RingTransport(Transport):
                 "host_id": host_id(), **self._descriptor_extra()}
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return {**self._stats, "connections_refused": self._doorkeeper.refused}
 
     def _count_sent(self, n: int) -> None:
         self._stats["bytes_sent"] += n
@@ -459,7 +468,8 @@ class RingTransport(Transport):
             await self._server.wait_closed()
 
     # -- producer side ------------------------------------------------------
-    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None) -> Sender:
+    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None,
+                      credential: Credential | None = None) -> Sender:
         if self._closed:
             raise TransportClosed(f"{self.name} endpoint is closed")
         if descriptor.get("transport") != self.name:
@@ -478,8 +488,13 @@ class RingTransport(Transport):
         credit = data = None
         try:
             async with asyncio.timeout(timeout):
+                challenge = await channel.recv_frame()
+                if challenge.get("v") != PROTOCOL:
+                    raise ProtocolError(f"{self.name} peer {peer} speaks handshake version {challenge.get('v')!r}, "
+                                        f"not {PROTOCOL}")
                 credit, offer = self._offer()
-                await channel.send_frame({"v": PROTOCOL, "hello": self.id, "offer": offer})
+                await channel.send_frame({"v": PROTOCOL, "hello": self.id, "offer": offer,
+                                          **credentials.answer(credential, challenge.get("challenge"))})
                 answer = await channel.recv_frame()
                 config = RingConfig(**answer["config"])
                 data = self._complete(answer["answer"], config)
@@ -513,11 +528,18 @@ class RingTransport(Transport):
     async def _handshake(self, reader, writer) -> None:
         channel = _Channel(reader, writer)
         data = credit = None
+        nonce = credentials.challenge()
         try:
             async with asyncio.timeout(self.handshake_timeout):
+                await channel.send_frame({"v": PROTOCOL, "challenge": nonce})
                 hello = await channel.recv_frame()
                 if hello.get("v") != PROTOCOL or not isinstance(hello.get("offer"), dict):
                     raise ProtocolError(f"unsupported handshake {hello!r:.80}")
+                why = self._doorkeeper.refusal(self.gate_key, nonce, hello, channel.address)
+                if why is not None:  # before any region is made for it
+                    await channel.send_frame({"error": why, "refused": True})
+                    await channel.close()
+                    return
                 data, credit, answer = self._accept(hello["offer"], self.config)
                 await channel.send_frame({"config": _config_dict(self.config), "answer": answer})
                 if not (await channel.recv_frame()).get("ready"):

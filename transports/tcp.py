@@ -1,9 +1,13 @@
 """TCP transport: length-prefixed frames, for hosts that share neither memory nor RDMA.
 
 A frame is ``struct "<4sIQ"`` (magic b"OPT1", meta length, payload length),
-the codec's meta block, then its payload. The first frame on a connection is
-a hello (meta = msgpack {"hello": sender id}, no payload) so the receiver can
-name its peer. A sender writes a message's parts without joining them and
+the codec's meta block, then its payload. The handshake is three frames of
+msgpack meta and no payload: the receiver sends ``{"challenge": nonce}`` as
+it accepts, the sender answers with its hello ``{"hello": sender id,
+"principal": ..., "proof": ...}`` (onepiece.credentials), and the receiver
+sends its verdict, ``{"ok": true}`` or ``{"error": why}`` before it closes:
+a receiver with a key (``guard``) reads no data from a sender that cannot
+prove the broker's link. After the handshake only the sender writes. A sender writes a message's parts without joining them and
 waits until the kernel holds all of them: it buffers one message at most, and
 the caller may reuse its tensors once ``send`` returns. A receiver validates
 sizes before allocating, reads each payload straight into memory of its own,
@@ -25,15 +29,32 @@ from typing import Any
 
 import msgpack
 
+from onepiece import credentials
+from onepiece.credentials import Credential
+
 from . import codec
-from .base import Message, Sender, Transport
-from .errors import MessageTooLarge, PeerGone, TransportClosed, TransportTimeout, TransportUnavailable
+from .base import Doorkeeper, Message, Sender, Transport
+from .errors import (
+    MessageTooLarge,
+    PeerGone,
+    ProtocolError,
+    Refused,
+    TransportClosed,
+    TransportTimeout,
+    TransportUnavailable,
+)
 from .host import host_id
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"OPT1"
 FRAME = struct.Struct("<4sIQ")
+MAX_HANDSHAKE = 4096  # bytes of a handshake frame's meta, either way
+
+
+def _handshake_frame(obj: dict) -> bytes:
+    meta = msgpack.packb(obj)
+    return FRAME.pack(MAGIC, len(meta), 0) + meta
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -44,6 +65,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.addr = "?"
         self.peer: str | None = None  # sender id, known after the hello
+        self.nonce = credentials.challenge()  # what the hello must answer
         self.buffered = 0  # payload bytes of this connection waiting in the inbox
         self.paused = False
         self.dropped = False
@@ -64,6 +86,7 @@ class _Connection(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.endpoint._connections.add(self)
+        transport.write(_handshake_frame({"challenge": self.nonce}))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buf[self._pos:]
@@ -97,7 +120,14 @@ class _Connection(asyncio.BufferedProtocol):
                 hello = None
             if not (isinstance(hello, dict) and isinstance(hello.get("hello"), str)):
                 return self._drop("first frame is not a hello")
+            why = self.endpoint._doorkeeper.refusal(self.endpoint.gate_key, self.nonce, hello, self.addr)
+            if why is not None:  # the verdict reaches the sender; nothing more is read
+                self.dropped = True
+                self.transport.write(_handshake_frame({"error": why}))
+                self.transport.close()
+                return
             self.peer = hello["hello"]
+            self.transport.write(_handshake_frame({"ok": True}))
             log.debug("tcp peer %s connected from %s", self.peer, self.addr)
             return self._end_frame()
         try:
@@ -152,16 +182,53 @@ class _Connection(asyncio.BufferedProtocol):
 
 
 class _SendProtocol(asyncio.Protocol):
-    """asyncio flow control for a sender: ``room`` is set while the kernel can take more."""
+    """asyncio flow control for a sender: ``room`` is set while the kernel can take more.
+    During the handshake it also reads the receiver's frames (bounded); after it, the
+    receiver has nothing to say and what it sends is ignored."""
 
     def __init__(self):
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.room = asyncio.Event()
         self.room.set()
+        self.handshaken = False
+        self._got = bytearray()
+        self._arrived = asyncio.Event()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshaken:
+            return
+        self._got += data
+        if len(self._got) > 2 * (FRAME.size + MAX_HANDSHAKE):  # more than a handshake's worth
+            self.handshaken = True  # read no more
+            self.lost = ProtocolError("the receiver sent more than a handshake")
+            self.transport.abort()
+        self._arrived.set()
+
+    async def frame(self) -> dict:
+        """The receiver's next handshake frame (the caller bounds the wait)."""
+        while True:
+            if len(self._got) >= FRAME.size:
+                magic, n, payload = FRAME.unpack_from(self._got)
+                if magic != MAGIC or payload or not 0 < n <= MAX_HANDSHAKE:
+                    raise ProtocolError(f"not a handshake frame: magic {bytes(magic)!r}, meta {n}, payload {payload}")
+                if len(self._got) >= FRAME.size + n:
+                    meta = bytes(self._got[FRAME.size:FRAME.size + n])
+                    del self._got[:FRAME.size + n]
+                    try:
+                        obj = msgpack.unpackb(meta, raw=False)
+                    except Exception as exc:  # msgpack raises several unrelated types on garbage
+                        raise ProtocolError(f"handshake frame is not msgpack: {exc}") from exc
+                    if not isinstance(obj, dict):
+                        raise ProtocolError("handshake frame is not a map")
+                    return obj
+            if self.lost is not None:
+                raise PeerGone(f"closed during the handshake: {self.lost}")
+            self._arrived.clear()
+            await self._arrived.wait()
 
     def pause_writing(self) -> None:
         self.room.clear()
@@ -170,8 +237,9 @@ class _SendProtocol(asyncio.Protocol):
         self.room.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = exc or ConnectionResetError("connection closed by peer")
+        self.lost = self.lost or exc or ConnectionResetError("connection closed by peer")
         self.room.set()
+        self._arrived.set()
 
 
 class TcpSender(Sender):
@@ -252,6 +320,7 @@ class TcpTransport(Transport):
         self._inbox: collections.deque = collections.deque()
         self._nonempty = asyncio.Event()
         self._stats = dict.fromkeys(("bytes_sent", "bytes_received", "messages_sent", "messages_received"), 0)
+        self._doorkeeper = Doorkeeper("tcp")
 
     @classmethod
     async def open(cls, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = 2 << 30,
@@ -283,27 +352,46 @@ class TcpTransport(Transport):
             conn.transport.pause_reading()
         self._nonempty.set()
 
-    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None) -> TcpSender:
+    async def connect(self, descriptor: Mapping[str, Any], *, timeout: float | None = None,
+                      credential: Credential | None = None) -> TcpSender:
         self._check_open()
         if descriptor.get("transport") != "tcp":
             raise ValueError(f"not a tcp descriptor: {dict(descriptor)!r}")
         host, port = descriptor["host"], descriptor["port"]
+        where = f"tcp peer {descriptor.get('id')} at {host}:{port}"
+        transport = None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self.send_timeout if timeout is None else timeout):
                 transport, proto = await asyncio.get_running_loop().create_connection(_SendProtocol, host, port)
+                if self.closed:
+                    transport.abort()
+                    self._check_open()
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                challenge = await proto.frame()
+                hello = {"hello": self.id, **credentials.answer(credential, challenge.get("challenge"))}
+                transport.write(_handshake_frame(hello))
+                verdict = await proto.frame()
         except TimeoutError as exc:
-            raise TransportTimeout(f"connecting to tcp peer at {host}:{port} timed out") from exc
+            if transport is not None:
+                transport.abort()
+            raise TransportTimeout(f"connecting to {where} timed out") from exc
         except OSError as exc:
-            raise PeerGone(f"cannot connect to tcp peer {descriptor.get('id')} at {host}:{port}: {exc}") from exc
-        if self.closed:
+            if transport is not None:
+                transport.abort()
+            raise PeerGone(f"cannot connect to {where}: {exc}") from exc
+        except (ProtocolError, PeerGone) as exc:
             transport.abort()
-            self._check_open()
-        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raise type(exc)(f"{where}: {exc}") from exc
+        if "error" in verdict:
+            transport.abort()
+            raise Refused(f"{where} refused the connection: {str(verdict['error'])[:300]}")
+        if verdict.get("ok") is not True:
+            transport.abort()
+            raise ProtocolError(f"{where} answered the hello with {verdict!r:.100}")
+        proto.handshaken = True
         # high=0: pause until the kernel holds every byte, so send() returning means the
         # caller's tensors are no longer referenced.
         transport.set_write_buffer_limits(high=0)
-        hello = msgpack.packb({"hello": self.id})
-        transport.writelines([FRAME.pack(MAGIC, len(hello), 0), hello])
         sender = TcpSender(self, proto, descriptor)
         self._senders.add(sender)
         return sender
@@ -339,4 +427,4 @@ class TcpTransport(Transport):
         await self._server.wait_closed()
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return {**self._stats, "connections_refused": self._doorkeeper.refused}

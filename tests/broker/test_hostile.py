@@ -365,7 +365,8 @@ async def test_a_registered_worker_with_hostile_stats_cannot_break_metrics(stack
     await register(evil, "a")
     await good.send(msg("HEARTBEAT", load=0, stats={
         "transport": "tcp", "bytes_sent": 100, "bytes_received": 50, "auto_choices": {"shm": 2},
-        "orphans_dropped": 2, "orphan_bytes_dropped": 300, "orphan_bytes_held": 40}))
+        "orphans_dropped": 2, "orphan_bytes_dropped": 300, "orphan_bytes_held": 40, "data_refused": 4,
+        "connections_refused": 5}))
     hostile = {"transport": "tcp", "bytes_sent": 1e308, "bytes_received": -5, "messages_sent": "many",
                "auto_choices": {"shm": -1, "tcp": 3, "rdma": -(2**63), "x": 2**63},
                "orphans_dropped": "lots", "orphan_bytes_dropped": -1, "orphan_bytes_held": 1e308}
@@ -380,6 +381,8 @@ async def test_a_registered_worker_with_hostile_stats_cannot_break_metrics(stack
     assert samples(text, "onepiece_orphan_dropped_messages_total") == {'{stage="a"}': 2.0}
     assert samples(text, "onepiece_orphan_dropped_bytes_total") == {'{stage="a"}': 300.0}
     assert samples(text, "onepiece_orphan_held_bytes") == {'{stage="a"}': 40.0}
+    assert samples(text, "onepiece_data_refused_messages_total") == {'{stage="a"}': 4.0}
+    assert samples(text, "onepiece_data_refused_connections_total") == {'{stage="a"}': 5.0}
     # junk that does not fit the schema never reaches the broker's state at all
     before = stack.bad()
     for stats in ({"transport": {"nested": {"junk": [1]}}}, {f"k{i}": i for i in range(10_000)},

@@ -20,11 +20,12 @@ import zmq.asyncio
 
 from broker import protocol
 from broker.service import Broker
+from onepiece import credentials
 from onepiece.config import load_settings
 from stages.kinds import StageKind, StageOutput
 from stages.worker import Worker
 from stages.workflow import loads_workflow
-from transports import open_transport
+from transports import Refused, open_transport
 
 from ..helpers import chain3
 
@@ -227,19 +228,24 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
         b = by_stage["b"]
 
         peer = await endpoints()
-        sender = await peer.connect(b.transport.descriptor)
-        # a stranger's flood is refused outright: nothing of it is kept (the data key, below)
+        # a stranger cannot even connect: b has a data key, and no link made with it
+        with pytest.raises(Refused, match="no data-plane credential"):
+            await peer.connect(b.transport.descriptor)
+        # a peer the broker gave a link (as it does in a SEND) connects; its messages without
+        # the broker's credential are refused outright: nothing of them is kept
+        key = broker._data_keys[b.id]
+        sender = await peer.connect(b.transport.descriptor,
+                                    credential=credentials.Credential("p", credentials.link_key(key, "p")))
         for _ in range(3):
             await sender.send({"job": new_job(), "stage": "b", "from": "a"}, filler(4 * MiB))
-        await until(lambda: b.refused == 3, "the stranger's refusals")
+        await until(lambda: b.refused == 3, "the refusals")
         assert b.early == {} and b.orphans_dropped == 3
         b.orphans_dropped = b.orphan_bytes_dropped = 0  # the counts below are the flood's
         # a flood with credentials (as a worker the broker told to send could make for jobs that
         # never reach b): the orphan bound holds
-        key = broker._data_keys[b.id]
 
         def auth(job):
-            return protocol.data_auth(key, job, "a", "b", None)
+            return credentials.data_auth(key, job, "a", "b", None)
 
         jobs = [new_job() for _ in range(12)]
         for job in jobs:  # 12 x 4 MiB of well-formed inputs for jobs nobody assigned
@@ -252,6 +258,7 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
         # The heartbeat carries the three numbers to the broker (for its /metrics).
         await until(lambda: broker.worker_stats().get(b.id, {}).get("orphans_dropped") == 8, "heartbeat")
         assert broker.worker_stats()[b.id]["data_refused"] == 3
+        assert broker.worker_stats()[b.id]["connections_refused"] == 1
         reported = broker.worker_stats()[b.id]
         assert {k: reported[k] for k in stats} == stats
         assert all(type(reported[k]) is int for k in stats)
@@ -537,9 +544,10 @@ async def test_data_without_the_brokers_credential_is_refused_before_a_byte_is_k
         w = await start_worker(workers, fb, tmp_path, "b")
         await until(lambda: w._data_key == KEY, "the data key")
         peer = await endpoints()
-        sender = await peer.connect(w.transport.descriptor)
+        sender = await peer.connect(w.transport.descriptor,
+                                    credential=credentials.Credential("p", credentials.link_key(KEY, "p")))
         job = new_job()
-        good = protocol.data_auth(KEY, job, "a", "b", 7)
+        good = credentials.data_auth(KEY, job, "a", "b", 7)
         lies = [
             {"job": job, "stage": "b", "from": "a", "binding": 7},  # no credential at all
             {"job": job, "stage": "b", "from": "a", "binding": 7, "auth": "0" * 64},
@@ -548,7 +556,7 @@ async def test_data_without_the_brokers_credential_is_refused_before_a_byte_is_k
             {"job": job, "stage": "b", "from": "c", "binding": 7, "auth": good},  # another producer stage's
             {"job": job, "stage": "b", "from": "a", "binding": 7, "checkpoint": 3, "auth": good},
             {"job": job, "stage": "b", "from": "a", "binding": 7,
-             "auth": protocol.data_auth(bytes(32), job, "a", "b", 7)},  # made with another key
+             "auth": credentials.data_auth(bytes(32), job, "a", "b", 7)},  # made with another key
         ]
         for header in lies:
             await sender.send(header, filler(MiB))

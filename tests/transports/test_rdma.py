@@ -32,10 +32,11 @@ import msgpack
 import pytest
 import torch
 
-from transports import PeerGone, ProtocolError, TransportTimeout, TransportUnavailable, rdma
+from transports import PeerGone, ProtocolError, Refused, TransportTimeout, TransportUnavailable, rdma
 from transports.rdma import PeerQP, PortInfo, RdmaTransport, decide_commit, fabric_mismatch, resolve_enums
 
 from . import conftest
+from .test_credentials import GOOD, KEY, LIARS
 from .peer import checksum, messages
 
 pytestmark = pytest.mark.timeout(120)
@@ -617,3 +618,19 @@ async def test_fake_nic_descriptor(rdma_pair):
     assert d["transport"] == "rdma" and d["rdma"]["device"] == "fake_rxe0"
     assert d["rdma"]["gid_index"] == 1 and d["rdma"]["gid_type"] == "RoCEv2"  # the IPv4-mapped RoCEv2 GID
     json.dumps(d)
+
+
+async def test_a_guarded_endpoint_refuses_at_the_handshake_and_makes_no_queue_pair(rdma_pair):
+    """rdma over the fake NIC (a test double: no RDMA hardware here): a refused producer's queue
+    pair is closed, and the consumer made none for it."""
+    nic, (a, b) = await rdma_pair()
+    b.guard(KEY)
+    for credential in LIARS.values():
+        with pytest.raises(Refused):
+            await a.connect(b.descriptor, timeout=10, credential=credential)
+    assert nic.qps == {} and a._offers == {}
+    assert b.stats()["connections_refused"] == len(LIARS)
+    async with await a.connect(b.descriptor, timeout=10, credential=GOOD) as sender:
+        await sender.send({"seq": 1}, {"x": torch.arange(10)}, timeout=10)
+    with await b.recv(timeout=10) as msg:
+        assert msg.header == {"seq": 1}

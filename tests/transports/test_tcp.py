@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 
 import msgpack
 import pytest
@@ -77,6 +78,18 @@ async def raw_exchange(port: int, data: bytes) -> tuple[str, bytes | None]:
     return local, reply
 
 
+def handshake_keys(reply: bytes | None) -> list[set[str]]:
+    """The keys of each handshake frame the endpoint sent (its challenge, its verdict);
+    AssertionError if the reply holds anything else."""
+    keys, rest = [], reply or b""
+    while rest:
+        magic, n, payload = FRAME.unpack_from(rest)
+        assert magic == MAGIC and payload == 0, rest
+        keys.append(set(msgpack.unpackb(rest[FRAME.size:FRAME.size + n])))
+        rest = rest[FRAME.size + n:]
+    return keys
+
+
 async def exchange_one(receiver: TcpTransport, sender_endpoint: TcpTransport) -> None:
     async with await sender_endpoint.connect(receiver.descriptor, timeout=10) as sender:
         await sender.send({"ok": 1}, {"x": torch.ones(3)}, timeout=10)
@@ -107,7 +120,7 @@ async def test_garbage_drops_only_that_connection(tcp, caplog, data):
     receiver, other = await tcp(), await tcp()
     with caplog.at_level(logging.WARNING, logger="transports.tcp"):
         local, reply = await raw_exchange(receiver.descriptor["port"], data)
-    assert not reply  # closed (or reset) without a word
+    assert handshake_keys(reply) in ([], [{"challenge"}], [{"challenge"}, {"ok"}])  # no word beyond the handshake
     assert any(local in r.getMessage() for r in caplog.records), caplog.text
     # Nothing was delivered for the bad connection: the next message is the good one.
     await exchange_one(receiver, other)
@@ -116,7 +129,7 @@ async def test_garbage_drops_only_that_connection(tcp, caplog, data):
 async def test_truncated_message_raises_peer_gone_once(tcp):
     receiver, other = await tcp(), await tcp()
     _, reply = await raw_exchange(receiver.descriptor["port"], HELLO + frame(GOOD_META, 4) + b"\0\0")
-    assert not reply
+    assert handshake_keys(reply) == [{"challenge"}, {"ok"}]
     with pytest.raises(PeerGone, match=r"raw-client .* mid-message after \d+ of \d+ bytes"):
         await receiver.recv(timeout=10)
     await exchange_one(receiver, other)
@@ -150,9 +163,43 @@ def deaf_port():
         yield s.getsockname()[1]
 
 
-async def test_send_timeout_when_peer_never_reads(tcp, deaf_port):
+@pytest.fixture
+def deaf_peer():
+    """A peer that completes the handshake (challenge, hello, ok), then never reads again."""
+    done = threading.Event()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        s.settimeout(30)
+
+        def serve() -> None:
+            with contextlib.suppress(OSError):
+                conn, _ = s.accept()
+                with conn:
+                    conn.sendall(frame(msgpack.packb({"challenge": os.urandom(16)})))
+                    conn.recv(256)  # the hello
+                    conn.sendall(frame(msgpack.packb({"ok": True})))
+                    done.wait(30)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield s.getsockname()[1]
+        done.set()
+        thread.join(10)
+
+
+async def test_connect_to_a_peer_that_never_speaks_times_out(tcp, deaf_port):
     transport = await tcp()
-    sender = await transport.connect({"transport": "tcp", "id": "deaf", "host": "127.0.0.1", "port": deaf_port})
+    with pytest.raises(TransportTimeout, match="timed out"):
+        await transport.connect({"transport": "tcp", "id": "deaf", "host": "127.0.0.1", "port": deaf_port},
+                                timeout=0.5)
+
+
+async def test_send_timeout_when_peer_never_reads(tcp, deaf_peer):
+    transport = await tcp()
+    sender = await transport.connect({"transport": "tcp", "id": "deaf", "host": "127.0.0.1", "port": deaf_peer},
+                                     timeout=10)
     with pytest.raises(TransportTimeout):
         await sender.send({}, {"x": torch.zeros(64 << 20, dtype=torch.uint8)}, timeout=0.05)
     # Half a frame went out and cannot be taken back, so the sender is finished.
