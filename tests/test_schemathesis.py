@@ -6,7 +6,10 @@ every operation: a few hundred requests, derandomized with a fixed seed.
 Every response must not be a 5xx, must have a documented status code,
 content type and headers, and must match its documented schema; a request
 the document allows must be accepted and one it forbids refused, which is
-how the document and the validator are held to agree. Afterwards, a valid
+how the document and the validator are held to agree. A second stack serves
+with API keys and is fuzzed with an admin key, plus schemathesis'
+``ignored_auth``: every operation the document secures must refuse the same
+request without a key and with a made-up one. Afterwards, a valid
 job still runs through the workers to ``succeeded``, and the operations on
 real jobs (which random ids never reach) are checked the same way.
 
@@ -35,6 +38,7 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from schemathesis.checks import (  # noqa: E402
     content_type_conformance,
+    ignored_auth,
     negative_data_rejection,
     not_a_server_error,
     positive_data_acceptance,
@@ -46,6 +50,7 @@ from schemathesis.checks import (  # noqa: E402
 from schemathesis.config import SchemathesisConfig  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
+from broker import auth  # noqa: E402
 from manager.policy import StaticPolicy  # noqa: E402
 from onepiece.config import load_settings  # noqa: E402
 from onepiece.stack import Stack  # noqa: E402
@@ -133,8 +138,8 @@ def _node_id_for_schemathesis(request):
         request.node._nodeid = request.node.nodeid
 
 
-def live_workers(url: str) -> set[str]:
-    stages = requests.get(f"{url}/v1/stages", timeout=10).json()["stages"]
+def live_workers(url: str, headers: dict | None = None) -> set[str]:
+    stages = requests.get(f"{url}/v1/stages", headers=headers, timeout=10).json()["stages"]
     return {w["id"] for s in stages.values() for w in s["workers"]}
 
 
@@ -150,6 +155,46 @@ def test_every_operation_keeps_its_documented_contract(case, stack_url):
         # so that being refused is a disagreement between the document and the validator, not a bad image.
         case.body["image"] = PNG if case.media_type == "multipart/form-data" else base64.b64encode(PNG).decode()
     case.call_and_validate(base_url=stack_url, checks=CHECKS)
+
+
+# -- the same with keys: every secured operation refuses a request without a valid key ----------
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(tmp_path_factory):
+    """A stack that serves REST with keys (one admin key: every operation is open to it)."""
+    folder = tmp_path_factory.mktemp("keyed")
+    admin = auth.add_key(folder / "keys.json", ["admin"], "fuzz")[1]
+    settings = load_settings(env={}, data_dir=folder / "data", control="tcp://127.0.0.1:*", rest_port=0,
+                             workflows=WORKFLOWS, heartbeat_s=0.5, liveness=3, max_request_bytes=1 << 20,
+                             api_keys=folder / "keys.json")
+    running = StackThread(settings)
+    try:
+        yield running.start(), {"Authorization": f"Bearer {admin}"}
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_schema(keyed_stack):
+    url, _ = keyed_stack
+    return schemathesis.openapi.from_url(f"{url}/v1/openapi.json", config=SchemathesisConfig.from_dict(
+        {**FUZZ, "generation": {**FUZZ["generation"], "max-examples": 10}}))
+
+
+keyed = schemathesis.pytest.from_fixture("keyed_schema")
+
+
+@keyed.parametrize()
+def test_with_keys_every_operation_keeps_its_contract_and_refuses_a_request_without_a_valid_key(case, keyed_stack):
+    """``ignored_auth``: for each operation the document secures, the same request without a
+    key and with a made-up one must be refused (401); with the admin key it keeps its contract."""
+    url, headers = keyed_stack
+    if case.path == "/v1/workers/{id}/drain" and (case.path_parameters or {}).get("id") in live_workers(url, headers):
+        return  # as above: never drain a live worker mid-test
+    if case.meta.generation.mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and case.body.get("image"):
+        case.body["image"] = PNG if case.media_type == "multipart/form-data" else base64.b64encode(PNG).decode()
+    case.call_and_validate(base_url=url, headers=headers, checks=[*CHECKS, ignored_auth])
 
 
 def wait_until_ended(session: requests.Session, url: str, job_id: str, timeout: float = 60) -> str:
