@@ -397,11 +397,13 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     job = _job_or_404(request, job_id)
     if job["state"] != "succeeded":
         raise Invalid("id", f"job is {job['state']}", status=409, reason="conflict")
-    path = broker.result_path(job_id)
-    if path is None:
+    located = broker.result_location(job_id)
+    if located is None:
         raise Invalid("id", "the job succeeded but its result file is gone", status=410, reason="gone")
-    return web.FileResponse(path, headers={"Content-Type": "video/mp4",
-                                           "Content-Disposition": f'attachment; filename="{job_id}.mp4"'})
+    if located.url is not None:  # in an object store: a short-lived presigned URL serves it
+        raise web.HTTPTemporaryRedirect(located.url)
+    return web.FileResponse(located.path, headers={"Content-Type": "video/mp4",
+                                                   "Content-Disposition": f'attachment; filename="{job_id}.mp4"'})
 
 
 def _sse(event: dict) -> bytes:

@@ -356,6 +356,9 @@ def document(workflows: Mapping[str, Mapping[str, Any]], default_workflow: str |
                 "responses": {
                     "200": {"description": "The mp4.",
                             "content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+                    "307": {"description": "The result is in an object store (--results s3://...): follow "
+                                           "Location, a presigned URL valid for a few minutes.",
+                            "headers": {"Location": {"schema": {"type": "string"}}}},
                     "404": not_found,
                     "409": _error("The job has not succeeded; the message names its state."),
                     "410": _error("The job succeeded but its file is gone."),

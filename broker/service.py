@@ -23,6 +23,7 @@ from pathlib import Path
 import zmq
 
 from onepiece import credentials
+from onepiece.results import LocalStore, Located, open_store
 from stages.params import ParamError
 from stages.workflow import Workflow, load_workflow
 
@@ -51,7 +52,8 @@ class Broker:
                          progress_floor_s=settings.progress_floor_s, progress_cap_s=settings.progress_cap_s,
                          progress_factor=settings.progress_factor, job_deadline_s=settings.job_deadline_s)
         self.store = JobStore(settings.db_path)
-        self.results_dir = Path(settings.results_dir)
+        self.results = open_store(settings)  # where results are, and how they are served (onepiece/results.py)
+        self.results_dir = self.results.root if isinstance(self.results, LocalStore) else Path(settings.results_dir)
         self.results_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = BrokerMetrics(self)
         self.endpoint = settings.control
@@ -236,29 +238,22 @@ class Broker:
             if not subs:
                 del self._subscribers[job_id]
 
-    def result_path(self, job_id: str) -> Path | None:
-        """The file of a succeeded job's result, only if it is inside the result store: a worker
-        reports where it wrote the result, and a worker may lie. The file, symlinks followed, must
-        be a regular file under ``results_dir`` named for this job (``<job id>.<ext>``); anything
-        else (``..``, an absolute path elsewhere, a symlink out, another job's file) is refused,
-        logged, and served as no result."""
+    def result_location(self, job_id: str) -> Located | None:
+        """Where a succeeded job's result is in the result store (a file, or a presigned URL),
+        or None. A worker reports the key it stored the result under, and a worker may lie: the
+        store locates only this job's key inside itself (onepiece/results.py, R2); anything else
+        (``..``, an absolute path, a symlink out, another job's key) is refused, logged, and
+        served as no result."""
         job = self.store.job(job_id)
         if job is None or job["state"] != "succeeded" or not job.get("result"):
             return None
         result = job["result"]
-        reported = result.get("key") or result.get("path")
-        if not isinstance(reported, str) or not reported:
-            return None
-        root = self.results_dir.resolve()
-        try:
-            real = (root / reported).resolve(strict=True)  # an absolute ``reported`` stays absolute
-        except (OSError, RuntimeError):  # missing, a symlink loop
-            return None
-        if real.parent != root or not real.name.startswith(f"{job_id}.") or not real.is_file():
-            log.warning("job %s: its result %r is not a file of this job in the result store %s: refused",
-                        job_id, reported[:200], root)
-            return None
-        return real
+        return self.results.locate(job_id, result.get("key") or result.get("path"))
+
+    def result_path(self, job_id: str) -> Path | None:
+        """The local file of a succeeded job's result (None for one in an object store)."""
+        located = self.result_location(job_id)
+        return located.path if located is not None else None
 
     def stages(self) -> dict:
         """Per stage: workers, queue, load, the progress bound and the tasks that look stuck."""

@@ -85,16 +85,26 @@ class LocalLauncher(Launcher):
             cmd += ["--dtype", s.dtype]
         if s.curve_broker is not None:  # CURVE: the worker's certificate and the broker's public one
             cmd += ["--curve-secret", str(s.curve_secret), "--curve-broker", str(s.curve_broker)]
+        if s.results:  # the result store (its credentials go by environment: see start)
+            cmd += ["--results", s.results, "--s3-region", s.s3_region]
+            if s.s3_endpoint:
+                cmd += ["--s3-endpoint", s.s3_endpoint]
         if sp != 1:
             cmd += ["--sp", str(sp)]
         return cmd + self.extra_args
+
+    def _secrets(self) -> dict[str, str]:
+        """Settings a worker needs that must not show in its command line (``ps``)."""
+        s = self.settings
+        pairs = {"ONEPIECE_S3_ACCESS_KEY_ID": s.s3_access_key_id, "ONEPIECE_S3_SECRET_ACCESS_KEY": s.s3_secret_access_key}
+        return {k: v for k, v in pairs.items() if v}
 
     async def start(self, workflow: str, stage: str, *, env: dict[str, str] | None = None,
                     sp: int = 1) -> WorkerHandle:
         if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
             raise ValueError(f"sp must be an integer >= 1, not {sp!r}")
         worker_id = f"{stage}-{uuid.uuid4().hex[:8]}"
-        env = {**os.environ, **(self.env or {}), **(env or {})}
+        env = {**os.environ, **self._secrets(), **(self.env or {}), **(env or {})}
         cmd = self.command(workflow, stage, worker_id, sp if sp != 1 else None)
         process = await asyncio.create_subprocess_exec(*cmd, env=env, stdin=asyncio.subprocess.DEVNULL)
         handle = WorkerHandle(worker_id, workflow, stage, process)

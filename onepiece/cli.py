@@ -73,6 +73,11 @@ SETTINGS_FLAGS = {
     "curve_broker": ("--curve-broker", Path, "the broker's public certificate (broker.key), for a worker"),
     "curve_init": ("--curve-init", Path, "at first start, make the broker's CURVE pair, the workers' pair and "
                                         "the allow-list in this directory (compose)"),
+    "results": ("--results", str, "the result store: a directory, or s3://bucket/prefix (credentials from "
+                                  "ONEPIECE_S3_ACCESS_KEY_ID/_SECRET_ACCESS_KEY or boto3's own; default "
+                                  "DATA_DIR/results)"),
+    "s3_endpoint": ("--s3-endpoint", str, "S3-compatible endpoint URL for --results s3://... (default AWS)"),
+    "s3_region": ("--s3-region", str, "S3 region (default us-east-1)"),
     "insecure": ("--insecure", None, "serve REST on a non-loopback address without API keys: anyone who can "
                                      "reach it controls the service (a warning is logged every minute)"),
 }
@@ -639,7 +644,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     _settings_args(up, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "rest_host", "rest_port", "data_host", "ring_bytes", "max_attempts",
                    "job_deadline_s", "progress_floor_s", "progress_cap_s", "checkpoint_steps", "checkpoint_s",
-                   "api_keys", "api_keys_init", "insecure")
+                   "api_keys", "api_keys_init", "insecure", "results", "s3_endpoint", "s3_region")
     up.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     _manager_args(up)
     up.add_argument("--ready-timeout", type=float, default=300.0)
@@ -648,7 +653,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="run the broker and its REST API")
     _settings_args(br, "control", "data_dir", "heartbeat_s", "liveness", "rest_host", "rest_port", "max_attempts",
                    "job_deadline_s", "progress_floor_s", "progress_cap_s", "api_keys", "api_keys_init", "insecure",
-                   "curve_secret", "curve_allow", "curve_init")
+                   "curve_secret", "curve_allow", "curve_init", "results", "s3_endpoint", "s3_region")
     br.add_argument("--workflows", nargs="+", help="workflows to serve (default wan_i2v)")
     br.set_defaults(func=cmd_broker)
 
@@ -656,7 +661,7 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     mg.add_argument("--broker-url", default="http://127.0.0.1:8000")
     _settings_args(mg, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "ring_bytes", "rest_host", "checkpoint_steps", "checkpoint_s",
-                   "curve_secret", "curve_broker")
+                   "curve_secret", "curve_broker", "results", "s3_endpoint", "s3_region")
     mg.add_argument("--workflows", nargs="+", help="workflows the broker serves (default wan_i2v)")
     mg.add_argument("--launcher", choices=("local", "compose"), default="local",
                     help="start workers as local processes or as docker compose replicas")
@@ -676,7 +681,8 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
                    "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
                    "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
-                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp", "curve_secret", "curve_broker")
+                   "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp", "curve_secret", "curve_broker",
+                   "results", "s3_endpoint", "s3_region")
     wk.set_defaults(func=cmd_worker)
 
     sb = sub.add_parser("submit", help="submit a job over REST, follow it and save the video",

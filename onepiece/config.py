@@ -55,6 +55,14 @@ class Settings:
     max_active_jobs: int = Limits.max_active  # unfinished jobs in all (REST and control-socket SUBMIT)
     max_streams_per_key: int = Limits.max_streams_per_key  # open event streams of one key
     commit_interval_s: float = 0.02  # group commit of the job store; SUBMIT replies wait for it
+    # the result store (onepiece/results.py), for the broker and the result stage's workers alike:
+    # "" = <data_dir>/results; a directory; or s3://bucket/prefix (S3-compatible object storage)
+    results: str = ""
+    s3_endpoint: str | None = None  # e.g. http://minio:9000; None: AWS
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None  # None: boto3's own (AWS_ACCESS_KEY_ID, a profile, a role)
+    s3_secret_access_key: str | None = None  # give it by environment (ONEPIECE_S3_SECRET_ACCESS_KEY), not argv
+    s3_presign_s: float = 300.0  # how long the URL a result request is redirected to stays valid
     # workers
     transport: str = "shm"  # shm | tcp | rdma | auto
     data_host: str = "127.0.0.1"  # where a worker's data-plane endpoint listens

@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from onepiece.results import ResultStore
 
 from .workflow import StageSpec
 
@@ -100,7 +101,7 @@ class TaskContext:
     stage: str
     params: dict
     payload: dict | None
-    results_dir: Path
+    results: ResultStore  # where a result stage stores the job's result (onepiece/results.py)
     on_progress: Callable[[int, int], None] = lambda step, total: None
     cancelled: CancelFlag = field(default_factory=CancelFlag)
     resume: dict[str, torch.Tensor] | None = None
@@ -318,16 +319,12 @@ class VideoEncode(StageKind):
             raise StageFailed(f"video_encode needs the job parameter fps (an integer), got {fps!r}: "
                               "declare [params.fps] in the workflow")
         data = video_encode(video, fps=fps)
-        ctx.results_dir.mkdir(parents=True, exist_ok=True)
-        path = ctx.results_dir / f"{ctx.job}.mp4"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # a reader never sees half a file
+        # whole or not at all; the key names it inside the store, where the broker finds it. A
+        # StoreError (the store unreachable) is retried like any other failure, elsewhere or later
+        stored = ctx.results.put(ctx.job, "mp4", data, "video/mp4")
         _, _, frames, height, width = video.shape
-        # the key names the file inside the broker's result store; the broker resolves it there
-        return StageOutput({}, {"key": path.name, "path": str(path.resolve()), "bytes": len(data),
-                                "frames": int(frames), "height": int(height), "width": int(width),
-                                "content_type": "video/mp4"})
+        return StageOutput({}, {**stored, "bytes": len(data), "frames": int(frames), "height": int(height),
+                                "width": int(width), "content_type": "video/mp4"})
 
 
 class Synthetic(StageKind):

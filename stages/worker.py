@@ -87,7 +87,6 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import zmq
@@ -96,6 +95,7 @@ from broker import protocol
 from broker.control import ControlSocket
 from onepiece import credentials
 from onepiece.heap import freeze_startup_heap
+from onepiece.results import open_store
 from transports import PeerGone, TransportError, TransportTimeout, open_transport
 
 from .kinds import StageCancelled, StageFailed, StageKind, StageOutput, TaskContext, make_stage
@@ -248,7 +248,7 @@ class Worker:
         self.kind = kind or make_stage(self.spec, model=settings.model, device=settings.device,
                                        dtype=settings.dtype, sp=settings.sp)
         self.capacity = max(1, settings.capacity)
-        self.results_dir = Path(settings.results_dir)
+        self.results = open_store(settings)  # where the result stage's output goes (onepiece/results.py)
         self.tasks: dict[Key, _Task] = {}
         # Inputs that came before their TASK, oldest first; bounded by orphan_bytes/orphan_ttl_s.
         self.early: dict[Key, _Early] = {}
@@ -728,7 +728,7 @@ class Worker:
         if task.resume is not None:  # a checkpoint came with the inputs: say only what will be used
             resumed = self.kind.resumable(task.resume, task.body["params"])
         task.ctx = TaskContext(task.job, task.stage, task.body["params"], task.body.get("payload"),
-                               self.results_dir, on_progress=progress,
+                               self.results, on_progress=progress,
                                resume=task.resume if resumed is not None else None)
         if task.body.get("checkpoint_to") is not None:
             task.ctx.snapshot = functools.partial(self._snapshot, task, loop)
