@@ -277,6 +277,17 @@ async def cmd_manager(args) -> int:
         from manager.compose import ComposeLauncher
 
         launcher = ComposeLauncher(args.compose_file, project=args.compose_project, service=lambda stage: stage)
+    elif args.launcher == "ray":
+        from manager.raylauncher import RayLauncher, RayLauncherError
+        from stages.workflow import load_workflow
+
+        gpu_stages = {s for w in settings.workflows for s, spec in load_workflow(w).stages.items() if spec.gpu}
+        try:
+            launcher = RayLauncher(settings, args.ray_address, gpu_stages=gpu_stages)
+        except RayLauncherError as exc:
+            await remote.stop()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         from manager.launcher import LocalLauncher
 
@@ -663,8 +674,10 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
                    "liveness", "data_host", "ring_bytes", "rest_host", "checkpoint_steps", "checkpoint_s",
                    "curve_secret", "curve_broker", "results", "s3_endpoint", "s3_region")
     mg.add_argument("--workflows", nargs="+", help="workflows the broker serves (default wan_i2v)")
-    mg.add_argument("--launcher", choices=("local", "compose"), default="local",
-                    help="start workers as local processes or as docker compose replicas")
+    mg.add_argument("--launcher", choices=("local", "compose", "ray"), default="local",
+                    help="start workers as local processes, docker compose replicas, or Ray actors")
+    mg.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                    help="the Ray cluster of --launcher ray (default: RAY_ADDRESS, else a local one)")
     mg.add_argument("--compose-file", default="docker/compose.yaml")
     mg.add_argument("--compose-project", default="onepiece")
     mg.add_argument("--port", type=int, default=8001, help="port of the manager's /metrics (default 8001)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ class Cluster:
         self.url = f"http://{self.h1.address}:{REST_PORT}"
         self.headers = {"Authorization": f"Bearer {self.token}"}
         self.env = dict(ENV)
+        self.scratch: list[Path] = []  # directories outside the hosts' own, removed at close
 
     def close(self) -> None:
         """Every host torn down (its processes with it), then each Popen (nsenter) reaped."""
@@ -60,6 +62,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        for path in self.scratch:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _start(self, host, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")
@@ -294,3 +298,67 @@ def test_test_hosts_send_nothing_unless_their_subnet_routes_through_their_bridge
     assert made.bridge and made.bridge not in real("-br", "link").stdout
     assert not any(h.netns in real("netns", "list").stdout for h in made.hosts)
     assert not made.state_dir.exists()
+
+
+async def test_the_node_manager_places_workers_through_ray_on_two_nodes_and_survives_losing_one(hosts, cluster,
+                                                                                                session):
+    """A real Ray cluster: its head on h1 (with the broker and the node manager), a second node on
+    h2, each ``ray start --block`` with an explicit --node-ip-address, stopped by PID (with its
+    host). The node manager (--launcher ray) starts one worker per stage as Ray actors, spread
+    over both nodes; h2 is then lost mid-job (every process of it, Ray's included): the broker
+    re-makes the work, the manager starts replacements through Ray on h1, the job succeeds."""
+    pytest.importorskip("ray")
+    c = cluster
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    common = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
+    scratch = [Path(f"/tmp/oprt-{hosts.name}-{h}") for h in ("h1", "h2")]  # short: Ray's socket paths
+    c.scratch += scratch
+    c._start(c.h1, "ray-head", [ray_bin, "start", "--head", "--node-ip-address", c.h1.address, "--port", "6379",
+                                "--num-cpus", "4", "--include-dashboard", "false", "--temp-dir", str(scratch[0]),
+                                *common])
+    c._start(c.h2, "ray-node", [ray_bin, "start", "--address", f"{c.h1.address}:6379", "--node-ip-address",
+                                c.h2.address, "--num-cpus", "4", "--temp-dir", str(scratch[1]), *common])
+    c.broker(["synthetic3"])
+    deadline = time.monotonic() + 120
+    while not all("Ray runtime started" in (c.logs / f"{n}.log").read_text(errors="replace")
+                  for n in ("ray-head", "ray-node")):  # both nodes joined
+        assert time.monotonic() < deadline, c.tail()
+        await asyncio.sleep(0.5)
+    c.env["ONEPIECE_API_KEY"] = c.token
+    started = time.monotonic()
+    c._start(c.h1, "manager", [
+        sys.executable, "-m", "onepiece.cli", "manager", "--launcher", "ray", "--ray-address", f"{c.h1.address}:6379",
+        "--broker-url", c.url, "--policy", "static", "--workers", "1", "--workflows", "synthetic3",
+        "--control", f"tcp://h1:{CONTROL_PORT}", "--transport", "auto", "--heartbeat-s", "0.5", "--liveness", "3",
+        "--curve-secret", str(c.curve["worker_secret"]), "--curve-broker", str(c.curve["broker_public"]),
+        "--slots", "8", "--cpu-slots", "8", "--period", "1", "--rest-host", c.h1.address, "--port", "8001"])
+
+    async def placed() -> dict[str, str]:
+        try:
+            stages = (await c.get(session, "/v1/stages"))["stages"]
+        except aiohttp.ClientError:  # the broker is still starting
+            return {}
+        return {w["id"]: w["info"].get("host") for s in stages.values() for w in s["workers"]}
+
+    deadline = time.monotonic() + 240
+    while len(where := await placed()) < 3:
+        assert time.monotonic() < deadline, f"workers placed so far: {where}\n{c.tail()}"
+        await asyncio.sleep(0.5)
+    print(f"ray: 3 workers registered {time.monotonic() - started:.1f} s after the manager started: {where}")
+    assert set(where.values()) == {"h1", "h2"}, where  # spread over both nodes
+    job = await c.submit(session, synthetic_job(6.0))
+    lost = asyncio.Event()
+
+    async def on_event(e):
+        if e["type"] == "progress" and e["data"].get("step", 0) >= 3 and not lost.is_set():
+            lost.set()
+            c.h2.kill_all()  # the second node: its raylet and every worker Ray placed there
+
+    seen = await c.events(session, job, on_event, timeout=400)
+    assert lost.is_set() and seen[-1]["type"] == "succeeded", (seen[-1], c.tail())
+    deadline = time.monotonic() + 240
+    while len(after := await placed()) < 3 or set(after.values()) != {"h1"}:
+        assert time.monotonic() < deadline, f"after losing h2: {after}\n{c.tail()}"
+        await asyncio.sleep(0.5)
+    print(f"ray: h2 lost mid-job; the job succeeded; workers now {after}")
+    assert not set(after) & {w for w, h in where.items() if h == "h2"}
