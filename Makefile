@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.onepiece-installed
 BENCH_STAMP := $(VENV)/.onepiece-bench
 
-.PHONY: setup test demo bench bench-transport clean
+.PHONY: setup test demo bench bench-transport compose-test clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: bench-transport
 
 bench-transport: $(BENCH_STAMP)
 	$(PY) bench/transport.py $(BENCH_ARGS)
+
+# The compose stack on a real (private) Docker engine, a job through it, torn down
+# (scripts/compose-test.sh; root; opt-in: it builds images).
+compose-test: setup
+	sh scripts/compose-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

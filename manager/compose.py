@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from .launcher import Launcher, WorkerHandle
+from .launcher import PolledLauncher, WorkerHandle
 
 __all__ = ["ComposeError", "ComposeLauncher"]
 
@@ -48,7 +48,7 @@ async def run_command(argv: list[str]) -> tuple[int, str]:
     return proc.returncode, out.decode(errors="replace")
 
 
-class ComposeLauncher(Launcher):
+class ComposeLauncher(PolledLauncher):
     """Stage workers as docker compose service replicas (see the module docstring)."""
 
     def __init__(self, compose_file: str, *, project: str | None = None,
@@ -58,10 +58,8 @@ class ComposeLauncher(Launcher):
         self.docker = docker
         self.service = service
         self.run = run
-        self.poll_s = poll_s
-        self._handles: dict[str, WorkerHandle] = {}
+        super().__init__(poll_s)
         self._locks: dict[str, asyncio.Lock] = {}
-        self._poller: asyncio.Task | None = None
 
     async def _ok(self, argv: list[str]) -> str:
         code, out = await self.run(argv)
@@ -92,8 +90,7 @@ class ComposeLauncher(Launcher):
         cid = new[0]
         handle = WorkerHandle(cid[:12], workflow, stage, extra={"container": cid, "service": service})
         self._handles[handle.id] = handle
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="compose-poll")
+        self._watch()
         log.info("started worker %s (%s)", handle.id, service)
         return handle
 
@@ -110,30 +107,18 @@ class ComposeLauncher(Launcher):
         await self._ok([self.docker, "rm", "-f", handle.extra["container"]])
         self._handles.pop(handle.id, None)
 
-    def workers(self) -> list[WorkerHandle]:
-        return list(self._handles.values())
-
-    async def aclose(self, timeout: float = 20.0) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
-        await super().aclose(timeout)
-
     async def _exit_code(self, cid: str) -> int | None:
         out = await self._ok([self.docker, "inspect", "--format", "{{.State.ExitCode}}", cid])
         return int(out.strip()) if out.strip().lstrip("-").isdigit() else None
 
-    async def _poll(self) -> None:
-        """Forget containers that exited on their own (workers() is synchronous, so it reads this)."""
-        while True:
-            await asyncio.sleep(self.poll_s)
-            try:
-                running = set((await self._ok(self.compose + ["ps", "-q"])).split())
-            except ComposeError as exc:
-                log.warning("compose launcher: %s", exc)
-                continue
-            for wid, h in list(self._handles.items()):
-                if not h.draining and h.extra["container"] not in running:
-                    log.warning("worker %s (%s) is no longer running", wid, h.extra["service"])
-                    del self._handles[wid]
+    async def _check(self) -> None:
+        """Forget containers that exited on their own."""
+        try:
+            running = set((await self._ok(self.compose + ["ps", "-q"])).split())
+        except ComposeError as exc:
+            log.warning("compose launcher: %s", exc)
+            return
+        for wid, h in list(self._handles.items()):
+            if not h.draining and h.extra["container"] not in running:
+                log.warning("worker %s (%s) is no longer running", wid, h.extra["service"])
+                del self._handles[wid]

@@ -61,6 +61,41 @@ class Launcher(abc.ABC):
         await asyncio.gather(*(self.drain(h, timeout) for h in self.workers()))
 
 
+class PolledLauncher(Launcher):
+    """A launcher whose workers live elsewhere (containers, Ray actors): it keeps their handles
+    and, since :meth:`workers` is synchronous, polls every ``poll_s`` for the ones that ended on
+    their own (:meth:`_check` forgets them)."""
+
+    def __init__(self, poll_s: float):
+        self.poll_s = poll_s
+        self._handles: dict[str, WorkerHandle] = {}
+        self._poller: asyncio.Task | None = None
+
+    def _watch(self) -> None:
+        """Start polling (once a worker has been started)."""
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name=f"{type(self).__name__}-poll")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            await self._check()
+
+    @abc.abstractmethod
+    async def _check(self) -> None:
+        """Forget the handles whose worker is no longer running (and say so)."""
+
+    def workers(self) -> list[WorkerHandle]:
+        return list(self._handles.values())
+
+    async def aclose(self, timeout: float = 20.0) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        await super().aclose(timeout)
+
+
 class LocalLauncher(Launcher):
     """Worker processes on this host: ``python -m onepiece.cli worker ...``."""
 

@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Collection
 
-from .launcher import Launcher, LocalLauncher, WorkerHandle
+from .launcher import LocalLauncher, PolledLauncher, WorkerHandle
 
 log = logging.getLogger("onepiece.launcher")
 
@@ -84,7 +84,7 @@ class _Reservation:
         return [str(g) for g in ray.get_gpu_ids()]
 
 
-class RayLauncher(Launcher):
+class RayLauncher(PolledLauncher):
     """Workers as Ray actors on a Ray cluster (see the module docstring)."""
 
     def __init__(self, settings, address: str | None = None, *, gpu_stages: Collection[str] = (),
@@ -99,8 +99,8 @@ class RayLauncher(Launcher):
             raise RayLauncherError("the ray launcher needs Ray: pip install 'onepiece[ray]'") from exc
         self.ray = ray
         self.settings = settings
+        super().__init__(poll_s)
         self.strategy = strategy
-        self.poll_s = poll_s
         self.place_timeout_s = place_timeout_s
         self._local = LocalLauncher(settings)  # the worker command and its secrets, as for local workers
         try:
@@ -116,8 +116,6 @@ class RayLauncher(Launcher):
                         "--device cpu" if cluster_gpus else "the Ray cluster has no GPU")
         self._actor = ray.remote(_WorkerActor)
         self._reserve = ray.remote(_Reservation)
-        self._handles: dict[str, WorkerHandle] = {}
-        self._poller: asyncio.Task | None = None
         log.info("ray launcher: cluster %s, %s", address or "local", {k: v for k, v in ray.cluster_resources().items()
                                                                     if k in ("CPU", "GPU", "memory")})
 
@@ -165,8 +163,7 @@ class RayLauncher(Launcher):
             await self.kill(handle)
             raise RayLauncherError(f"Ray did not start worker {worker_id} of {stage}: {exc!r}") from exc
         handle.extra.update(node=node, pid=pid)
-        if self._poller is None:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="ray-poll")
+        self._watch()
         log.info("started worker %s on Ray node %s (pid %d%s)", worker_id, node, pid,
                  f", a group of {sp}" if sp != 1 else "")
         return handle
@@ -198,32 +195,20 @@ class RayLauncher(Launcher):
                 log.debug("remove_placement_group(%s): %r", handle.id, exc)
         self._handles.pop(handle.id, None)
 
-    def workers(self) -> list[WorkerHandle]:
-        return list(self._handles.values())
-
-    async def aclose(self, timeout: float = 20.0) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
-        await super().aclose(timeout)
-
-    async def _poll(self) -> None:
-        """Forget workers whose process, actor or node is gone (workers() is synchronous)."""
-        while True:
-            await asyncio.sleep(self.poll_s)
-            for wid, h in list(self._handles.items()):
-                if h.draining:
-                    continue
-                try:
-                    code = await asyncio.wait_for(h.extra["actor"].poll.remote(), max(5.0, 5 * self.poll_s))
-                except (TimeoutError, asyncio.TimeoutError):
-                    continue  # a busy or slow node: ask again next time (a dead one raises)
-                except Exception as exc:  # noqa: BLE001 - RayActorError: the actor or its node died
-                    log.warning("worker %s: its Ray actor on %s is gone: %s", wid, h.extra.get("node"),
-                                str(exc).splitlines()[0][:200])
-                    self._handles.pop(wid, None)
-                    continue
-                if code is not None:
-                    log.warning("worker %s on %s exited with %s", wid, h.extra.get("node"), code)
-                    await self.kill(h)
+    async def _check(self) -> None:
+        """Forget workers whose process, actor or node is gone."""
+        for wid, h in list(self._handles.items()):
+            if h.draining:
+                continue
+            try:
+                code = await asyncio.wait_for(h.extra["actor"].poll.remote(), max(5.0, 5 * self.poll_s))
+            except (TimeoutError, asyncio.TimeoutError):
+                continue  # a busy or slow node: ask again next time (a dead one raises)
+            except Exception as exc:  # noqa: BLE001 - RayActorError: the actor or its node died
+                log.warning("worker %s: its Ray actor on %s is gone: %s", wid, h.extra.get("node"),
+                            str(exc).splitlines()[0][:200])
+                self._handles.pop(wid, None)
+                continue
+            if code is not None:
+                log.warning("worker %s on %s exited with %s", wid, h.extra.get("node"), code)
+                await self.kill(h)

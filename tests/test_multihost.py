@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -313,17 +314,33 @@ async def test_the_node_manager_places_workers_through_ray_on_two_nodes_and_surv
     common = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
     scratch = [Path(f"/tmp/oprt-{hosts.name}-{h}") for h in ("h1", "h2")]  # short: Ray's socket paths
     c.scratch += scratch
-    c._start(c.h1, "ray-head", [ray_bin, "start", "--head", "--node-ip-address", c.h1.address, "--port", "6379",
-                                "--num-cpus", "4", "--include-dashboard", "false", "--temp-dir", str(scratch[0]),
-                                *common])
-    c._start(c.h2, "ray-node", [ray_bin, "start", "--address", f"{c.h1.address}:6379", "--node-ip-address",
-                                c.h2.address, "--num-cpus", "4", "--temp-dir", str(scratch[1]), *common])
     c.broker(["synthetic3"])
-    deadline = time.monotonic() + 120
-    while not all("Ray runtime started" in (c.logs / f"{n}.log").read_text(errors="replace")
-                  for n in ("ray-head", "ray-node")):  # both nodes joined
-        assert time.monotonic() < deadline, c.tail()
-        await asyncio.sleep(0.5)
+    # Ray's own token authentication, one token for the nodes and the driver (the node manager),
+    # kept with the test's keys (not in ~/.ray)
+    token = hosts.state_dir / "keys" / "ray.token"
+    token.write_text(secrets.token_hex(32))
+    c.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+
+    async def ray_start(host, name: str, argv: list[str], attempts: int = 3) -> None:
+        """``ray start --block`` on ``host`` until it says it runs (a node that came before the
+        head's GCS answered gives up: start it again, a bounded number of times)."""
+        for attempt in range(attempts):
+            proc = c._start(host, f"{name}-{attempt}", argv)
+            deadline = time.monotonic() + 120
+            while "Ray runtime started" not in (c.logs / f"{name}-{attempt}.log").read_text(errors="replace"):
+                assert time.monotonic() < deadline, c.tail()
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                return
+        raise AssertionError(f"{name} did not start in {attempts} attempts\n{c.tail()}")
+
+    await ray_start(c.h1, "ray-head", [ray_bin, "start", "--head", "--node-ip-address", c.h1.address, "--port",
+                                       "6379", "--num-cpus", "4", "--include-dashboard", "false", "--temp-dir",
+                                       str(scratch[0]), *common])
+    await ray_start(c.h2, "ray-node", [ray_bin, "start", "--address", f"{c.h1.address}:6379", "--node-ip-address",
+                                       c.h2.address, "--num-cpus", "4", "--temp-dir", str(scratch[1]), *common])
     c.env["ONEPIECE_API_KEY"] = c.token
     started = time.monotonic()
     c._start(c.h1, "manager", [

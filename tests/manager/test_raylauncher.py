@@ -19,8 +19,10 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-async def test_a_denoise_group_is_a_strict_pack_placement_group_and_drains_cleanly(tmp_path):
+async def test_a_denoise_group_is_a_strict_pack_placement_group_and_drains_cleanly(tmp_path, monkeypatch):
     from manager.raylauncher import RayLauncher
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # a local Ray writes its auth token under ~/.ray: not the user's
 
     settings = Settings(control="tcp://127.0.0.1:*", data_dir=tmp_path / "data", workflows=["wan_i2v"],
                         heartbeat_s=0.5, liveness=3, device="cpu")
