@@ -32,7 +32,10 @@ command -v debootstrap >/dev/null || need="$need debootstrap"
 command -v docker-compose >/dev/null || need="$need docker-compose"
 if [ -n "$need" ]; then
     step "installing$need"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $need >/dev/null
+    # only the programs: no service started at install (this script runs its own dockerd)
+    had_policy=1; [ -e /usr/sbin/policy-rc.d ] || { had_policy=0; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need >/dev/null
+    [ "$had_policy" = 1 ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 dockerd_pid="" server_pid=""

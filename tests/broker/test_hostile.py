@@ -449,3 +449,19 @@ async def test_a_burst_of_bad_messages_writes_a_handful_of_log_lines(stack, capl
     lines = [r for r in caplog.records if r.name.startswith("onepiece") and r.levelno >= logging.WARNING]
     assert 1 <= len(lines) <= 2, [r.getMessage()[:120] for r in lines]
     await stack.metrics()
+
+
+async def test_a_submit_on_the_control_socket_is_validated_as_over_rest(stack):
+    """The attack seen before: SUBMIT sent straight to the control socket skipped REST's
+    validation (steps=5000 was accepted). Now the workflow's parameters are checked the same way:
+    an out-of-range or unknown parameter is an ERROR naming it, and no job is made."""
+    client = stack.peer(b"submitter")
+    before = stack.broker.store.counts()
+    for params, field in (({"steps": 5000}, "steps"), ({"work": {"b": 1e9}}, "work"), ({"nope": 1}, "nope")):
+        await client.send(msg("SUBMIT", workflow="synthetic3", params=params))
+        error = await client.expect("ERROR")
+        assert field in error["reason"], error
+    assert stack.broker.store.counts() == before
+    await client.send(msg("SUBMIT", workflow="synthetic3", params={"steps": 5}))
+    job = (await client.expect("SUBMITTED"))["job"]
+    assert stack.broker.job(job)["params"]["steps"] == 5
