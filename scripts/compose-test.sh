@@ -6,12 +6,14 @@
 #      docker-proxy);
 #   3. a base image made locally (no registry can be pulled from here): a minimal Debian
 #      bookworm root with Python 3.11 and pip (debootstrap), `docker import`ed, then the
-#      project's Dockerfile FROM it (--build-arg BASE), torch's CPU wheel from this machine's
-#      wheel directory, served on loopback for the build (FIND_LINKS);
+#      project's Dockerfile FROM it (--build-arg BASE), every wheel fetched here first (with
+#      this machine's pip set-up: torch's CPU wheel from its disk) and served on loopback to a
+#      build that uses no index (PIP_NO_INDEX, PIP_FIND_LINKS);
 #   4. docker/compose.yaml up (broker and one worker per stage), a job through the REST API
 #      with the admin key the broker made, the video checked;
 #   5. everything torn down: the stack and its volumes, dockerd and the wheel server (by PID).
-# Prints the time of each step. Set KEEP_IMAGES=1 to keep the data root (faster re-runs).
+# Prints the time of each step. Set KEEP_IMAGES=1 to keep the images and wheels (faster re-runs);
+# the logs stay in /var/lib/onepiece-compose-test.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -21,7 +23,6 @@ state=/var/lib/onepiece-compose-test
 run=/run/onepiece-compose-test
 sock="$run/docker.sock"
 project=onepiece-ct
-wheels=${WHEELS:-/opt/wheels}
 mkdir -p "$state" "$run"
 t0=$(date +%s)
 step() { echo "compose-test: [$(( $(date +%s) - t0 )) s] $*"; }
@@ -50,7 +51,9 @@ cleanup() {
         kill "$dockerd_pid" 2>/dev/null || true
         i=0; while kill -0 "$dockerd_pid" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.2; i=$((i + 1)); done
     fi
-    [ -n "${KEEP_IMAGES:-}" ] || rm -rf "$state/docker"
+    # what dockerd left mounted (its network namespaces), then its directories
+    grep -o " $run[^ ]*" /proc/mounts | sort -r | while read -r m; do umount "$m" 2>/dev/null || true; done
+    [ -n "${KEEP_IMAGES:-}" ] || rm -rf "$state/docker" "$state/wheels"  # the logs stay, for a look after
     rm -rf "$run"
     step "torn down (exit $code)"
 }
@@ -73,7 +76,7 @@ if ! docker image inspect onepiece-base:bookworm >/dev/null 2>&1; then
     root="$state/rootfs"
     rm -rf "$root"
     step "debootstrap: a minimal Debian bookworm with Python 3.11"
-    debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,ca-certificates \
+    debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates \
         bookworm "$root" http://deb.debian.org/debian >"$state/debootstrap.log" 2>&1 \
         || { tail -20 "$state/debootstrap.log"; exit 1; }
     rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED  # an image's own Python: pip installs into it
@@ -83,20 +86,27 @@ if ! docker image inspect onepiece-base:bookworm >/dev/null 2>&1; then
 fi
 step "base image onepiece-base:bookworm ready"
 
+# Every wheel the image needs, fetched here through this machine's own pip set-up (its
+# registries, its CA, torch's CPU wheel from its disk), then served on loopback to the build,
+# which uses no index at all
+step "fetching the image's wheels"
+"$py" -m pip download -q -d "$state/wheels" -c constraints/cpu.txt ".[s3]" "setuptools>=68" wheel \
+    >"$state/download.log" 2>&1 || { tail -20 "$state/download.log"; exit 1; }
 port=$("$py" -c 'from onepiece.ports import free_port; print(free_port())')
-"$py" -m http.server --bind 127.0.0.1 "$port" --directory "$wheels" >/dev/null 2>&1 &
+"$py" -m http.server --bind 127.0.0.1 "$port" --directory "$state/wheels" >/dev/null 2>&1 &
 server_pid=$!
 step "building onepiece:cpu from docker/Dockerfile"
-docker build -q --network host --build-arg BASE=onepiece-base:bookworm \
-    --build-arg TORCH_INDEX=https://pypi.org/simple --build-arg FIND_LINKS="http://127.0.0.1:$port/" \
-    -t onepiece:cpu -f docker/Dockerfile . >/dev/null
+docker build -q --network host --build-arg BASE=onepiece-base:bookworm --build-arg PIP_NO_INDEX=1 \
+    --build-arg PIP_FIND_LINKS="http://127.0.0.1:$port/" -t onepiece:cpu -f docker/Dockerfile . \
+    >"$state/build.log" 2>&1 || { tail -30 "$state/build.log"; exit 1; }
 kill "$server_pid"; server_pid=""
 step "image built ($(docker image inspect onepiece:cpu --format '{{.Size}}' | awk '{printf "%.0f MB", $1/1e6}'))"
 
 step "docker-compose up: the broker and one worker per stage"
 docker-compose -p "$project" -f docker/compose.yaml up -d --no-build \
     broker text_encode image_encode vae_encode denoise vae_decode video_encode >/dev/null 2>"$state/compose.log" \
-    || { cat "$state/compose.log"; exit 1; }
+    || { cat "$state/compose.log"; docker-compose -p "$project" -f docker/compose.yaml logs --tail 40 broker;
+         docker inspect --format '{{json .State.Health}}' "${project}_broker_1"; exit 1; }
 i=0
 until token=$(docker-compose -p "$project" -f docker/compose.yaml exec -T broker cat /keys/admin.token 2>/dev/null) \
         && [ -n "$token" ]; do

@@ -226,6 +226,8 @@ class TestHosts:
         if self.bridge:
             _ip("link", "del", self.bridge, check=False)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the last one out
+            STATE_ROOT.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ needs an engine and cannot be tested here.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,3 +103,21 @@ def test_docker_compose_parses_the_files(files):
     cmd = ["docker-compose", "-p", "onepiece"] + [a for f in files for a in ("-f", str(f))] + ["config", "-q"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=DOCKER)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.geteuid() != 0, reason="the compose stack needs a Docker engine, which needs root")
+@pytest.mark.skipif(os.environ.get("CI") != "true" and os.environ.get("ONEPIECE_COMPOSE_TEST") != "1",
+                    reason="builds images (minutes): runs in CI (CI=true) or with ONEPIECE_COMPOSE_TEST=1; "
+                           "by hand: make compose-test")
+def test_the_compose_stack_really_starts_and_turns_a_job_into_a_video():
+    """scripts/compose-test.sh (make compose-test): a private dockerd, the image built from a
+    local base (no registry here), docker/compose.yaml up, a job through the REST API with the
+    key the broker made at first start, the video checked, everything torn down."""
+    proc = subprocess.run(["sh", str(ROOT / "scripts" / "compose-test.sh")], capture_output=True, text=True,
+                          timeout=1700)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert re.search(r"^compose-test: \[\d+ s\] PASS$", proc.stdout, re.M), proc.stdout[-4000:]
+    assert re.search(r"^compose-test: job \w+ succeeded", proc.stdout, re.M)
