@@ -12,6 +12,7 @@
 #   4. docker/compose.yaml up (broker and one worker per stage), a job through the REST API
 #      with the admin key the broker made, the video checked;
 #   5. everything torn down: the stack and its volumes, dockerd and the wheel server (by PID).
+# Exit 3 (and a line "compose-test: UNAVAILABLE: why") when Debian's packages cannot be reached.
 # Prints the time of each step. Set KEEP_IMAGES=1 to keep the images and wheels (faster re-runs);
 # the logs stay in /var/lib/onepiece-compose-test.
 set -eu
@@ -35,8 +36,16 @@ if [ -n "$need" ]; then
     step "installing$need"
     # only the programs: no service started at install (this script runs its own dockerd)
     had_policy=1; [ -e /usr/sbin/policy-rc.d ] || { had_policy=0; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; }
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need >/dev/null
+    installed=0
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need \
+        || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $need; }
+    } >"$state/apt.log" 2>&1 || installed=$?
     [ "$had_policy" = 1 ] || rm -f /usr/sbin/policy-rc.d
+    if [ "$installed" != 0 ]; then
+        tail -5 "$state/apt.log"
+        echo "compose-test: UNAVAILABLE: cannot install$need from Debian's packages"
+        exit 3
+    fi
 fi
 
 dockerd_pid="" server_pid=""
@@ -77,8 +86,13 @@ if ! docker image inspect onepiece-base:bookworm >/dev/null 2>&1; then
     rm -rf "$root"
     step "debootstrap: a minimal Debian bookworm with Python 3.11"
     debootstrap --variant=minbase --include=python3,python3-pip,python3-venv,python-is-python3,ca-certificates \
-        bookworm "$root" http://deb.debian.org/debian >"$state/debootstrap.log" 2>&1 \
-        || { tail -20 "$state/debootstrap.log"; exit 1; }
+        bookworm "$root" http://deb.debian.org/debian >"$state/debootstrap.log" 2>&1 || {
+        tail -20 "$state/debootstrap.log"
+        if grep -qiE "Failed getting release file|Couldn't download|Temporary failure|Could not resolve" \
+                "$state/debootstrap.log"; then
+            echo "compose-test: UNAVAILABLE: Debian's package mirror cannot be reached for the base image"; exit 3
+        fi
+        exit 1; }
     rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED  # an image's own Python: pip installs into it
     rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     tar -C "$root" -c . | docker import - onepiece-base:bookworm >/dev/null
