@@ -102,9 +102,7 @@ class Broker:
             sock.bind(self.settings.control)  # "tcp://host:*" picks a free port
         except zmq.ZMQError as exc:
             sock.close(linger=0)
-            if self._allow is not None:
-                self._allow.stop()
-                self._allow = None
+            self._stop_allowlist()
             self._ctx.term()
             raise CoreError(f"cannot bind the control plane on {self.settings.control}: {exc}") from exc
         self.endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -132,12 +130,15 @@ class Broker:
         self._subscribers.clear()
         if self._ctl is not None:
             self._ctl.close()
-            if self._allow is not None:
-                self._allow.stop()
-                self._allow = None
+            self._stop_allowlist()
             self._ctx.term()
             self._ctl = None
         self.store.close()
+
+    def _stop_allowlist(self) -> None:
+        if self._allow is not None:
+            self._allow.stop()
+            self._allow = None
 
     def _requeue_unfinished(self) -> None:
         now = time.time()

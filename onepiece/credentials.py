@@ -102,8 +102,7 @@ def refusal(key: bytes | None, nonce: bytes, hello: dict) -> str | None:
     principal, proof = hello.get("principal"), hello.get("proof")
     if not isinstance(principal, str) or not isinstance(proof, str):
         return "no data-plane credential (the broker gives one to the workers it tells to send here)"
-    want = link_proof(link_key(key, principal), nonce)
-    if not hmac.compare_digest(proof.encode("ascii", "replace"), want.encode("ascii")):
+    if not authentic(proof, link_proof(link_key(key, principal), nonce)):
         return f"the credential of {principal[:64]!r} is not one the broker gave for this worker"
     return None
 

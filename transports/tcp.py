@@ -7,8 +7,10 @@ it accepts, the sender answers with its hello ``{"hello": sender id,
 "principal": ..., "proof": ...}`` (onepiece.credentials), and the receiver
 sends its verdict, ``{"ok": true}`` or ``{"error": why}`` before it closes:
 a receiver with a key (``guard``) reads no data from a sender that cannot
-prove the broker's link. After the handshake only the sender writes. A sender writes a message's parts without joining them and
-waits until the kernel holds all of them: it buffers one message at most, and
+prove the broker's link. After the handshake only the sender writes.
+
+A sender writes a message's parts without joining them and waits until the
+kernel holds all of them: it buffers one message at most, and
 the caller may reuse its tensors once ``send`` returns. A receiver validates
 sizes before allocating, reads each payload straight into memory of its own,
 and stops reading a connection while its undelivered messages exceed
