@@ -44,6 +44,8 @@ SETTINGS_FLAGS = {
     "data_host": ("--data-host", str, "address the data-plane endpoint listens on"),
     "advertise_host": ("--advertise-host", str, "address peers use to reach this worker"),
     "ring_bytes": ("--ring-bytes", int, "bytes of each inbound ring (shm/rdma; default 32 MiB)"),
+    "grant_bytes": ("--grant-bytes", int, "bound of the worker's regions for large messages (shm/rdma; "
+                                          "default 512 MiB; 0: they stream through the ring)"),
     "capacity": ("--capacity", int, "tasks a worker runs at once (default 1)"),
     "sp": ("--sp", int, "a denoise worker's sequence-parallel processes: 1, 2, 4 or 8 (default 1)"),
     "rdma_device": ("--rdma-device", str, "RDMA device, e.g. mlx5_0 (default: first with an active port)"),
@@ -692,8 +694,8 @@ def build_parser(submit: Declaration | None = None) -> argparse.ArgumentParser:
     wk.add_argument("--stage", required=True)
     wk.add_argument("--worker-id", default=None)
     _settings_args(wk, "control", "data_dir", "transport", "model", "device", "dtype", "heartbeat_s",
-                   "liveness", "data_host", "advertise_host", "ring_bytes", "capacity", "rdma_device",
-                   "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
+                   "liveness", "data_host", "advertise_host", "ring_bytes", "grant_bytes", "capacity",
+                   "rdma_device", "rdma_port", "rdma_gid_index", "orphan_bytes", "send_timeout_s", "task_timeout_s",
                    "checkpoint_steps", "checkpoint_s", "checkpoint_bytes", "sp", "curve_secret", "curve_broker",
                    "results", "s3_endpoint", "s3_region")
     wk.set_defaults(func=cmd_worker)

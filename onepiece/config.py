@@ -75,6 +75,9 @@ class Settings:
     # (stages/wan/group.py); workers of other stages ignore it
     sp: int = 1
     ring_bytes: int = 32 << 20
+    # messages of 8 MiB and more land in regions the consumer grants (transports/grants.py):
+    # their bound, per worker, all inbound connections together; 0: they stream through the ring
+    grant_bytes: int = 512 << 20
     rdma_device: str | None = None  # default: the first device with an ACTIVE port
     rdma_port: int = 1
     rdma_gid_index: int | None = None  # default: a RoCEv2 IPv4-mapped GID, else 0

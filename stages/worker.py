@@ -222,6 +222,7 @@ def transport_options(settings, name: str) -> dict:
     opts = {"host": settings.data_host, "advertise_host": advertised_host(settings)}
     if name in ("shm", "rdma", "auto"):
         opts["ring_bytes"] = settings.ring_bytes
+        opts["grant_bytes"] = settings.grant_bytes
     rdma = {"device": settings.rdma_device, "port": settings.rdma_port, "gid_index": settings.rdma_gid_index}
     if name == "rdma":
         opts.update(rdma)

@@ -39,8 +39,10 @@ from onepiece.credentials import Credential
 
 from .base import Message, Sender, Transport, transport_class
 from .errors import ProtocolError, Refused, TransportClosed, TransportError, TransportTimeout, TransportUnavailable
+from .grants import GrantPool
 from .host import host_id, shm_namespace
 from .rdma import PortInfo, fabric_mismatch  # plain data: importing it does not import pyverbs
+from .ringtransport import GRANT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +120,20 @@ class AutoTransport(Transport):
 
     @classmethod
     async def open(cls, *, host: str = "127.0.0.1", advertise_host: str | None = None,
-                   ring_bytes: int | None = None, send_timeout: float = 30.0, max_message_bytes: int = 2 << 30,
+                   ring_bytes: int | None = None, grant_bytes: int = GRANT_BYTES,
+                   send_timeout: float = 30.0, max_message_bytes: int = 2 << 30,
                    media: tuple[str, ...] = MEDIA, shm: dict | None = None, rdma: dict | None = None,
                    tcp: dict | None = None) -> AutoTransport:
         """Open every medium in ``media`` that is available here (``tcp`` must open).
 
         Common options go to each medium; ``shm``, ``rdma`` and ``tcp`` are
         per-medium options on top (for rdma: device, port, gid_index, ...).
+        shm and rdma draw their granted regions from one pool of ``grant_bytes``.
         """
         common = {"host": host, "advertise_host": advertise_host, "send_timeout": send_timeout,
                   "max_message_bytes": max_message_bytes}
         ring = {"ring_bytes": ring_bytes} if ring_bytes is not None else {}
+        ring["grant_pool"] = GrantPool(grant_bytes)
         options = {"shm": {**common, **ring, **(shm or {})}, "rdma": {**common, **ring, **(rdma or {})},
                    "tcp": {**common, **(tcp or {})}}
         opened: dict[str, Transport] = {}

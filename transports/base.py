@@ -117,6 +117,23 @@ class Sender(abc.ABC):
         """
         return False
 
+    async def allocate(self, shape, dtype: torch.dtype, *, timeout: float | None = None) -> torch.Tensor:
+        """A tensor to compute into and then send on this sender (zero-copy production).
+
+        Where the medium can (shm, above the rendezvous threshold) it lives in
+        memory the consumer has granted, so :meth:`send` moves no bytes: the
+        compute wrote them where the consumer reads them. Send it (alone or
+        with other tensors) in the next messages, or give it back with
+        :meth:`discard`; after the send the consumer owns that memory, and the
+        tensor object is emptied (``set_()``) so that a stray write cannot
+        reach it. Elsewhere it is an ordinary tensor and send copies it as
+        usual. Waits (up to ``timeout``) for the consumer's grant.
+        """
+        return torch.empty(shape, dtype=dtype)
+
+    async def discard(self, tensor: torch.Tensor) -> None:
+        """Give back a tensor from :meth:`allocate` that will not be sent."""
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Close the connection; the peer sees a clean end."""

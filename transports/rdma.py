@@ -55,6 +55,17 @@ would only cost latency: ringtransport's backstop timeouts still apply.)
 A sender's close first waits for its posted writes to complete, so the peer
 never sees the side channel end before the data.
 
+Rendezvous
+----------
+A granted region (``transports/grants.py``) is memory of the consumer's
+endpoint registered ``LOCAL_WRITE | REMOTE_WRITE`` once, when the pool makes
+it, and deregistered when the pool destroys it; the grant's handle is its
+address and rkey. The producer RDMA WRITEs the payload into it through the
+connection's queue pair, in spans of at most the staging size, before the
+PUT record: an RC queue pair executes them in order, so the PUT never lands
+before the bytes it announces. (The producer's one copy is into its
+registered staging; the NIC moves the bytes from there.)
+
 Errors from verbs (a failed post, a work completion with an error status, a
 queue pair in the error state) become PeerGone / TransportError at this
 boundary, and mark the connection broken so the waiting side wakes up.
@@ -81,6 +92,7 @@ import random
 import re
 import resource
 import socket
+import struct
 import sys
 import time
 from collections.abc import Mapping
@@ -89,11 +101,14 @@ from typing import Any
 from onepiece.credentials import Credential
 
 from .errors import PeerGone, ProtocolError, TransportError, TransportTimeout, TransportUnavailable
+from .grants import GrantPool
 from .ring import (
     CONTROL_BYTES, CREDIT_BYTES, GRANULE, HEADER, HEADER_BYTES, MAGIC, PAD, SLEEPING_OFFSET,
-    TRAILER_KEY, U64, WAITING_OFFSET, RingConfig, record_bytes,
+    TRAILER_KEY, U64, WAITING_OFFSET, RingConfig, record_bytes, slice_parts,
 )
-from .ringtransport import Region, RingTransport, Writer, check_spin, ring_config
+from .ringtransport import (
+    GRANT_BYTES, GRANT_MIN_BYTES, GrantRegion, Region, RingTransport, Writer, check_spin, ring_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +119,7 @@ SIGNAL_EVERY = 32
 CONSUMER_STAGING = 4096  # credit and flag words only
 POLL_FALLBACK_S = 0.001
 ZERO8 = bytes(8)
+REGION_HANDLE = struct.Struct("<QI")  # a granted region: address, rkey
 FLUSH_OFFSET = WAITING_OFFSET + 8  # an unused word of the data region's control block (the producer's)
 
 # Where distributions install pyverbs for their own python3 (Debian/Ubuntu, Fedora/RHEL, Arch, local builds).
@@ -717,7 +733,27 @@ class _Link(Region, Writer):
                 raise
             # A consumer writes credit from release callbacks; recv() learns of the failure through _fail.
 
-    def _write(self, offset: int, parts, signal: bool = False) -> int:
+    def reach(self, handle: bytes, size: int) -> _RemoteRegion:
+        try:
+            address, rkey = REGION_HANDLE.unpack(handle)
+        except struct.error as exc:
+            raise ProtocolError(f"rdma: bad granted-region handle of {len(handle)} bytes") from exc
+        return _RemoteRegion(self, address, rkey, size)
+
+    def write_region(self, address: int, rkey: int, offset: int, parts) -> None:
+        """RDMA WRITE ``parts`` into a granted region at ``offset``, in spans the staging can take."""
+        step = self._max_write
+        end = offset + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        views = [memoryview(p).cast("B") for p in parts]
+        for start in range(offset, end, step):
+            span = tuple(slice_parts(views, start - offset, min(start + step, end) - offset))
+            try:
+                self._write(start, span, dest=(address, rkey))
+            except TransportError as exc:
+                self._fail(exc)
+                raise
+
+    def _write(self, offset: int, parts, signal: bool = False, dest: tuple[int, int] | None = None) -> int:
         if self.failed is not None:
             raise self.failed
         if self.closed:
@@ -730,6 +766,8 @@ class _Link(Region, Writer):
             view[pos : pos + k] = part
             pos += k
         imm = None
+        if dest is not None:  # a granted region: raw bytes, gated by the PUT record that follows
+            return self._post(span, n, offset, None, signal, dest)
         if self.commit == "imm" and self._is_record(offset, parts):
             view[span + n - 8 : span + n] = ZERO8  # the consumer writes the commit word on the completion
             imm = socket.htonl(offset // GRANULE)
@@ -773,7 +811,8 @@ class _Link(Region, Writer):
             if not self._reap() and time.monotonic() > deadline:
                 raise TransportTimeout(f"rdma {self.role} link to {self.peer}: write not completed in time")
 
-    def _post(self, span: int, n: int, offset: int, imm: int | None, signal: bool) -> int:
+    def _post(self, span: int, n: int, offset: int, imm: int | None, signal: bool,
+              dest: tuple[int, int] | None = None) -> int:
         v, e = self._v, self._e
         wr_id, self._next_id = self._next_id, self._next_id + 1
         signal = (signal or wr_id - self._last_signaled >= SIGNAL_EVERY
@@ -782,7 +821,10 @@ class _Link(Region, Writer):
         swr = v.wr.SendWR(wr_id=wr_id, num_sge=1, sg=[sge],
                           opcode=e.IBV_WR_RDMA_WRITE if imm is None else e.IBV_WR_RDMA_WRITE_WITH_IMM,
                           send_flags=e.IBV_SEND_SIGNALED if signal else 0, imm_data=imm or 0)
-        swr.set_wr_rdma(self._peer_rkey, self._peer_addr + offset)
+        if dest is None:
+            swr.set_wr_rdma(self._peer_rkey, self._peer_addr + offset)
+        else:
+            swr.set_wr_rdma(dest[1], dest[0] + offset)
         try:
             self._qp.post_send(swr)
         except v.error as exc:
@@ -854,10 +896,53 @@ class _Link(Region, Writer):
                 memory.close()
 
 
+class _RemoteRegion(Writer):
+    """A producer's way into a region the consumer granted: RDMA WRITEs through the connection's link."""
+
+    def __init__(self, link: _Link, address: int, rkey: int, size: int):
+        self._link, self._address, self._rkey, self.size = link, address, rkey, size
+
+    def write(self, offset: int, parts) -> None:
+        n = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        if offset < 0 or offset + n > self.size:
+            raise ProtocolError(f"rdma: {n} bytes at {offset} overrun a granted region of {self.size}")
+        self._link.write_region(self._address, self._rkey, offset, parts)
+
+    def close(self) -> None:
+        pass  # nothing of ours: the consumer deregisters its region
+
+
+class _GrantedMemory(GrantRegion):
+    """A consumer's region for rendezvous: its own memory, registered for remote writes."""
+
+    def __init__(self, endpoint: RdmaTransport, size: int):
+        v, e = endpoint._verbs, endpoint._verbs.enums
+        self._memory = _Memory(size)
+        self.view = self._memory.view
+        try:
+            self._mr = v.mr.MR(endpoint._pd, size, e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE,
+                               address=self._memory.address)
+        except v.error as exc:
+            self._memory.close()
+            raise TransportError(f"rdma: cannot register a {size >> 20} MiB region to grant ({exc}); "
+                                 f"{FIX_MEMLOCK}") from exc
+        self.handle = REGION_HANDLE.pack(self._memory.address, int(self._mr.rkey))
+        self._verbs = v
+
+    def close(self) -> None:
+        try:
+            self._mr.close()
+        except self._verbs.error as exc:
+            log.warning("rdma: deregistering a granted region: %s", exc)
+        self._memory.close()
+
+
 # -- the transport ------------------------------------------------------------
 
 class RdmaTransport(RingTransport):
     """The double-ring transport over RDMA: RC queue pairs and one-sided RDMA WRITE."""
+
+    grants = True
 
     name = "rdma"
 
@@ -865,7 +950,8 @@ class RdmaTransport(RingTransport):
     async def open(cls, *, host: str = "127.0.0.1", advertise_host: str | None = None,
                    ring_bytes: int | None = None, hwm_bytes: int | None = None, chunk_bytes: int | None = None,
                    send_timeout: float = 30.0, handshake_timeout: float = 10.0, spin_s: float = 100e-6,
-                   spin: str = "auto",
+                   spin: str = "auto", grant_bytes: int = GRANT_BYTES, grant_min_bytes: int = GRANT_MIN_BYTES,
+                   grant_pool: GrantPool | None = None,
                    max_message_bytes: int = 2 << 30, device: str | None = None, port: int = 1,
                    gid_index: int | None = None, commit: str = "auto", staging_bytes: int | None = None,
                    fabric: str | None = None, completion_timeout: float = 10.0) -> RdmaTransport:
@@ -896,7 +982,7 @@ class RdmaTransport(RingTransport):
             raise
         self = cls(host=host, advertise_host=advertise_host, config=config, send_timeout=send_timeout,
                    handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes,
-                   spin=spin)
+                   spin=spin, grant_bytes=grant_bytes, grant_min_bytes=grant_min_bytes, grant_pool=grant_pool)
         self._verbs, self._ctx, self._pd, self._local, self._sq_depth = verbs, ctx, pd, info, sq_depth
         self._commit_option, self._staging_bytes, self._fabric = commit, staging_bytes, fabric
         self.completion_timeout = completion_timeout
@@ -921,6 +1007,9 @@ class RdmaTransport(RingTransport):
                 "rdma_commit_imm": self._commits["imm"]}
 
     # -- medium hooks ---------------------------------------------------------------
+    def _make_region(self, size: int) -> _GrantedMemory:
+        return _GrantedMemory(self, size)
+
     def _offer(self) -> tuple[Region, dict]:
         link = _Link(self, producer=True, nbytes=CREDIT_BYTES)
         self._offers[link.qpn] = link

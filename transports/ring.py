@@ -17,6 +17,9 @@ credit region, in P's memory, written only by C::
 
     [0, 16)            released position (u64) and released ^ CREDIT_KEY (u64)
     [64, 72)           C's "sleeping, ring my doorbell" flag (u64)
+    [128, 248)         the grant slot: request u64, region u64, length u64,
+                       handle length u32, drops u32, handle 48 B, drops 5 x u64
+    [248, 256)         request ^ GRANT_KEY: the slot's last word (written last)
 
 Records
 -------
@@ -31,6 +34,13 @@ Kinds: PAD fills the tail of the ring when the next record does not fit
 before its end; MSG is a whole message (``u32 meta length, meta, padding to
 64, tensor payload``); START begins a streamed message (meta only; ``aux`` is
 the payload size) and CHUNK records carry consecutive slices of its payload.
+A message of ``RingConfig.grant_min`` bytes or more travels by rendezvous
+(``transports/grants.py``): REQ (payload: the request number; ``aux``: the
+payload size) asks C for a region; C answers in the grant slot with a region
+of its own (``length`` 0: stream it instead) and the ids of regions it has
+destroyed (P unmaps them); P copies the payload into the region and writes
+PUT (meta only, as START; ``aux``: the request), or DROP (``aux``: the
+request) to give an unused grant back.
 
 Invariants, and why nothing can deadlock
 ----------------------------------------
@@ -64,13 +74,18 @@ I7  ``max_record <= size - hwm``. C never goes to sleep waiting for data
     holds zero-copy views cannot stall its producer forever.
 I8  Every wait in the I/O layer has a timeout, and a dead peer is noticed
     through its side channel, so nothing blocks forever.
+I9  The grant slot has one writer (C, I1) and is read like the credit: P
+    believes it only when its last word is ``request ^ GRANT_KEY`` for the
+    request it waits on, and C writes that word last, so a torn or stale
+    grant is never used. G1-G7 in ``grants.py`` keep the rendezvous
+    deadlock-free: P's wait for a grant is one more P -> C edge (I6).
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,6 +97,7 @@ from .errors import ProtocolError
 MAGIC = 0x3152504F  # b"OPR1" little-endian
 TRAILER_KEY = 0x9E3779B97F4A7C15
 CREDIT_KEY = 0xC2B2AE3D27D4EB4F
+GRANT_KEY = 0x165667B19E3779F9
 MASK64 = (1 << 64) - 1
 
 HEADER = struct.Struct("<IHHQQQ")
@@ -89,6 +105,8 @@ TRAILER = struct.Struct("<16xQQ")  # unused, length, seq ^ TRAILER_KEY
 U64 = struct.Struct("<Q")
 CREDIT = struct.Struct("<QQ")
 META_LEN = struct.Struct("<I")
+HANDLE_BYTES, MAX_DROPS = 48, 5
+GRANT = struct.Struct(f"<QQQII{HANDLE_BYTES}s{MAX_DROPS}Q")
 
 HEADER_BYTES = 32
 TRAILER_BYTES = 32
@@ -96,12 +114,14 @@ OVERHEAD = HEADER_BYTES + TRAILER_BYTES
 GRANULE = 64
 
 CONTROL_BYTES = 64  # data region prefix (P's flags)
-CREDIT_BYTES = 128  # the whole credit region
-WAITING_OFFSET = 0  # in the data region: P is waiting for credit
+CREDIT_BYTES = 256  # the whole credit region
+WAITING_OFFSET = 0  # in the data region: P is waiting for credit or a grant
 SLEEPING_OFFSET = 64  # in the credit region: C is asleep
+GRANT_OFFSET = 128  # in the credit region: the grant slot
+GRANT_CHECK_OFFSET = GRANT_OFFSET + GRANT.size
 
-PAD, MSG, START, CHUNK = 1, 2, 3, 4
-KINDS = {PAD: "PAD", MSG: "MSG", START: "START", CHUNK: "CHUNK"}
+PAD, MSG, START, CHUNK, REQ, PUT, DROP = 1, 2, 3, 4, 5, 6, 7
+KINDS = {PAD: "PAD", MSG: "MSG", START: "START", CHUNK: "CHUNK", REQ: "REQ", PUT: "PUT", DROP: "DROP"}
 
 _ZEROS = bytes(GRANULE + TRAILER_BYTES)
 _ONE, _ZERO = U64.pack(1), U64.pack(0)
@@ -136,8 +156,12 @@ class RingConfig:
     size: int = 32 << 20
     hwm: int = 8 << 20
     chunk: int = 4 << 20
+    grant_min: int = 0  # messages of at least this many payload bytes go by rendezvous (0: never)
+    grant_max: int = 0  # ... and at most this many (C's pool bound: larger ones stream)
 
     def __post_init__(self) -> None:
+        if self.grant_min < 0 or self.grant_max < 0:
+            raise ValueError("grant_min and grant_max must be >= 0")
         if self.size % GRANULE or self.size < 4 * GRANULE:
             raise ValueError(f"ring size must be a multiple of {GRANULE} and at least {4 * GRANULE}")
         if not 0 <= self.hwm < self.size:
@@ -234,10 +258,39 @@ class RingProducer:
             self.waiting = waiting
             self.remote.write(WAITING_OFFSET, (_ONE if waiting else _ZERO,))
 
+    def by_rendezvous(self, nbytes: int) -> bool:
+        """Whether a payload of ``nbytes`` asks C for a region instead of entering the ring."""
+        return 0 < self.config.grant_min <= nbytes <= self.config.grant_max
+
+    @staticmethod
+    def request(req: int, nbytes: int) -> tuple[int, tuple, int, int]:
+        """The REQ record asking for a region of ``nbytes``."""
+        return REQ, (U64.pack(req),), U64.size, nbytes
+
+    @staticmethod
+    def put(req: int, message: Encoded) -> tuple[int, tuple, int, int]:
+        """The PUT record: ``message``'s payload is in the region of grant ``req``."""
+        head = _head(message)
+        return PUT, (head,), len(head), req
+
+    @staticmethod
+    def drop(req: int) -> tuple[int, tuple, int, int]:
+        """The DROP record: grant ``req`` goes back unused."""
+        return DROP, (), 0, req
+
+    def grant(self, req: int) -> GrantSlot | None:
+        """C's answer to request ``req``, once its slot holds it whole (I9); None before."""
+        (check,) = U64.unpack_from(self.credit, GRANT_CHECK_OFFSET)
+        if check != req ^ GRANT_KEY:
+            return None
+        got, region, length, hlen, ndrops, handle, *drops = GRANT.unpack_from(self.credit, GRANT_OFFSET)
+        if got != req or hlen > HANDLE_BYTES or ndrops > MAX_DROPS:
+            return None
+        return GrantSlot(req, region, length, handle[:hlen], tuple(drops[:ndrops]))
+
     def records(self, message: Encoded) -> Iterator[tuple[int, tuple, int, int]]:
         """The records of one message: a MSG, or START then CHUNKs when it is too big."""
-        head = META_LEN.pack(len(message.meta)) + message.meta
-        head += bytes(align(len(head)) - len(head))
+        head = _head(message)
         length = len(head) + message.nbytes
         if record_bytes(length) <= self.config.max_record:
             yield MSG, (head, *message.parts), length, 0
@@ -246,10 +299,30 @@ class RingProducer:
         step = self.config.chunk
         for start in range(0, message.nbytes, step):
             end = min(start + step, message.nbytes)
-            yield CHUNK, tuple(_slice(message.parts, start, end)), end - start, 0
+            yield CHUNK, tuple(slice_parts(message.parts, start, end)), end - start, 0
 
 
-def _slice(parts: Sequence[memoryview], start: int, end: int) -> Iterator[memoryview]:
+def _head(message: Encoded) -> bytes:
+    head = META_LEN.pack(len(message.meta)) + message.meta
+    return head + bytes(align(len(head)) - len(head))
+
+
+@dataclass(frozen=True)
+class GrantSlot:
+    """C's answer to one request: a region (``length`` 0: denied, stream it) and regions gone."""
+
+    req: int
+    region: int
+    length: int
+    handle: bytes  # how P reaches the region (the medium's business)
+    drops: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.handle) > HANDLE_BYTES or len(self.drops) > MAX_DROPS:
+            raise ValueError("grant handle or drop list too long")
+
+
+def slice_parts(parts: Sequence[memoryview], start: int, end: int) -> Iterator[memoryview]:
     """The bytes [start, end) of ``parts`` laid end to end, as views."""
     pos = 0
     for p in parts:
@@ -284,8 +357,9 @@ class RingConsumer:
         self.sleeping = False
         self._pending: dict[int, int] = {}  # released out of order: start -> end
 
-    def poll(self) -> Record | None:
-        """The next complete record, or None if the producer has not finished one.
+    def poll(self, until: Collection[int] = ()) -> Record | None:
+        """The next complete record, or None if the producer has not finished one, or if
+        its kind is in ``until`` (then it stays for a later poll).
 
         PAD records are consumed and released here, never returned.
         """
@@ -304,6 +378,8 @@ class RingConsumer:
                 return None
             if kind not in KINDS:
                 raise ProtocolError(f"record {seq} has unknown kind {kind}")
+            if kind in until:
+                return None
             start = self.read_pos
             self.read_pos += total
             self.seq += 1
@@ -338,6 +414,15 @@ class RingConsumer:
         """True when C must copy held messages out before it may wait (I7)."""
         return self.held > self.config.hwm
 
+    def grant(self, slot: GrantSlot) -> None:
+        """Answer a request in P's grant slot: the body, then its check word (I9); ring P if it waits."""
+        body = GRANT.pack(slot.req, slot.region, slot.length, len(slot.handle), len(slot.drops), slot.handle,
+                          *slot.drops, *(0,) * (MAX_DROPS - len(slot.drops)))
+        self.remote.write(GRANT_OFFSET, (body,))
+        self.remote.write(GRANT_CHECK_OFFSET, (U64.pack(slot.req ^ GRANT_KEY),))
+        if self.ring[WAITING_OFFSET : WAITING_OFFSET + 8] != _ZERO:
+            self.remote.notify()
+
     def set_sleeping(self, sleeping: bool) -> None:
         """Tell P (in its memory) whether to ring C's doorbell after writing."""
         if sleeping != self.sleeping:
@@ -352,6 +437,22 @@ class Assembled:
     meta: dict
     tensors: dict[str, torch.Tensor]
     record: Record | None  # the MSG record the tensors view; None when they own their memory
+    grant: int | None = None  # the request whose granted region the tensors view (a PUT)
+
+
+@dataclass(frozen=True)
+class Requested:
+    """P asks for a region of ``nbytes`` (a REQ); C answers with :meth:`RingConsumer.grant`."""
+
+    req: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """P gave grant ``req`` back unused (a DROP)."""
+
+    req: int
 
 
 @dataclass
@@ -361,10 +462,15 @@ class Assembler:
     A MSG record becomes a message whose tensors view the ring. A streamed
     message is copied chunk by chunk into memory of its own, and each chunk
     is released as soon as it is copied, so a message larger than the ring
-    passes through it.
+    passes through it. REQ and DROP come out as :class:`Requested` and
+    :class:`Dropped` for the grant pool; a PUT becomes a message whose
+    tensors view the region granted to it (``granted``: request -> region,
+    filled by whoever answers the requests).
     """
 
     consumer: RingConsumer
+    granted: dict[int, memoryview] = field(default_factory=dict)
+    requested: dict[int, int] = field(default_factory=dict)  # request -> bytes, until its PUT or DROP
     _meta: dict | None = None
     _buffer: bytearray | mmap.mmap | None = None
     _filled: int = 0
@@ -376,7 +482,11 @@ class Assembler:
         """(bytes received, bytes expected) of a streamed message under way."""
         return (self._filled, self._expected) if self._meta is not None else None
 
-    def feed(self, rec: Record) -> Assembled | None:
+    def feed(self, rec: Record) -> Assembled | Requested | Dropped | None:
+        if rec.kind in (REQ, PUT, DROP):
+            if self._meta is not None:
+                raise ProtocolError(f"record {rec.seq}: {KINDS[rec.kind]} inside a streamed message")
+            return self._rendezvous(rec)
         if rec.kind == MSG:
             if self._meta is not None:
                 raise ProtocolError(f"record {rec.seq}: MSG inside a streamed message")
@@ -406,6 +516,31 @@ class Assembler:
             self.received += n
             return self._finish_if_complete()
         raise ProtocolError(f"record {rec.seq}: unexpected kind {rec.kind}")
+
+    def _rendezvous(self, rec: Record) -> Assembled | Requested | Dropped:
+        if rec.kind == REQ:
+            if rec.payload.nbytes != U64.size:
+                raise ProtocolError(f"record {rec.seq}: REQ of {rec.payload.nbytes} bytes")
+            (req,) = U64.unpack_from(rec.payload, 0)
+            self.consumer.release(rec.start, rec.end)
+            self.requested[req] = rec.aux
+            return Requested(req, rec.aux)
+        if rec.kind == DROP:
+            self.consumer.release(rec.start, rec.end)
+            self.granted.pop(rec.aux, None)
+            self.requested.pop(rec.aux, None)
+            return Dropped(rec.aux)
+        region = self.granted.get(rec.aux)
+        if region is None:
+            raise ProtocolError(f"record {rec.seq}: PUT for request {rec.aux}, which holds no grant")
+        meta, _ = _split_head(rec.payload, expect_payload=False)
+        if meta["n"] > region.nbytes:
+            raise ProtocolError(f"record {rec.seq}: PUT of {meta['n']} bytes into a grant of {region.nbytes}")
+        self.consumer.release(rec.start, rec.end)
+        del self.granted[rec.aux]
+        self.requested.pop(rec.aux, None)
+        self.received += meta["n"]
+        return Assembled(meta, decode_tensors(meta, region), None, grant=rec.aux)
 
     def _finish_if_complete(self) -> Assembled | None:
         if self._filled < self._expected:

@@ -32,7 +32,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import dataclasses
 import logging
+import math
 import os
 import struct
 import threading
@@ -42,6 +44,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import msgpack
+import numpy
+import torch
 
 from onepiece import credentials
 from onepiece.credentials import Credential
@@ -57,16 +61,23 @@ from .errors import (
     TransportError,
     TransportTimeout,
 )
+from .grants import Deny, Destroy, Grant, GrantPool
 from .host import host_id
-from .ring import MSG, Assembler, RingConfig, RingConsumer, RingProducer
+from .ring import (
+    CHUNK, MAX_DROPS, MSG, START, Assembler, Dropped, GrantSlot, Record, Requested, RingConfig, RingConsumer,
+    RingProducer,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOL = 2  # 2: the consumer challenges, the hello proves a credential
+PROTOCOL = 3  # 2: the consumer challenges, the hello proves a credential; 3: rendezvous grants
 FRAME = struct.Struct("<I")
 MAX_FRAME = 64 << 10
 BELL = b"!"
 BACKSTOP_MIN, BACKSTOP_MAX = 0.001, 0.2
+GRANT_BYTES = 512 << 20  # default bound of an endpoint's pool of granted regions
+GRANT_MIN_BYTES = 8 << 20  # default: payloads this large and up go by rendezvous
+REPLY_SPIN_S = 500e-6  # recv spins after a send while replies come back within this
 
 
 class Region(abc.ABC):
@@ -81,14 +92,28 @@ class Region(abc.ABC):
 class Writer(abc.ABC):
     """One-sided writes into the peer's region."""
 
+    #: A granted region's writer: a local view of it when the medium maps it (shm), so a tensor
+    #: can be made in it (zero-copy production); None when writes go through a NIC (rdma).
+    view: memoryview | None = None
+
     @abc.abstractmethod
     def write(self, offset: int, parts) -> None: ...
 
     async def flush(self, timeout: float) -> None:
         """Wait until every write so far has landed (media that post writes asynchronously)."""
 
+    def reach(self, handle: bytes, size: int) -> Writer:
+        """Producer: a writer into the consumer's granted region named by ``handle``."""
+        raise TransportError(f"{type(self).__name__} cannot reach granted regions")
+
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+class GrantRegion(Region):
+    """Consumer: a region of ours granted for rendezvous; ``handle`` tells the producer how to reach it."""
+
+    handle: bytes
 
 
 class _Remote:
@@ -214,7 +239,12 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 
 
 def _config_dict(c: RingConfig) -> dict:
-    return {"size": c.size, "hwm": c.hwm, "chunk": c.chunk}
+    return dataclasses.asdict(c)
+
+
+def _address(buffer) -> int:
+    """The address of a buffer's first byte (to see whether a payload part already sits in a region)."""
+    return numpy.frombuffer(buffer, dtype=numpy.uint8).ctypes.data
 
 
 class RingSender(Sender):
@@ -228,6 +258,9 @@ class RingSender(Sender):
         self._lock = asyncio.Lock()
         self._closed = False
         self._broken: TransportError | None = None
+        self._req = 0
+        self._targets: dict[int, Writer] = {}  # region id -> our way into the consumer's granted region
+        self._allocated: dict[int, tuple[GrantSlot, torch.Tensor]] = {}  # data_ptr -> grant, tensor
 
     def _check(self) -> None:
         if self._closed:
@@ -251,24 +284,162 @@ class RingSender(Sender):
         deadline = time.monotonic() + timeout
         async with self._lock:
             self._check()
-            producer, written = self._producer, 0
+            start = self._producer.seq
+            allocated = self._allocated_in(tensors)
             try:
-                for kind, parts, length, aux in producer.records(message):
-                    while not producer.try_write(kind, parts, length, aux):
-                        if producer.consumer_sleeping():
-                            self._channel.ring()  # it may have written a PAD to consume
-                        await self._wait_credit(length, deadline)
-                    written += 1
-                    if producer.consumer_sleeping():
-                        self._channel.ring()
+                if allocated is not None:
+                    await self._put(message, allocated, deadline)
+                elif self._producer.by_rendezvous(message.nbytes):
+                    slot = await self._request(message.nbytes, deadline)
+                    await (self._put(message, slot, deadline) if slot.length else self._stream(message, deadline))
+                else:
+                    await self._stream(message, deadline)
             except BaseException as exc:
-                if written:
-                    # Half a message is in the ring: the connection cannot be reused.
+                if self._producer.seq != start:
+                    # Half a message is in the ring (or a grant is open): the connection cannot be reused.
                     self._broken = exc if isinstance(exc, TransportError) else PeerGone(
                         f"send to {self.peer} was interrupted mid-message")
                     await self._shutdown()
                 raise
         self._endpoint._count_sent(message.nbytes + len(message.meta))
+
+    async def allocate(self, shape, dtype, *, timeout=None) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._check()
+        if not (self._endpoint.maps_regions and self._producer.by_rendezvous(nbytes)):
+            return await super().allocate(shape, dtype)
+        deadline = time.monotonic() + (self._endpoint.send_timeout if timeout is None else timeout)
+        async with self._lock:
+            self._check()
+            start = self._producer.seq
+            try:
+                slot = await self._request(nbytes, deadline)
+            except BaseException as exc:
+                if self._producer.seq != start:
+                    self._broken = exc if isinstance(exc, TransportError) else PeerGone(
+                        f"allocation on {self.peer} was interrupted")
+                    await self._shutdown()
+                raise
+        if not slot.length:  # denied: the message will stream
+            return await super().allocate(shape, dtype)
+        region = self._target(slot).view
+        tensor = torch.frombuffer(region, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+        self._allocated[tensor.data_ptr()] = (slot, tensor)
+        return tensor
+
+    async def discard(self, tensor: torch.Tensor) -> None:
+        entry = self._allocated.pop(tensor.data_ptr(), None)
+        if entry is None:
+            return
+        tensor.set_()
+        async with self._lock:
+            if self._broken is None and not self._closed and self._channel.alive:
+                await self._write_records([self._producer.drop(entry[0].req)],
+                                          time.monotonic() + self._endpoint.send_timeout)
+
+    def _allocated_in(self, tensors) -> GrantSlot | None:
+        if not self._allocated or not tensors:
+            return None
+        for t in tensors.values():
+            entry = self._allocated.pop(t.data_ptr(), None) if isinstance(t, torch.Tensor) else None
+            if entry is not None:
+                entry[1].set_()  # the region is the consumer's from now on: the caller's tensor lets go
+                return entry[0]
+        return None
+
+    async def _stream(self, message: codec.Encoded, deadline: float) -> None:
+        await self._write_records(self._producer.records(message), deadline)
+
+    async def _write_records(self, records, deadline: float) -> None:
+        producer = self._producer
+        for kind, parts, length, aux in records:
+            while not producer.try_write(kind, parts, length, aux):
+                if producer.consumer_sleeping():
+                    self._channel.ring()  # it may have written a PAD to consume
+                await self._wait(lambda: producer.space_needed(length) <= producer.free(), deadline,
+                                 f"had no room for {length} bytes")
+            if producer.consumer_sleeping():
+                self._channel.ring()
+
+    async def _request(self, nbytes: int, deadline: float) -> GrantSlot:
+        """Ask the consumer for a region of ``nbytes`` and wait for its grant (G4)."""
+        self._req += 1
+        req, producer = self._req, self._producer
+        await self._write_records([producer.request(req, nbytes)], deadline)
+        if not producer.consumer_sleeping():
+            self._channel.ring()  # a consumer outside recv answers from its doorbell (_read_ahead)
+        found: list[GrantSlot] = []
+
+        def granted() -> bool:
+            slot = producer.grant(req)
+            if slot is not None:
+                found.append(slot)
+            return slot is not None
+
+        await self._wait(granted, deadline, f"granted no region for {nbytes} bytes", nudge=True)
+        slot = found[0]
+        for region in slot.drops:
+            target = self._targets.pop(region, None)
+            if target is not None:
+                target.close()
+        if slot.length and slot.length < nbytes:
+            raise ProtocolError(f"{self._endpoint.name} peer {self.peer} granted {slot.length} bytes "
+                                f"for a request of {nbytes}")
+        return slot
+
+    def _target(self, slot: GrantSlot) -> Writer:
+        target = self._targets.get(slot.region)
+        if target is None:
+            target = self._targets[slot.region] = self._data.reach(slot.handle, slot.length)
+        return target
+
+    async def _put(self, message: codec.Encoded, slot: GrantSlot, deadline: float) -> None:
+        """Copy the payload into the granted region (once; parts already there stay), then PUT it."""
+        if message.nbytes > slot.length:
+            await self._write_records([self._producer.drop(slot.req)], deadline)
+            await self._stream(message, deadline)
+            return
+        target = self._target(slot)
+        base = _address(target.view) if target.view is not None else None
+        offset = 0
+        for part in message.parts:
+            n = part.nbytes
+            if n and (base is None or _address(part) != base + offset):
+                target.write(offset, (part,))
+            offset += n
+        await self._write_records([self._producer.put(slot.req, message)], deadline)
+
+    async def _wait(self, ready, deadline: float, what: str, nudge: bool = False) -> None:
+        """Wait until ``ready()``: a short spin, then the "waiting" flag and the doorbell (I6, I8).
+        ``nudge``: ring the consumer again at every backstop (a request it may not have seen)."""
+        producer, channel = self._producer, self._channel
+        spin_until = min(time.monotonic() + self._endpoint.spin_s, deadline)
+        while time.monotonic() < spin_until:
+            _yield_cpu()
+            await asyncio.sleep(0)
+            self._check()
+            producer.refresh_credit()
+            if ready():
+                return
+        producer.set_waiting(True)
+        backstop = BACKSTOP_MIN
+        try:
+            while True:
+                channel.bell.clear()
+                self._check()
+                producer.refresh_credit()
+                if ready():
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportTimeout(f"{self._endpoint.name} peer {self.peer} {what} within the send timeout")
+                if not await _wait(channel.bell, min(backstop, left)):
+                    backstop = min(backstop * 2, BACKSTOP_MAX)
+                    if nudge:
+                        channel.ring()
+        finally:
+            if channel.alive:
+                producer.set_waiting(False)
 
     def try_send(self, header, tensors=None) -> bool:
         if self._lock.locked():  # a send is waiting for credit: keep the order
@@ -285,38 +456,11 @@ class RingSender(Sender):
         self._endpoint._count_sent(message.nbytes + len(message.meta))
         return True
 
-    async def _wait_credit(self, length: int, deadline: float) -> None:
-        producer, channel = self._producer, self._channel
-        spin_until = min(time.monotonic() + self._endpoint.spin_s, deadline)
-        while time.monotonic() < spin_until:
-            _yield_cpu()
-            await asyncio.sleep(0)
-            self._check()
-            producer.refresh_credit()
-            if producer.space_needed(length) <= producer.free():
-                return
-        producer.set_waiting(True)
-        backstop = BACKSTOP_MIN
-        try:
-            while True:
-                channel.bell.clear()
-                self._check()
-                producer.refresh_credit()
-                if producer.space_needed(length) <= producer.free():
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransportTimeout(
-                        f"{self._endpoint.name} peer {self.peer} had no room for "
-                        f"{length} bytes within the send timeout")
-                if not await _wait(channel.bell, min(backstop, left)):
-                    backstop = min(backstop * 2, BACKSTOP_MAX)
-        finally:
-            if channel.alive:
-                producer.set_waiting(False)
-
     async def _shutdown(self) -> None:
         await self._channel.close()
+        for target in self._targets.values():
+            target.close()
+        self._targets.clear()
         self._data.close()
         self._credit.close()
         self._endpoint._senders.discard(self)
@@ -338,12 +482,17 @@ class RingSender(Sender):
 class _Inbound:
     """A consumer's end of one connection."""
 
-    def __init__(self, channel: _Channel, consumer: RingConsumer, data: Region, credit: Writer, peer: str):
+    def __init__(self, endpoint: RingTransport, channel: _Channel, consumer: RingConsumer, data: Region,
+                 credit: Writer, peer: str):
+        self.endpoint = endpoint
         self.channel, self.consumer = channel, consumer
         self.assembler = Assembler(consumer)
         self.data, self.credit = data, credit
         self.peer = peer
         self.held: collections.OrderedDict[int, Message] = collections.OrderedDict()
+        self.drops: list[int] = []  # regions destroyed since its last grant: the producer unmaps them
+        self.ready: collections.deque[Message] = collections.deque()  # read ahead outside recv
+        self.failure: ProtocolError | None = None  # what reading ahead found, for the next recv
         self.closed = False
 
     def evict_over_high_water(self) -> None:
@@ -352,10 +501,7 @@ class _Inbound:
             self.evict(next(iter(self.held.values())))
 
     def evict(self, msg: Message) -> None:
-        # Re-point the caller's tensor objects at copies, so they stay valid.
-        for t in msg.tensors.values():
-            t.set_(t.clone())
-        msg.release()
+        _evict(msg)
 
     def close(self) -> None:
         for msg in list(self.held.values()):
@@ -365,18 +511,40 @@ class _Inbound:
         self.data.close()
 
 
+def _evict(msg: Message) -> None:
+    """Re-point the caller's tensor objects at copies, so they stay valid, and release the memory."""
+    for t in msg.tensors.values():
+        t.set_(t.clone())
+    msg.release()
+
+
 class RingTransport(Transport):
     """A Transport whose connections are double rings over a medium's memory.
 
-    Subclasses provide the memory through four hooks (see ``shm.py``).
+    Subclasses provide the memory through four hooks (see ``shm.py``), and a
+    fifth for rendezvous (``_make_region``) when they can grant regions.
     """
+
+    #: Whether the medium can make regions to grant (``_make_region``) and reach them (``Writer.reach``).
+    grants = False
+    #: Whether a producer maps a granted region (so ``Sender.allocate`` can hand out a tensor in it).
+    maps_regions = False
 
     def __init__(self, *, host: str, advertise_host: str | None, config: RingConfig,
                  send_timeout: float, handshake_timeout: float, spin_s: float,
-                 max_message_bytes: int, spin: str = "auto"):
-        """``spin``: "auto" (recv spins up to ``spin_s`` only while messages come back to back
-        or one is streaming in) or "always" (before every sleep)."""
+                 max_message_bytes: int, spin: str = "auto", grant_bytes: int = GRANT_BYTES,
+                 grant_min_bytes: int = GRANT_MIN_BYTES, grant_pool: GrantPool | None = None):
+        """``spin``: "auto" (recv spins up to ``spin_s`` while messages come back to back, one is
+        streaming in, or a reply to what this endpoint just sent is likely) or "always" (before
+        every sleep). ``grant_bytes``: the bound of the pool of regions granted for rendezvous
+        (0: every large message streams through the ring); messages of ``grant_min_bytes`` and
+        more go by rendezvous. ``grant_pool``: a pool shared with other media of one worker."""
         self.spin = check_spin(spin)
+        if grant_bytes < 0 or grant_min_bytes <= 0:
+            raise ValueError("grant_bytes must be >= 0 and grant_min_bytes > 0")
+        self._pool = grant_pool if grant_pool is not None else GrantPool(grant_bytes)
+        if self.grants and self._pool.limit:
+            config = dataclasses.replace(config, grant_min=grant_min_bytes, grant_max=self._pool.limit)
         self.config = config
         self.send_timeout = send_timeout
         self.handshake_timeout = handshake_timeout
@@ -397,6 +565,13 @@ class RingTransport(Transport):
         # core that, on a small machine, the very process that should send is waiting for.
         self._gap = 1e-3
         self._last_arrival = 0.0
+        # How soon after this endpoint sends something a message arrives (EWMA): a request/reply
+        # pattern makes it short, and then recv spins after a send instead of sleeping.
+        self._reply = REPLY_SPIN_S
+        self._last_send = 0.0
+        self._regions: dict[int, GrantRegion] = {}  # ours, made for the pool's grants
+        self._receiving = 0  # recv calls under way
+        self._held_grants: collections.OrderedDict[int, Message] = collections.OrderedDict()
         self._closed = False
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -418,6 +593,10 @@ class RingTransport(Transport):
 
     def _descriptor_extra(self) -> dict:
         return {}
+
+    def _make_region(self, size: int) -> GrantRegion:
+        """Consumer: a pre-faulted region of ``size`` bytes of ours that one producer may write."""
+        raise TransportError(f"{self.name} cannot make regions to grant")
 
     def _medium_failed(self, memory: Region | Writer, exc: TransportError) -> None:
         """A medium reports that a connection's memory failed (say, a verbs error): end that connection."""
@@ -444,11 +623,14 @@ class RingTransport(Transport):
                 "host_id": host_id(), **self._descriptor_extra()}
 
     def stats(self) -> dict[str, int]:
-        return {**self._stats, "connections_refused": self._doorkeeper.refused}
+        return {**self._stats, "connections_refused": self._doorkeeper.refused,
+                "grant_pool_bytes": sum(r.view.nbytes for r in self._regions.values()),
+                "grant_pool_limit": self._pool.limit if self.config.grant_max else 0}
 
     def _count_sent(self, n: int) -> None:
         self._stats["bytes_sent"] += n
         self._stats["messages_sent"] += 1
+        self._last_send = time.monotonic()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -463,6 +645,9 @@ class RingTransport(Transport):
         for conn in self._inbound:
             await self._drop(conn)
         self._inbound.clear()
+        for region in self._regions.values():
+            region.close()  # a region a received message still views stays mapped until that goes
+        self._regions.clear()
         self._bell.set()
         if self._server is not None:
             await self._server.wait_closed()
@@ -559,8 +744,13 @@ class RingTransport(Transport):
         peer = str(hello.get("hello", "?"))
         consumer = RingConsumer(self.config, data.view, None)
         consumer.remote = _Remote(credit, channel)
-        conn = _Inbound(channel, consumer, data, credit, peer)
-        channel.on_bell = self._bell.set
+        conn = _Inbound(self, channel, consumer, data, credit, peer)
+
+        def on_bell() -> None:
+            self._bell.set()
+            self._read_ahead(conn)
+
+        channel.on_bell = on_bell
         channel.start_watching()
         self._inbound.append(conn)
         self._bell.set()
@@ -574,7 +764,62 @@ class RingTransport(Transport):
 
     async def _drop(self, conn: _Inbound) -> None:
         conn.close()
+        self._act(self._pool.close(conn))
         await conn.channel.close()
+
+    # -- rendezvous (grants.py decides, this carries it out) -----------------
+    def _act(self, actions) -> None:
+        """Carry out the pool's actions; a pool shared by several media (auto) reaches each
+        connection through its own endpoint."""
+        work = collections.deque(actions)
+        while work:
+            action = work.popleft()
+            work.extend(action.conn.endpoint._carry_out(action))
+
+    def _carry_out(self, action) -> list:
+        conn = action.conn
+        if isinstance(action, Destroy):
+            region = self._regions.pop(action.region, None)
+            if region is not None:
+                region.close()
+            if not conn.closed:
+                conn.drops.append(action.region)
+            return []
+        if isinstance(action, Deny):
+            if not conn.closed:
+                self._answer(conn, GrantSlot(action.req, 0, 0, b""))
+            return []
+        assert isinstance(action, Grant)
+        if action.new:
+            try:
+                self._regions[action.region] = self._make_region(action.size)
+            except TransportError as exc:
+                log.warning("%s: cannot make a %d MiB region to grant (%s); the message streams instead",
+                            self.name, action.size >> 20, exc)
+                return self._pool.forget(action.region)
+        region = self._regions[action.region]
+        conn.assembler.granted[action.req] = region.view[: action.size]
+        self._answer(conn, GrantSlot(action.req, action.region, action.size, region.handle))
+        return []
+
+    @staticmethod
+    def _answer(conn: _Inbound, slot: GrantSlot) -> None:
+        drops, conn.drops = conn.drops[:MAX_DROPS], conn.drops[MAX_DROPS:]
+        conn.consumer.grant(dataclasses.replace(slot, drops=tuple(drops)))
+
+    def _grant_release_cb(self, region_id: int):
+        def release() -> None:
+            if threading.get_ident() != self._loop_thread:
+                self._loop.call_soon_threadsafe(release)
+                return
+            self._held_grants.pop(region_id, None)
+            self._act(self._pool.release(region_id))
+        return release
+
+    def _evict_grants(self) -> None:
+        """Copy out held messages, oldest first, while they keep a waiting request from fitting (G5)."""
+        while self._held_grants and self._pool.evictable():
+            _evict(next(iter(self._held_grants.values())))
 
     def _release_cb(self, conn: _Inbound, start: int, end: int):
         def release() -> None:
@@ -588,19 +833,54 @@ class RingTransport(Transport):
 
     def _pump(self, conn: _Inbound) -> Message | None:
         """Consume the connection's records up to the next complete message."""
+        if conn.failure is not None:
+            raise conn.failure
+        if conn.ready:
+            return conn.ready.popleft()
         while (rec := conn.consumer.poll()) is not None:
-            done = conn.assembler.feed(rec)
-            if done is None:
-                continue
-            self._stats["bytes_received"] += rec.payload.nbytes if done.record else done.meta["n"]
-            self._stats["messages_received"] += 1
-            header = done.meta["h"]
-            if done.record is None:
-                return Message(header, done.tensors, conn.peer)
-            msg = Message(header, done.tensors, conn.peer, self._release_cb(conn, rec.start, rec.end))
-            conn.held[rec.start] = msg
-            return msg
+            if (msg := self._deliver(conn, rec)) is not None:
+                return msg
         return None
+
+    def _read_ahead(self, conn: _Inbound) -> None:
+        """A doorbell while nobody is in recv: answer rendezvous requests now, so a producer
+        is not kept waiting for a grant until the application next receives. Messages met on
+        the way are kept (ring views, or granted regions: both bounded); a streamed message
+        stops it, since copying one out would buffer without bound."""
+        if self._receiving or conn.closed or conn.failure is not None or conn.assembler.partial is not None:
+            return
+        try:
+            while (rec := conn.consumer.poll(until=(START, CHUNK))) is not None:
+                if (msg := self._deliver(conn, rec)) is not None:
+                    conn.ready.append(msg)
+        except ProtocolError as exc:
+            conn.failure = exc
+            self._bell.set()
+
+    def _deliver(self, conn: _Inbound, rec: Record) -> Message | None:
+        """One record's share of the work: a message when it completes one."""
+        done = conn.assembler.feed(rec)
+        if done is None:
+            return None
+        if isinstance(done, Requested):
+            self._act(self._pool.request(conn, done.req, done.nbytes))
+            return None
+        if isinstance(done, Dropped):
+            self._act(self._pool.drop(conn, done.req))
+            return None
+        self._stats["bytes_received"] += rec.payload.nbytes if done.record else done.meta["n"]
+        self._stats["messages_received"] += 1
+        header = done.meta["h"]
+        if done.grant is not None:
+            region = self._pool.put(conn, done.grant)
+            msg = Message(header, done.tensors, conn.peer, self._grant_release_cb(region.id))
+            self._held_grants[region.id] = msg
+            return msg
+        if done.record is None:
+            return Message(header, done.tensors, conn.peer)
+        msg = Message(header, done.tensors, conn.peer, self._release_cb(conn, rec.start, rec.end))
+        conn.held[rec.start] = msg
+        return msg
 
     async def _poll_all(self) -> Message | None:
         n = len(self._inbound)
@@ -617,10 +897,14 @@ class RingTransport(Transport):
             if not conn.channel.alive:
                 # The peer is gone and everything it finished has been read.
                 partial = conn.assembler.partial
+                requested = sum(conn.assembler.requested.values())
                 await self._remove(conn)
                 if partial is not None:
                     raise PeerGone(f"{self.name} peer {conn.peer} at {conn.channel.address} died "
                                    f"mid-message after {partial[0]} of {partial[1]} bytes")
+                if requested:
+                    raise PeerGone(f"{self.name} peer {conn.peer} at {conn.channel.address} died "
+                                   f"mid-message: {requested} bytes asked for by rendezvous were never put")
                 log.debug("%s peer %s closed", self.name, conn.peer[:8])
                 return await self._poll_all()
         return None
@@ -631,12 +915,21 @@ class RingTransport(Transport):
 
     def _arrived(self, msg: Message) -> Message:
         now = time.monotonic()
+        if self._last_send > self._last_arrival:  # the first message since we sent one: a reply?
+            self._reply = 0.75 * self._reply + 0.25 * min(now - self._last_send, 4 * REPLY_SPIN_S)
         gap = min(now - self._last_arrival, 1e-3)  # past a millisecond it is sparse, however long
         self._last_arrival = now
         self._gap = 0.75 * self._gap + 0.25 * gap
         return msg
 
     async def recv(self, *, timeout: float | None = None) -> Message:
+        self._receiving += 1
+        try:
+            return await self._recv(timeout)
+        finally:
+            self._receiving -= 1
+
+    async def _recv(self, timeout: float | None) -> Message:
         if self._closed:
             raise TransportClosed(f"{self.name} endpoint is closed")
         if (msg := await self._poll_all()) is not None:
@@ -644,11 +937,19 @@ class RingTransport(Transport):
         deadline = None if timeout is None else time.monotonic() + timeout
         for conn in self._inbound:
             conn.evict_over_high_water()
-        # Spin when the next record is likely within it: messages came back to back lately, or
-        # one is half way (the rest of its chunks follow as fast as the producer gets credit).
+        self._evict_grants()
+        # Spin when the next record is likely within it: messages came back to back lately, one
+        # is half way (the rest of its chunks follow as fast as the producer gets credit), or we
+        # just sent something and replies have been coming back within REPLY_SPIN_S (a request/
+        # reply exchange: a doorbell and a wake-up on each side would cost more than the spin).
+        now = time.monotonic()
+        spin_until = 0.0
         if (self.spin == "always" or self._gap < self.spin_s
                 or any(c.assembler.partial is not None for c in self._inbound)):
-            spin_until = time.monotonic() + self.spin_s
+            spin_until = now + self.spin_s
+        if self._reply < REPLY_SPIN_S and self._last_send > self._last_arrival:
+            spin_until = max(spin_until, self._last_send + min(2 * self._reply + self.spin_s, REPLY_SPIN_S))
+        if spin_until > now:
             while time.monotonic() < spin_until:
                 _yield_cpu()
                 await asyncio.sleep(0)
@@ -663,6 +964,7 @@ class RingTransport(Transport):
                 for conn in self._inbound:
                     conn.evict_over_high_water()
                     conn.consumer.set_sleeping(True)
+                self._evict_grants()
                 if (msg := await self._poll_all()) is not None:
                     return self._arrived(msg)
                 wait = BACKSTOP_MAX if not self._inbound else backstop

@@ -11,6 +11,14 @@ Names only exist for the few milliseconds of a handshake. A process killed
 inside that window can leave one behind; :func:`sweep_stale_segments`, run
 when an endpoint opens, removes ours whose creator is dead and which are
 older than a minute.
+
+Rendezvous (``transports/grants.py``): a granted region is a segment of its
+own, made by the consumer (pre-faulted, advised to use huge pages where
+/dev/shm allows them), named in the grant and unlinked by the producer as
+soon as it has mapped it. The producer copies a large payload straight into
+it, or the compute writes it there in the first place (``Sender.allocate``);
+the consumer's tensors view it. Both sides keep the mapping while the region
+lives, so a region that is granted again costs no fault and no syscall.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import time
 
 from .errors import ProtocolError, TransportError, TransportUnavailable
 from .host import host_id, shm_namespace
+from .grants import GrantPool
 from .ring import CREDIT_BYTES, RingConfig
-from .ringtransport import Region, RingTransport, Writer, ring_config
+from .ringtransport import GRANT_BYTES, GRANT_MIN_BYTES, GrantRegion, Region, RingTransport, Writer, ring_config
 
 try:
     import _posixshmem
@@ -56,6 +65,11 @@ class _Segment(Region, Writer):
                 raise ProtocolError(f"shared memory {name} is smaller than announced")
             # MAP_POPULATE faults every page in now, not during the first messages.
             self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            if size >= 2 << 20 and hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    self._map.madvise(mmap.MADV_HUGEPAGE)
+                except OSError:  # /dev/shm without huge pages: still correct
+                    pass
         except BaseException:
             self.unlink()
             raise
@@ -69,6 +83,12 @@ class _Segment(Region, Writer):
             n = len(part) if isinstance(part, bytes) else part.nbytes
             view[offset : offset + n] = part
             offset += n
+
+    def reach(self, handle: bytes, size: int) -> _Segment:
+        name = _check_name(handle.decode("ascii", "replace"), "granted region")
+        region = _Segment(name, size, create=False)
+        region.unlink()
+        return region
 
     def unlink(self) -> None:
         if self._linked:
@@ -86,6 +106,20 @@ class _Segment(Region, Writer):
         except BufferError:
             # A tensor still views the mapping; it is unmapped when that goes.
             pass
+
+
+class _GrantSegment(_Segment, GrantRegion):
+    """A segment the consumer grants: the producer learns its name from the grant."""
+
+    def __init__(self, size: int):
+        super().__init__(_new_name(), size, create=True)
+        self.handle = self.name.encode()
+
+
+def _check_name(name, what: str) -> str:
+    if not (isinstance(name, str) and name.startswith(PREFIX) and "/" not in name):
+        raise ProtocolError(f"bad {what} name {name!r:.80}")
+    return name
 
 
 def _new_name() -> str:
@@ -125,18 +159,22 @@ class ShmTransport(RingTransport):
     """The double-ring transport over POSIX shared memory (one host)."""
 
     name = "shm"
+    grants = maps_regions = True
 
     @classmethod
     async def open(cls, *, host: str = "127.0.0.1", advertise_host: str | None = None,
                    ring_bytes: int | None = None, hwm_bytes: int | None = None,
                    chunk_bytes: int | None = None, send_timeout: float = 30.0,
                    handshake_timeout: float = 10.0, spin_s: float = 100e-6,
-                   spin: str = "auto",
+                   spin: str = "auto", grant_bytes: int = GRANT_BYTES, grant_min_bytes: int = GRANT_MIN_BYTES,
+                   grant_pool: GrantPool | None = None,
                    max_message_bytes: int = 2 << 30) -> ShmTransport:
         """Open an endpoint; its side channel listens on ``host`` (TCP, port chosen by the OS).
 
         ``ring_bytes`` (default 32 MiB) is the shared memory each inbound
-        connection holds, plus a 128-byte credit region at the producer.
+        connection holds, plus a 256-byte credit region at the producer;
+        ``grant_bytes`` (default 512 MiB) bounds the regions granted for
+        messages of ``grant_min_bytes`` (8 MiB) and more, all connections together.
         """
         if _posixshmem is None or not os.path.isdir(SHM_DIR):
             raise TransportUnavailable(
@@ -145,12 +183,15 @@ class ShmTransport(RingTransport):
         self = cls(host=host, advertise_host=advertise_host,
                    config=ring_config(ring_bytes, hwm_bytes, chunk_bytes), send_timeout=send_timeout,
                    handshake_timeout=handshake_timeout, spin_s=spin_s, max_message_bytes=max_message_bytes,
-                   spin=spin)
+                   spin=spin, grant_bytes=grant_bytes, grant_min_bytes=grant_min_bytes, grant_pool=grant_pool)
         await self._start()
         return self
 
     def _descriptor_extra(self) -> dict:
         return {"shm_ns": shm_namespace(), "ring_bytes": self.config.size}
+
+    def _make_region(self, size: int) -> _GrantSegment:
+        return _GrantSegment(size)
 
     def _offer(self) -> tuple[Region, dict]:
         name = _new_name()
@@ -160,9 +201,7 @@ class ShmTransport(RingTransport):
     def _accept(self, offer: dict, config: RingConfig) -> tuple[Region, Writer, dict]:
         if offer.get("host_id") != host_id() or offer.get("shm_ns") != shm_namespace():
             raise TransportError("shm peer is on another host or /dev/shm; use the tcp or rdma transport")
-        name = offer.get("credit")
-        if not (isinstance(name, str) and name.startswith(PREFIX) and "/" not in name):
-            raise ProtocolError(f"bad credit segment name {name!r}")
+        name = _check_name(offer.get("credit"), "credit segment")
         credit = _Segment(name, CREDIT_BYTES, create=False)
         credit.unlink()
         try:
@@ -173,9 +212,7 @@ class ShmTransport(RingTransport):
         return data, credit, {"data": data.name}
 
     def _complete(self, answer: dict, config: RingConfig) -> Writer:
-        name = answer.get("data")
-        if not (isinstance(name, str) and name.startswith(PREFIX) and "/" not in name):
-            raise ProtocolError(f"bad data segment name {name!r}")
+        name = _check_name(answer.get("data"), "data segment")
         data = _Segment(name, config.data_region_bytes, create=False)
         data.unlink()
         return data

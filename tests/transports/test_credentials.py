@@ -21,6 +21,7 @@ from onepiece import credentials
 from onepiece.credentials import Credential
 from transports import Refused, TransportTimeout, open_transport
 from transports.tcp import FRAME, MAGIC
+from transports.ringtransport import PROTOCOL
 
 from .conftest import OPTIONS, shm_entries
 
@@ -193,8 +194,8 @@ async def test_the_ring_side_channel_refuses_a_stranger_before_its_offer_is_used
     async with raw(b.descriptor["host"], b.descriptor["port"]) as (reader, writer):
         (n,) = side.unpack(await reader.readexactly(side.size))
         challenge = msgpack.unpackb(await reader.readexactly(n))
-        assert challenge["v"] == 2 and len(challenge["challenge"]) == credentials.NONCE_BYTES
-        hello = msgpack.packb({"v": 2, "hello": "stranger", "offer": {"segment": "/nothing-here"}})
+        assert challenge["v"] == PROTOCOL and len(challenge["challenge"]) == credentials.NONCE_BYTES
+        hello = msgpack.packb({"v": PROTOCOL, "hello": "stranger", "offer": {"segment": "/nothing-here"}})
         writer.write(side.pack(len(hello)) + hello)
         (n,) = side.unpack(await reader.readexactly(side.size))
         answer = msgpack.unpackb(await reader.readexactly(n))

@@ -29,6 +29,7 @@ import sys
 import types
 
 import msgpack
+import numpy
 import pytest
 import torch
 
@@ -634,3 +635,25 @@ async def test_a_guarded_endpoint_refuses_at_the_handshake_and_makes_no_queue_pa
         await sender.send({"seq": 1}, {"x": torch.arange(10)}, timeout=10)
     with await b.recv(timeout=10) as msg:
         assert msg.header == {"seq": 1}
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+async def test_fake_nic_rendezvous_writes_into_the_granted_region(rdma_pair, in_order):
+    """Messages of grant_min_bytes and more are RDMA-written into a region the consumer registered
+    and granted (the fake NIC checks every write against the region's rkey and bounds), then PUT:
+    the consumer's tensors view that region, and the pool takes it back on release."""
+    nic, (a, b) = await rdma_pair(in_order=in_order, grant_min_bytes=64 << 10, grant_bytes=8 << 20)
+    await asyncio.gather(exchange(a, b, 16, 4), exchange(b, a, 16, 5))
+    for end in (a, b):
+        stats = end.stats()
+        assert stats["messages_received"] == 16
+        assert 0 < stats["grant_pool_bytes"] <= stats["grant_pool_limit"] == 8 << 20
+    sender = await a.connect(b.descriptor, timeout=10)
+    payload = torch.arange(3 << 20, dtype=torch.uint8)
+    await sender.send({"big": 1}, {"x": payload}, timeout=10)
+    with await b.recv(timeout=10) as msg:
+        assert msg.zero_copy and torch.equal(msg.tensors["x"], payload)
+        views = msg.tensors["x"].data_ptr()
+        assert any(region.view.nbytes >= payload.nbytes and
+                   numpy.frombuffer(region.view, numpy.uint8).ctypes.data == views for region in b._regions.values())
+    await sender.aclose()
