@@ -2,7 +2,7 @@
 """Control-plane capacity: how fast the broker moves zero-cost tasks, and what each hop adds.
 
     python bench/control_plane.py [--quick] [--json PATH] [--transport shm|tcp]
-                                  [--workers N] [--capacity K] [--window W]
+                                  [--workers N] [--capacity K] [--window W] [--no-relay]
 
 Everything is real: a :class:`broker.service.Broker` runs in this process
 (temporary ``data_dir``, SQLite job store, ZeroMQ ROUTER on a free loopback
@@ -29,6 +29,32 @@ Phases, on one stack:
    measured jobs/s, then drained, and every measured job's per-stage
    timestamps read back with ``Broker.job(id)``.
 
+Then, once that stack has stopped (the two never share the cores), the same
+phases on a *bare relay*, the limit of a Python ZeroMQ broker on this
+machine (``--no-relay`` skips it): a ROUTER in its own process, on uvloop,
+msgpack, its sends joined per peer and loop turn after at most 256 messages
+read, as broker/control.py does. It moves the messages a zero3 job sends
+through the broker, 15 per job: SUBMIT and SUBMITTED, a TASK per stage, a
+STARTED and a DONE from each, a SEND to a's and b's worker when the next
+stage's TASK leaves, and a RELEASE of their outputs once that stage is DONE.
+It keeps no store, job table or schedule and checks no message against the
+protocol's schema; what it needs later travels in the messages (TASK says
+when the stage could run and STARTED says it back; DONE carries the job's
+parameters for the next TASK). One fake worker process per stage answers
+each TASK with STARTED and DONE in one frame and drops SEND and RELEASE: no
+data plane. The same client keeps ``--window`` jobs in flight for the same
+warm-up and rounds; Poisson arrivals at the same fraction of the relay's own
+jobs/s then give its hop, from when a stage could run until the relay hears
+its STARTED (the TASK out and the STARTED back: no tensor, no worker runtime).
+
+Targets: >= 5,000 tasks/s; hop p99 < 5 ms at 50% load; the broker's tasks/s
+>= 0.5x the relay's. The broker's hop p99 over the relay's is printed for
+information only: the relay's hop holds no data plane and no worker runtime,
+and is taken at half the relay's much higher rate, so the ratio tells where
+time goes, not what the broker should reach. The table also gives the CPU
+per job of the process holding the ROUTER in both stacks (the broker's
+includes this harness).
+
 Hop latency, the definition printed with the table: the time from the moment
 a stage *could* run (for ``a`` the client's send of the job, for ``b`` and
 ``c`` the broker's receipt of the upstream's DONE) until the broker hears
@@ -50,6 +76,24 @@ waiting a round trip per task (capacity 1: ~1,200 tasks/s, 8: ~2,200,
 per peer and loop turn; with batching, capacity 32 gave ~9,000, and ~12,000
 since the job store writes one event row per job and commit, time-ordered
 job ids and msgpack columns, on 2026-11-22).
+
+One ``--quick`` run on 2026-11-28, with another benchmark sharing the two
+cores (load average 1.78 at start, 2.63 at end), printed these lines among
+others (broker round, relay round, targets)::
+
+      1          7,167   2,384       32,269   10,732       0        0.49  2.12  broker (+bench) 50, client 4, worker a 17, worker b 26, worker c 18
+      1         74,017  24,672      333,120       0.046  relay 53, client 10, worker a 17, worker b 20, worker c 14
+      CPU per job of the process with the ROUTER: broker (+bench) 208 us, relay 21 us (9.8x)
+      hop at 50% load (Poisson, 12,336 jobs/s, 6 s): p50 0.803 ms, p99 3.927 ms, max 13.02 ms, 202,558 samples
+      throughput >= 5,000 tasks/s             PASS  7,167 tasks/s
+      hop p99 < 5 ms at 50% load              FAIL  6.629 ms (p50 1.497 ms)
+      throughput >= 0.5x the bare relay       FAIL  0.10x (7,167 / 74,017 tasks/s)
+      hop p99 / the bare relay (information)        1.7x (6.629 / 3.927 ms)
+
+The relay's process used about half a core in its round, so its own CPU did
+not bound it there (round trips between its five processes and the other
+work on the two cores did): the CPU per job of the two ROUTER processes is
+the steadier comparison.
 
 Where the time goes: each round prints the share of a core each process
 used, the CPU milliseconds all our processes spent per job (a number that
@@ -77,6 +121,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -101,6 +146,14 @@ STAGES = ("a", "b", "c")
 SHM_DIR = "/dev/shm"
 TARGET_TASKS_PER_S = 5000.0
 TARGET_HOP_P99_MS = 5.0
+TARGET_RATIO_TO_RELAY = 0.5  # the broker's tasks/s over the bare relay's, same run
+
+# The control messages a zero3 job sends through the broker's ROUTER, named as broker/protocol.py
+# declares them (its SCHEMA keys; it has no constants of its own).
+REGISTER, REGISTERED, SUBMIT, SUBMITTED = "REGISTER", "REGISTERED", "SUBMIT", "SUBMITTED"
+TASK, SEND, STARTED, DONE, RELEASE = "TASK", "SEND", "STARTED", "DONE", "RELEASE"
+RELAY_KINDS = (REGISTER, REGISTERED, SUBMIT, SUBMITTED, TASK, SEND, STARTED, DONE, RELEASE)
+READ_BATCH = 256  # messages read before the queued sends leave: broker/control.py's default batch
 
 
 @dataclass(frozen=True)
@@ -160,7 +213,7 @@ def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
             replies, refused = protocol.unpack_frame(raw)
             state["replies"] += len(replies) + len(refused)
             for m in replies:
-                if m["k"] != "SUBMITTED":
+                if m["k"] != SUBMITTED:
                     state["errors"] += 1
                     state["error"] = m.get("reason")
             if refused:
@@ -176,7 +229,7 @@ def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
         """Send ``count`` jobs, joined in one frame as a batch submitter would."""
         n = state["submitted"]
         now = time.time()
-        bodies = [protocol.pack("SUBMIT", workflow=workflow, params={"n": n + i, "t": now}) for i in range(count)]
+        bodies = [protocol.pack(SUBMIT, workflow=workflow, params={"n": n + i, "t": now}) for i in range(count)]
         for frame in protocol.frames(bodies):
             dealer.send(frame)
         state["submitted"] = n + count
@@ -237,18 +290,309 @@ def _client_main(endpoint: str, credit_ep: str, workflow: str, conn) -> None:
         ctx.term()
 
 
+class Client:
+    """The client process (:func:`_client_main`) submitting to ``endpoint``, driven over a pipe."""
+
+    def __init__(self, endpoint: str, credit_ep: str):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_client_main, name="cp-client",
+                                   args=(endpoint, credit_ep, WORKFLOW.stem, child), daemon=True)
+        self.process.start()
+        child.close()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def command(self, *cmd) -> dict:
+        """Run one phase (see :func:`_client_main`); its summary, or RuntimeError if none comes in
+        the phase's seconds plus a minute (the client waits at most 30 s for replies)."""
+        self.conn.send(cmd)
+        bound = cmd[2] + 60.0
+        if not await asyncio.to_thread(self.conn.poll, bound):
+            raise RuntimeError(f"the client did not finish a {cmd[2]:.0f} s phase within {bound:.0f} s")
+        return self.conn.recv()
+
+    async def stop(self) -> None:
+        await stop_process(self.process, self.conn)
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+
+
+class Credits:
+    """The cumulative count of ended jobs, published on ``sock`` to the client, which keeps its window.
+
+    Sent every ``batch`` ended jobs or 1 ms after the first unsent one, whichever comes first: one
+    small message per batch, so the bookkeeping costs the stack little. Only the window phases need
+    it: paused (the Poisson phase, whose client does not wait on ends) nothing is sent, so the
+    harness adds no messages, wake-ups or context switches to the stack it measures.
+    """
+
+    def __init__(self, sock, batch: int):
+        self.sock, self.batch = sock, batch
+        self.count = 0
+        self._on = True
+        self._unsent = 0
+        self._timer = None
+
+    def ended(self) -> None:
+        self.count += 1
+        if not self._on:
+            return
+        self._unsent += 1
+        if self._unsent >= self.batch:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(0.001, self.flush)
+
+    def pause(self) -> None:
+        self._on = False
+
+    def resume(self) -> None:
+        self._on = True
+        self.flush()
+
+    def flush(self) -> None:
+        import zmq
+
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._unsent = 0
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.send(str(self.count).encode(), zmq.NOBLOCK)
+
+
+# -- the bare relay: the limit of a Python ZeroMQ broker ----------------------------------------
+
+# What the fake workers say of themselves, of the sizes the real ones send: an shm endpoint's
+# descriptor; the broker's MACs are 32 hex digits, its data keys 64.
+FAKE_DESCRIPTOR = {"transport": "shm", "host": "127.0.0.1", "port": 40000, "shm_ns": "4026531841",
+                   "ring_bytes": 64 << 20}
+FAKE_MAC = "0" * 32
+
+
+def _relay_main(control: str, credit_ep: str, credit_batch: int, conn) -> None:
+    """The bare relay: a ROUTER on ``control`` that moves a zero3 job's control messages as the
+    broker does and keeps nothing, until told to stop over ``conn`` (a Pipe).
+
+    Per job, in: SUBMIT, and STARTED and DONE from each stage's worker; out: SUBMITTED, a TASK
+    per stage, a SEND to each producer when its consumer's TASK leaves, a RELEASE of each
+    producer's outputs when its consumer is DONE. Sends leave once per loop turn, joined per
+    peer (``protocol.frames``), after at most ``READ_BATCH`` messages read, as the broker's
+    socket does (broker/control.py). It has no store, no job table, no scheduling, and checks
+    no message against the protocol's schema: what it needs later travels in the messages.
+    Its TASK says when the stage could run (``ready``: the client's send for the first stage,
+    the upstream's DONE for the others) and the fake worker's STARTED says it back, which gives
+    the hop; the fake DONE carries the job's parameters for the next TASK. Its only state is
+    which worker serves which stage, learnt from REGISTER.
+
+    Over ``conn`` it sends its endpoint, then "ready" once every stage has a worker; then it
+    answers each command: ("ended",) with the count of jobs ended so far; ("credits", on) with
+    None, the client's credits paused or resumed (:class:`Credits`); ("hops", since) with None,
+    and from then on it records the hop of each STARTED whose stage was ready at or after
+    ``since``; ("take", lo, hi) with the stage tasks and jobs ended in [lo, hi) and the
+    (stage, seconds) of the hops recorded, since the last take; then it forgets them and
+    records no more hops.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    run_loop(_relay(control, credit_ep, credit_batch, conn))
+
+
+async def _relay(control: str, credit_ep: str, credit_batch: int, conn) -> None:
+    import msgpack
+    import zmq
+
+    from broker import protocol
+    from stages.workflow import load_workflow
+
+    wf = load_workflow(WORKFLOW)
+    outputs = {name: list(spec.outputs) for name, spec in wf.stages.items()}
+    downstream = dict(zip(STAGES, STAGES[1:]))  # the chain a -> b -> c
+    upstream = {b: a for a, b in downstream.items()}
+    pack, unpackb, frames = protocol.pack, msgpack.unpackb, protocol.frames
+    noblock, sndmore = zmq.NOBLOCK, zmq.SNDMORE
+
+    loop = asyncio.get_running_loop()
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 100_000), (zmq.SNDHWM, 100_000)):  # the broker's
+        router.setsockopt(option, value)
+    router.bind(control)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 1000)
+    push.bind(credit_ep)
+    credits = Credits(push, credit_batch)
+    workers: dict[str, tuple[bytes, dict]] = {}  # stage -> (routing id, descriptor)
+    out: dict[bytes, list[bytes]] = {}  # peer -> messages queued in this loop turn
+    done_at: list[float] = []
+    ended_at: list[float] = []
+    hops: list[tuple[str, float]] = []  # (stage, seconds from ready until its STARTED came)
+    hops_since = float("inf")
+    ids = itertools.count()
+
+    def queue(peer: bytes, body: bytes) -> None:
+        out.setdefault(peer, []).append(body)
+
+    def task(job: str, stage: str, params: dict, ready: float) -> None:
+        up = upstream.get(stage)
+        queue(workers[stage][0], pack(TASK, job=job, workflow=wf.name, stage=stage, attempt=1, binding=params["n"],
+                                      params=params, inputs=[{"stage": up, "names": outputs[up]}] if up else [],
+                                      ready=ready))
+
+    def route(peer: bytes, m: dict) -> None:
+        kind = m["k"]
+        if kind == STARTED:
+            if m["ready"] >= hops_since:
+                hops.append((m["stage"], time.time() - m["ready"]))
+        elif kind == DONE:
+            now = time.time()
+            done_at.append(now)
+            job, stage, params = m["job"], m["stage"], m["params"]
+            down = downstream.get(stage)
+            if down is None:
+                ended_at.append(now)
+                credits.ended()
+            else:
+                task(job, down, params, now)
+                to, descriptor = workers[down]
+                queue(peer, pack(SEND, job=job, stage=stage, to=to.decode(), to_stage=down, descriptor=descriptor,
+                                 names=outputs[stage], binding=params["n"], auth=FAKE_MAC, link=FAKE_MAC))
+            up = upstream.get(stage)
+            if up is not None:  # its only consumer is done with its outputs
+                queue(workers[up][0], pack(RELEASE, job=job, stage=up))
+        elif kind == SUBMIT:
+            job = f"{next(ids):032x}"
+            queue(peer, pack(SUBMITTED, job=job))
+            task(job, STAGES[0], m["params"], m["params"]["t"])
+        elif kind == REGISTER:
+            workers[m["stage"]] = (peer, m["descriptor"])
+            queue(peer, pack(REGISTERED, heartbeat_s=2.5, liveness=3, data_key=2 * FAKE_MAC))
+            if len(workers) == len(STAGES):
+                conn.send("ready")
+
+    def readable() -> None:
+        budget = READ_BATCH
+        while budget > 0:
+            try:
+                peer, *parts = router.recv_multipart(noblock)
+            except zmq.Again:
+                break
+            for part in parts:
+                body = unpackb(part)
+                for m in body if type(body) is list else (body,):
+                    route(peer, m)
+                    budget -= 1
+        for peer, bodies in out.items():
+            for frame in frames(bodies):
+                router.send(peer, sndmore | noblock)
+                router.send(frame, noblock)
+        out.clear()
+        # more to read, or a send consumed the edge that announced it (broker/control.py): come back
+        if budget <= 0 or router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            loop.call_soon(readable)
+
+    stopped = loop.create_future()
+
+    def command() -> None:
+        nonlocal hops_since
+        try:
+            cmd = conn.recv()
+        except EOFError:  # the parent is gone
+            cmd = ("stop",)
+        if cmd[0] == "take":
+            _, lo, hi = cmd
+            conn.send({"stage_tasks": sum(1 for t in done_at if lo <= t < hi),
+                       "jobs": sum(1 for t in ended_at if lo <= t < hi), "hops": hops[:]})
+            done_at.clear()
+            ended_at.clear()
+            hops.clear()
+            hops_since = float("inf")
+        elif cmd[0] == "hops":
+            hops_since = cmd[1]
+            conn.send(None)
+        elif cmd[0] == "ended":
+            conn.send(credits.count)
+        elif cmd[0] == "credits":
+            if cmd[1]:
+                credits.resume()
+            else:
+                credits.pause()
+            conn.send(None)
+        elif not stopped.done():
+            stopped.set_result(None)
+
+    fd = router.getsockopt(zmq.FD)
+    loop.add_reader(fd, readable)
+    loop.add_reader(conn.fileno(), command)
+    os.set_blocking(conn.fileno(), True)  # add_reader made it non-blocking: a large reply must wait for room
+    loop.call_soon(readable)  # messages may have come before the reader was there
+    conn.send(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+    try:
+        await stopped
+    finally:
+        loop.remove_reader(conn.fileno())
+        loop.remove_reader(fd)
+        router.close(0)
+        push.close(0)
+        ctx.term()
+
+
+def _fake_worker_main(endpoint: str, stage: str, capacity: int) -> None:
+    """A worker of ``stage`` with nothing behind it, for the bare relay.
+
+    It registers, then answers each TASK with STARTED and DONE in one frame, as a real worker
+    does for an inline stage (stages/worker.py), reading at most ``READ_BATCH`` messages before
+    its replies leave; SEND and RELEASE it reads and drops: no data plane. Stopped by SIGTERM;
+    it leaves by itself within a second of its parent's end.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    import msgpack
+    import zmq
+
+    from broker import protocol
+
+    parent = os.getppid()
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.ROUTING_ID, f"relay-worker-{stage}-{os.getpid()}".encode())
+    dealer.connect(endpoint)
+    dealer.send(protocol.pack(REGISTER, stage=stage, capacity=capacity, descriptor=FAKE_DESCRIPTOR))
+    pack, unpackb = protocol.pack, msgpack.unpackb
+    timings = {"wait_s": 0.0, "run_s": 0.0, "out_bytes": 16}  # what a synthetic stage's DONE holds
+    try:
+        while os.getppid() == parent:
+            if not dealer.poll(1000):
+                continue
+            replies: list[bytes] = []
+            budget = READ_BATCH
+            while budget > 0:
+                try:
+                    body = unpackb(dealer.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+                for m in body if type(body) is list else (body,):
+                    budget -= 1
+                    if m["k"] == TASK:
+                        replies.append(pack(STARTED, job=m["job"], stage=stage, ready=m["ready"]))
+                        replies.append(pack(DONE, job=m["job"], stage=stage, timings=timings, params=m["params"]))
+            for frame in protocol.frames(replies):
+                dealer.send(frame)
+    finally:
+        dealer.close(0)
+        ctx.term()
+
+
 # -- the broker, observed ----------------------------------------------------------------
 
-def make_broker(settings, credit_sock, credit_batch: int):
-    """A real Broker whose job events are also recorded here (stage completions, terminal events).
-
-    The cumulative count of ended jobs goes to the client every ``credit_batch`` ended jobs or
-    1 ms after the first unsent one, whichever comes first: one small message per batch, so the
-    bookkeeping costs the broker little. Only the window phases need it: with ``credits`` off
-    (the Poisson phase, whose client does not wait on ends) nothing is sent, so the harness adds
-    no messages, wake-ups or context switches to the stack it measures. Nothing else of the
-    broker is changed.
-    """
+def make_broker(settings, credits: Credits):
+    """A real Broker whose job events are also recorded here (stage completions, terminal events),
+    each ended job counted in ``credits``. Nothing else of the broker is changed."""
     from broker.core import TERMINAL
     from broker.service import Broker
 
@@ -257,9 +601,6 @@ def make_broker(settings, credit_sock, credit_batch: int):
             super().__init__(*a, **kw)
             self.stage_done: list[float] = []
             self.ended: list[tuple[float, str, str]] = []  # (time, job id, terminal type)
-            self._unsent = 0
-            self._timer = None
-            self.credits = True
 
         @property
         def progress(self) -> int:
@@ -275,23 +616,7 @@ def make_broker(settings, credit_sock, credit_batch: int):
                 self.stage_done.append(time.time())
             elif e.type in TERMINAL:
                 self.ended.append((time.time(), e.job_id, e.type))
-                if not self.credits:
-                    return
-                self._unsent += 1
-                if self._unsent >= credit_batch:
-                    self._flush()
-                elif self._timer is None:
-                    self._timer = asyncio.get_running_loop().call_later(0.001, self._flush)
-
-        def _flush(self) -> None:
-            import zmq
-
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._unsent = 0
-            with contextlib.suppress(zmq.ZMQError):
-                credit_sock.send(str(len(self.ended)).encode(), zmq.NOBLOCK)
+                credits.ended()
 
     return BenchBroker(settings)
 
@@ -444,6 +769,43 @@ def kill_pids(pids) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def summary(seconds: list[float]) -> dict:
+    """p50, p99, max and mean in milliseconds, and the number of samples."""
+    ms = [1e3 * x for x in seconds]
+    return {"p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms) if ms else float("nan"),
+            "mean": statistics.fmean(ms) if ms else float("nan"), "n": len(ms)}
+
+
+def run_loop(main):
+    """Run a coroutine on uvloop, as the broker and the workers do (asyncio's own loop without it)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+async def stop_process(proc, conn=None) -> None:
+    """Ask a child to leave (``("stop",)`` over ``conn``, else SIGTERM); kill it if it has not
+    left within 2 s."""
+    if conn is not None:
+        with contextlib.suppress(Exception):  # heard between phases; mid-phase (interrupted) it is killed
+            conn.send(("stop",))
+    else:
+        proc.terminate()
+    await asyncio.to_thread(proc.join, 2)
+    if proc.is_alive():
+        proc.kill()
+        await asyncio.to_thread(proc.join, 5)
+
+
+def check_replies(r: dict, who: str) -> None:
+    """Raise if the client's phase ``r`` had a SUBMIT refused or unanswered by ``who``."""
+    if r["errors"] or r["missing_replies"]:
+        raise RuntimeError(f"the {who} refused {r['errors']} SUBMITs ({r['error']}); "
+                           f"{r['missing_replies']} got no reply")
+
+
 # -- the benchmark --------------------------------------------------------------------------
 
 class Bench:
@@ -452,8 +814,8 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="onepiece-cp-"))
         self.broker = None
         self.launcher = None
-        self.client = None
-        self.conn = None
+        self.client: Client | None = None
+        self.credits: Credits | None = None
         self.worker_pids: list[int] = []  # every worker started, for the last-resort cleanup
         self._zctx = None
         self._credit = None
@@ -477,7 +839,8 @@ class Bench:
         self._credit.setsockopt(zmq.SNDHWM, 1000)
         credit_ep = f"ipc://{self.tmp}/credits.ipc"
         self._credit.bind(credit_ep)
-        self.broker = make_broker(settings, self._credit, max(1, a.window // 8))
+        self.credits = Credits(self._credit, max(1, a.window // 8))
+        self.broker = make_broker(settings, self.credits)
         await self.broker.start()
         self.watch.broker = self.broker
         self.watch.start()
@@ -498,22 +861,12 @@ class Bench:
                 raise RuntimeError("a worker process exited during start-up; see its log above")
             await asyncio.sleep(0.05)
         self.ready_at = time.time()
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.client = ctx.Process(target=_client_main, name="cp-client",
-                                  args=(self.broker.endpoint, credit_ep, "zero3", child), daemon=True)
-        self.client.start()
-        child.close()
+        self.client = Client(self.broker.endpoint, credit_ep)
 
     async def stop(self) -> None:
         await self.watch.stop()
         if self.client is not None:
-            with contextlib.suppress(Exception):
-                self.conn.send(("stop",))  # heard between phases; mid-phase (interrupted) it is killed
-            await asyncio.to_thread(self.client.join, 2)
-            if self.client.is_alive():
-                self.client.kill()
-                await asyncio.to_thread(self.client.join, 5)
+            await self.client.stop()
             self.client = None
         if self.launcher is not None:
             # SIGTERM: a worker leaves once its held outputs are released, at once after a clean run;
@@ -533,17 +886,13 @@ class Bench:
     def cleanup_sync(self) -> int:
         """Last resort after stop(): kill what is left, unlink our shm names, remove the temp dir."""
         kill_pids(self.worker_pids)
-        if self.client is not None and self.client.is_alive():
+        if self.client is not None:
             self.client.kill()
         leftover = len(sweep_segments(self.worker_pids))
         shutil.rmtree(self.tmp, ignore_errors=True)
         return leftover
 
     # -- phases -----------------------------------------------------------------
-    async def command(self, *cmd) -> dict:
-        self.conn.send(cmd)
-        return await asyncio.to_thread(self.conn.recv)
-
     async def drain(self, total_submitted: int) -> None:
         timeout = self.plan.drain_s
         deadline = time.monotonic() + timeout
@@ -588,8 +937,8 @@ class Bench:
         p, a = self.plan, self.args
         log(f"warm-up: {p.warmup_s:.1f} s with {a.window} jobs in flight")
         self.watch.phase = "warm-up"
-        r = await self.command("window", a.window, p.warmup_s)
-        self.check(r)
+        r = await self.client.command("window", a.window, p.warmup_s)
+        check_replies(r, "broker")
         await self.drain(r["total_submitted"])
 
         profiler = None
@@ -605,11 +954,11 @@ class Bench:
             self.watch.reset()
             if profiler:
                 profiler.enable()
-            r = await self.command("window", a.window, p.seconds)
+            r = await self.client.command("window", a.window, p.seconds)
             if profiler:
                 profiler.disable()
             c1, d1, w1 = cpu_seconds(pids), run_delay(pids), time.time()
-            self.check(r)
+            check_replies(r, "broker")
             lo, hi = r["t0"] + p.ramp_s, r["t1"]
             tasks = sum(1 for t in self.broker.stage_done if lo <= t < hi)
             jobs = [e for e in self.broker.ended if lo <= e[0] < hi]
@@ -644,15 +993,14 @@ class Bench:
         self.watch.reset()
         if profiler:
             profiler.enable()
-        self.broker.credits = False  # the Poisson client does not wait on ends
-        r = await self.command("rate", rate, p.latency_s, a.seed)
-        self.broker.credits = True
-        self.broker._flush()
+        self.credits.pause()  # the Poisson client does not wait on ends
+        r = await self.client.command("rate", rate, p.latency_s, a.seed)
+        self.credits.resume()
         if profiler:
             profiler.disable()
             self.dump_profile(profiler, "broker-latency.prof")
         c1, w1 = cpu_seconds(pids), time.time()
-        self.check(r)
+        check_replies(r, "broker")
         await self.drain(r["total_submitted"])
         lat = self.latency(self.broker.ended[n_before:], r["t0"] + p.ramp_s)
         lat.update(rate=rate, load=rate / max_jobs, offered_seconds=p.latency_s, cpu_pct=cpu_share(c0, c1, w1 - w0),
@@ -661,11 +1009,6 @@ class Bench:
         self.results["latency"] = lat
         self.results["disturbances"] = self.disturbances().removeprefix("; ")
         return self.results
-
-    def check(self, r: dict) -> None:
-        if r["errors"] or r["missing_replies"]:
-            raise RuntimeError(f"the broker refused {r['errors']} SUBMITs ({r['error']}); "
-                               f"{r['missing_replies']} got no reply")
 
     def latency(self, ended, since: float) -> dict:
         hops = {s: [] for s in STAGES}
@@ -690,12 +1033,6 @@ class Bench:
             runs.extend(float(st[s]["timings"].get("run_s", 0.0)) for s in STAGES)
             per_job.append((total - run) / len(STAGES))
         pooled = [x for s in STAGES for x in hops[s]]
-
-        def summary(xs):
-            ms = [1e3 * x for x in xs]
-            return {"p50": pct(ms, 0.5), "p99": pct(ms, 0.99), "max": max(ms) if ms else float("nan"),
-                    "mean": statistics.fmean(ms) if ms else float("nan"), "n": len(ms)}
-
         return {"jobs": len(e2e), "failed": failed, "hop": summary(pooled),
                 "per_hop": {s: summary(hops[s]) for s in STAGES},
                 "e2e_overhead_per_hop": summary(per_job), "e2e": summary(e2e), "run_s": summary(runs)}
@@ -711,6 +1048,144 @@ class Bench:
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(30)
         log(buf.getvalue())
         log(f"broker profile written to {out / name}")
+
+
+class Relay:
+    """The bare relay's stack, each part in its own process: the relay (:func:`_relay_main`), one
+    fake worker per stage (:func:`_fake_worker_main`) and the broker's client (:class:`Client`).
+
+    :meth:`measure` runs the broker's phases on it (warm-up, the throughput rounds with
+    ``window`` jobs in flight, Poisson arrivals at a fraction of its jobs/s) and stops every
+    process before it returns, also on errors; ``processes`` lists all it started.
+    """
+
+    def __init__(self, plan: Plan, window: int, *, capacity: int = 32, control: str = "tcp://127.0.0.1:*",
+                 seed: int = 1):
+        self.plan, self.window, self.capacity, self.control, self.seed = plan, window, capacity, control, seed
+        self.tmp = Path(tempfile.mkdtemp(prefix="onepiece-relay-"))
+        self.relay = None
+        self.conn = None
+        self.workers: list = []
+        self.client: Client | None = None
+
+    @property
+    def processes(self) -> list:
+        return [p for p in (self.relay, *self.workers, self.client and self.client.process) if p is not None]
+
+    async def measure(self, load: float) -> dict:
+        """Throughput rounds, then hop latency at ``load`` times the rounds' median jobs/s."""
+        try:
+            await self.start()
+            return await self.run(load)
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        credit_ep = f"ipc://{self.tmp}/credits.ipc"
+        self.relay = ctx.Process(target=_relay_main, name="cp-relay", daemon=True,
+                                 args=(self.control, credit_ep, max(1, self.window // 8), child))
+        self.relay.start()
+        child.close()
+        endpoint = await self.reply("its endpoint")
+        for stage in STAGES:
+            w = ctx.Process(target=_fake_worker_main, name=f"cp-relay-worker-{stage}", daemon=True,
+                            args=(endpoint, stage, self.capacity))
+            w.start()
+            self.workers.append(w)
+        await self.reply("that every stage has a worker")
+        self.client = Client(endpoint, credit_ep)
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.stop()
+        for w in self.workers:
+            await stop_process(w)
+        if self.relay is not None:
+            await stop_process(self.relay, self.conn)
+
+    def cleanup_sync(self) -> None:
+        """Last resort after stop(): kill what is left, remove the temp dir."""
+        kill_pids(p.pid for p in self.processes if p.is_alive())
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    async def reply(self, what: str, timeout: float = 30.0):
+        """The relay's next message; RuntimeError if none comes within ``timeout`` s or a process
+        of the stack exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(self.conn.poll, 0.1):
+            gone = [p.name for p in self.processes if not p.is_alive()]
+            if gone:
+                raise RuntimeError(f"{', '.join(gone)} exited before the relay said {what}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the relay did not say {what} within {timeout:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the relay exited before it said {what}") from None
+
+    async def ask(self, *cmd):
+        self.conn.send(cmd)
+        return await self.reply(f"its answer to {cmd[0]}")
+
+    async def drain(self, total_submitted: int) -> None:
+        deadline = time.monotonic() + self.plan.drain_s
+        while (ended := await self.ask("ended")) < total_submitted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{total_submitted - ended} jobs did not end within {self.plan.drain_s:.0f} s "
+                                   f"of the relay's phase")
+            await asyncio.sleep(0.01)
+
+    def pids(self) -> dict[str, int]:
+        return {"relay": self.relay.pid, "client": self.client.pid,
+                **{f"worker {stage}": w.pid for stage, w in zip(STAGES, self.workers)}}
+
+    async def run(self, load: float) -> dict:
+        p, window = self.plan, self.window
+        log(f"bare relay: warm-up {p.warmup_s:.1f} s with {window} jobs in flight")
+        r = await self.client.command("window", window, p.warmup_s)
+        check_replies(r, "relay")
+        await self.drain(r["total_submitted"])
+        await self.ask("take", 0.0, 0.0)  # forget the warm-up
+
+        rounds = []
+        for i in range(p.rounds):
+            log(f"bare relay: throughput round {i + 1} of {p.rounds}: {p.seconds:.1f} s with {window} jobs in flight")
+            pids = self.pids()
+            c0, w0 = cpu_seconds(pids), time.time()
+            r = await self.client.command("window", window, p.seconds)
+            c1, w1 = cpu_seconds(pids), time.time()
+            check_replies(r, "relay")
+            await self.drain(r["total_submitted"])
+            lo, hi = r["t0"] + p.ramp_s, r["t1"]
+            seen = await self.ask("take", lo, hi)
+            cpu_ms_per_job = sum(c1[k] - c0[k] for k in c1 if k in c0) * 1e3 / max(1, r["submitted"])
+            rnd = {"seconds": hi - lo, "stage_tasks": seen["stage_tasks"], "jobs": seen["jobs"],
+                   "tasks_per_s": seen["stage_tasks"] / (hi - lo), "jobs_per_s": seen["jobs"] / (hi - lo),
+                   "cpu_pct": cpu_share(c0, c1, w1 - w0), "cpu_ms_per_job": cpu_ms_per_job}
+            rounds.append(rnd)
+            log(f"  {rnd['tasks_per_s']:,.0f} tasks/s, {rnd['jobs_per_s']:,.0f} jobs/s, "
+                f"{cpu_ms_per_job:.3f} CPU ms/job; CPU % of a core: "
+                + ", ".join(f"{k} {v:.0f}" for k, v in rnd["cpu_pct"].items()))
+
+        max_jobs = statistics.median(x["jobs_per_s"] for x in rounds)
+        rate = max(1.0, load * max_jobs)
+        log(f"bare relay: hop latency: Poisson arrivals at {rate:,.0f} jobs/s ({load:.0%} of {max_jobs:,.0f}) "
+            f"for {p.latency_s:.1f} s")
+        await self.ask("credits", False)  # the Poisson client does not wait on ends
+        await self.ask("hops", time.time() + p.ramp_s)
+        r = await self.client.command("rate", rate, p.latency_s, self.seed)
+        await self.ask("credits", True)
+        check_replies(r, "relay")
+        await self.drain(r["total_submitted"])
+        seen = await self.ask("take", 0.0, 0.0)
+        hops = {s: [x for stage, x in seen["hops"] if stage == s] for s in STAGES}
+        lat = {"rate": rate, "load": load, "offered_seconds": p.latency_s,
+               "hop": summary([x for s in STAGES for x in hops[s]]),
+               "per_hop": {s: summary(hops[s]) for s in STAGES},
+               "client_late_p99_ms": r["late_p99_ms"]}
+        return {"rounds": rounds, "latency": lat}
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -769,6 +1244,37 @@ def report(args, plan: Plan, machine: dict, res: dict, leftover: int) -> tuple[l
     add("  16-byte tensor over the data plane, the worker's start and the STARTED message back. Times are")
     add("  the broker's per-stage timestamps (Broker.job(id)['stages']) and the client's send time, one clock.")
     add("")
+    relay = res.get("relay")
+    if relay is None:
+        add("Bare relay: not run (--no-relay)")
+    else:
+        add("Bare relay, the limit of a Python ZeroMQ broker here: a ROUTER in its own process (uvloop, msgpack,")
+        add("  sends joined per peer and loop turn) with no store, job table, scheduling or schema checks; one")
+        add("  fake worker per stage (STARTED and DONE at once for each TASK, no data plane) and the same client.")
+        add("  Per job the same 15 messages cross its ROUTER as the broker's: SUBMIT, SUBMITTED, 3 TASK,")
+        add("  3 STARTED, 3 DONE, 2 SEND, 2 RELEASE.")
+        add(f"  {'round':<7}{'tasks/s':>9}{'jobs/s':>8}{'stage tasks':>13}{'CPU ms/job':>12}  CPU, % of one core")
+        for i, r in enumerate(relay["rounds"], 1):
+            cpu = ", ".join(f"{k} {v:.0f}" for k, v in r["cpu_pct"].items())
+            add(f"  {i:<7}{r['tasks_per_s']:>9,.0f}{r['jobs_per_s']:>8,.0f}{r['stage_tasks']:>13,}"
+                f"{r['cpu_ms_per_job']:>12.3f}  {cpu}")
+        rtps = statistics.median(r["tasks_per_s"] for r in relay["rounds"])
+        if len(relay["rounds"]) > 1:
+            add(f"  {'median':<7}{rtps:>9,.0f}")
+
+        def us_per_job(rounds, role):  # CPU time of one process per job, median over the rounds
+            return statistics.median(r["cpu_pct"].get(role, float("nan")) * 1e4 / r["jobs_per_s"] for r in rounds)
+
+        broker_us, relay_us = us_per_job(rounds, "broker (+bench)"), us_per_job(relay["rounds"], "relay")
+        add(f"  CPU per job of the process with the ROUTER: broker (+bench) {broker_us:.0f} us, relay "
+            f"{relay_us:.0f} us ({broker_us / relay_us:.1f}x)")
+        rlat = relay["latency"]
+        add(f"  hop at {rlat['load']:.0%} load (Poisson, {rlat['rate']:,.0f} jobs/s, "
+            f"{rlat['offered_seconds']:.0f} s): p50 {rlat['hop']['p50']:.3f} ms, p99 {rlat['hop']['p99']:.3f} ms, "
+            f"max {rlat['hop']['max']:.2f} ms, {rlat['hop']['n']:,} samples")
+        add("  relay hop = from when the stage could run (a: the client's send; b, c: the relay's receipt of")
+        add("  the upstream's DONE) until the relay receives its STARTED: the TASK out and the STARTED back.")
+    add("")
     add("Targets")
     ok_tp = tps >= TARGET_TASKS_PER_S
     p99 = lat["hop"]["p99"]
@@ -777,12 +1283,20 @@ def report(args, plan: Plan, machine: dict, res: dict, leftover: int) -> tuple[l
     lat_target = f"hop p99 < 5 ms at {lat['load']:.0%} load"
     add(f"  {lat_target:<40}{'PASS' if ok_lat else 'FAIL':<6}{p99:.3f} ms "
         f"(p50 {lat['hop']['p50']:.3f} ms)")
+    ok_ratio = True
+    if relay is not None:
+        ratio = tps / rtps
+        ok_ratio = ratio >= TARGET_RATIO_TO_RELAY
+        add(f"  {f'throughput >= {TARGET_RATIO_TO_RELAY:g}x the bare relay':<40}{'PASS' if ok_ratio else 'FAIL':<6}"
+            f"{ratio:.2f}x ({tps:,.0f} / {rtps:,.0f} tasks/s)")
+        add(f"  {'hop p99 / the bare relay (information)':<40}{'':<6}{p99 / rlat['hop']['p99']:.1f}x "
+            f"({p99:.3f} / {rlat['hop']['p99']:.3f} ms)")
     if res.get("disturbances"):
         add(f"  seen: {res['disturbances']}")
     add("")
     add(f"/dev/shm names left by our workers: {leftover} (removed)" if leftover else
         "/dev/shm names left by our workers: none")
-    return lines, ok_tp and ok_lat
+    return lines, ok_tp and ok_lat and ok_ratio
 
 
 def machine_info() -> dict:
@@ -796,15 +1310,18 @@ def machine_info() -> dict:
     return info
 
 
-async def amain(args, plan: Plan, bench: Bench) -> dict:
+async def amain(bench: Bench, relay: Relay | None) -> dict:
     try:
         from onepiece.heap import freeze_startup_heap
 
         await bench.start()
         freeze_startup_heap()  # as `onepiece broker` does once it is up
-        return await bench.run()
+        res = await bench.run()
     finally:
         await bench.stop()
+    if relay is not None:  # once the broker's stack is gone: the two never share the cores
+        res["relay"] = await relay.measure(res["latency"]["load"])
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -826,6 +1343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", metavar="DIR",
                         help="cProfile the broker process in the throughput rounds (DIR/broker.prof) "
                              "and the latency phase (DIR/broker-latency.prof)")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="skip the bare relay (the limit of a Python ZeroMQ broker) and its ratio")
     args = parser.parse_args(argv)
     params = dict(QUICK if args.quick else FULL)
     for key, value in (("seconds", args.seconds), ("rounds", args.rounds), ("latency_s", args.latency_seconds)):
@@ -835,16 +1354,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     machine = machine_info()
     bench = Bench(args, plan)
+    relay = None if args.no_relay else Relay(plan, args.window, capacity=args.capacity, control=args.control,
+                                             seed=args.seed)
     started = time.monotonic()
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:
-        run = asyncio.run
     res = None
     try:
-        res = run(amain(args, plan, bench))
+        res = run_loop(amain(bench, relay))
     except KeyboardInterrupt:
         log("interrupted: every process started here has been stopped")
         return 130
@@ -853,6 +1368,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         leftover = bench.cleanup_sync()
+        if relay is not None:
+            relay.cleanup_sync()
         if leftover:
             log(f"removed {leftover} /dev/shm name(s) our workers left behind")
     machine["loadavg_end"] = os.getloadavg()[0]
@@ -860,18 +1377,27 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     log(f"({time.monotonic() - started:.0f} s)")
     if args.json:
-        lat = res["latency"]
+        lat, relay_res = res["latency"], res.get("relay")
         tps = statistics.median(r["tasks_per_s"] for r in res["rounds"])
+        rtps = relay_p99 = None
+        if relay_res is not None:
+            rtps = statistics.median(r["tasks_per_s"] for r in relay_res["rounds"])
+            relay_p99 = relay_res["latency"]["hop"]["p99"]
         out = {"tasks_per_s": round(tps, 1),
                "hop_latency_ms": {"p50": round(lat["hop"]["p50"], 4), "p99": round(lat["hop"]["p99"], 4)},
+               "relay_tasks_per_s": None if rtps is None else round(rtps, 1),
+               "ratio_to_relay": None if rtps is None else round(tps / rtps, 3),
+               "relay_hop_p99_ms": None if relay_p99 is None else round(relay_p99, 4),
+               "hop_p99_ratio_to_relay": None if relay_p99 is None else round(lat["hop"]["p99"] / relay_p99, 2),
                "jobs_per_s": round(statistics.median(r["jobs_per_s"] for r in res["rounds"]), 1),
                "cpu_ms_per_job": round(statistics.median(r["cpu_ms_per_job"] for r in res["rounds"]), 3),
-               "targets": {"tasks_per_s": TARGET_TASKS_PER_S, "hop_p99_ms": TARGET_HOP_P99_MS, "pass": ok},
+               "targets": {"tasks_per_s": TARGET_TASKS_PER_S, "hop_p99_ms": TARGET_HOP_P99_MS,
+                           "ratio_to_relay": TARGET_RATIO_TO_RELAY, "pass": ok},
                "config": {"transport": args.transport, "workers_per_stage": args.workers,
                           "capacity": args.capacity, "window": args.window, "quick": args.quick,
                           "submit_path": "zeromq SUBMIT from a separate client process"},
                "machine": machine, "rounds": res["rounds"], "latency": lat,
-               "shm_names_left": leftover}
+               "relay": relay_res, "shm_names_left": leftover}
         Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
     return 0
 
