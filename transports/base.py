@@ -123,11 +123,14 @@ class Sender(abc.ABC):
         Where the medium can (shm, above the rendezvous threshold) it lives in
         memory the consumer has granted, so :meth:`send` moves no bytes: the
         compute wrote them where the consumer reads them. Send it (alone or
-        with other tensors) in the next messages, or give it back with
-        :meth:`discard`; after the send the consumer owns that memory, and the
-        tensor object is emptied (``set_()``) so that a stray write cannot
-        reach it. Elsewhere it is an ordinary tensor and send copies it as
-        usual. Waits (up to ``timeout``) for the consumer's grant.
+        with other tensors) in a later message on this sender, or give it back
+        with :meth:`discard`. After that the memory is the consumer's: the
+        tensor stays readable (a worker holds its outputs until RELEASE), and
+        if the consumer grants that region to this sender again, the tensor
+        first gets a copy of its own; do not write it any more, and a consumer
+        must not write the inputs it received in place. Elsewhere it is an
+        ordinary tensor and send copies it as usual. Waits (up to ``timeout``)
+        for the consumer's grant, so the consumer must be receiving.
         """
         return torch.empty(shape, dtype=dtype)
 

@@ -75,12 +75,21 @@ class Encoded:
     """An encoded message: ``meta`` bytes and the payload as ordered parts.
 
     ``parts`` laid end to end (alignment gaps included) are exactly
-    ``nbytes`` long; transports write them without joining them first.
+    ``nbytes`` long; transports write them without joining them first. With
+    ``encode(..., keep_device=True)`` a part may be a device tensor (flat,
+    uint8) for a transport that copies it straight to its destination;
+    :meth:`on_host` gives the same message with every part in host memory.
     """
 
     meta: bytes
-    parts: tuple[memoryview, ...]
+    parts: tuple[memoryview | torch.Tensor, ...]
     nbytes: int
+
+    def on_host(self) -> Encoded:
+        if not any(isinstance(p, torch.Tensor) for p in self.parts):
+            return self
+        return Encoded(self.meta, tuple(_bytes_of(p) if isinstance(p, torch.Tensor) else p for p in self.parts),
+                       self.nbytes)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -93,8 +102,16 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -> Encoded:
-    """Encode a header and named tensors; raise CodecError for what cannot travel."""
+def _device_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None, *,
+           keep_device: bool = False) -> Encoded:
+    """Encode a header and named tensors; raise CodecError for what cannot travel.
+
+    ``keep_device``: a tensor on a device (CUDA) stays there as a part (see :class:`Encoded`)
+    instead of being copied to a host tensor first."""
     if not isinstance(header, Mapping):
         raise CodecError(f"header must be a mapping, not {type(header).__name__}")
     table = []
@@ -106,7 +123,7 @@ def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None) -
         dtype = _NAMES.get(t.dtype)
         if dtype is None:
             raise CodecError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        data = _bytes_of(t)
+        data = _device_bytes(t) if keep_device and t.device.type != "cpu" else _bytes_of(t)
         start = align(offset)
         if start > offset:
             parts.append(memoryview(bytes(start - offset)))
@@ -163,6 +180,16 @@ def decode_meta(meta: bytes | memoryview) -> dict:
     return m
 
 
+def view_bytes(buffer, offset: int, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor viewing ``nbytes`` of ``buffer`` at ``offset``, holding a buffer export on it.
+
+    Not ``torch.frombuffer``: it keeps only a reference, no export, so a mapping
+    it views could be closed (unmapped) under a live tensor; with an export the
+    mapping's close fails (BufferError) and it is unmapped when the last tensor goes.
+    """
+    return torch.from_numpy(numpy.frombuffer(buffer, dtype=numpy.uint8, count=nbytes, offset=offset))
+
+
 def decode_tensors(meta: dict, payload) -> dict[str, torch.Tensor]:
     """Tensors that view ``payload`` (a writable buffer of ``meta['n']`` bytes).
 
@@ -178,6 +205,5 @@ def decode_tensors(meta: dict, payload) -> dict[str, torch.Tensor]:
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dt)
             continue
-        raw = torch.frombuffer(payload, dtype=torch.uint8, count=nbytes, offset=off)
-        out[name] = raw.view(dt).view(shape)
+        out[name] = view_bytes(payload, off, nbytes).view(dt).view(shape)
     return out

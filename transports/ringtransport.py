@@ -40,6 +40,7 @@ import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -261,6 +262,10 @@ class RingSender(Sender):
         self._req = 0
         self._targets: dict[int, Writer] = {}  # region id -> our way into the consumer's granted region
         self._allocated: dict[int, tuple[GrantSlot, torch.Tensor]] = {}  # data_ptr -> grant, tensor
+        # region id -> tensors of ours still viewing it after their PUT or DROP: copied out
+        # before we write that region again (the consumer may grant it to us once more)
+        self._lent: dict[int, list[weakref.ref]] = {}
+        self._pinned: dict[int, int] = {}  # region id -> address registered with CUDA as pinned
 
     def _check(self) -> None:
         if self._closed:
@@ -272,7 +277,8 @@ class RingSender(Sender):
             raise self._broken
 
     def _encode(self, header, tensors) -> codec.Encoded:
-        message = codec.encode(header, tensors)
+        # Device tensors stay on their device while a granted region may take them straight (_put).
+        message = codec.encode(header, tensors, keep_device=self._endpoint.maps_regions)
         if message.nbytes > self._endpoint.max_message_bytes:
             raise MessageTooLarge(f"message of {message.nbytes} bytes > {self._endpoint.max_message_bytes}")
         return message
@@ -322,8 +328,9 @@ class RingSender(Sender):
                 raise
         if not slot.length:  # denied: the message will stream
             return await super().allocate(shape, dtype)
-        region = self._target(slot).view
-        tensor = torch.frombuffer(region, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+        target = self._target(slot)
+        self._pin(slot.region, target)
+        tensor = codec.view_bytes(target.view, 0, nbytes).view(dtype).view(shape)
         self._allocated[tensor.data_ptr()] = (slot, tensor)
         return tensor
 
@@ -331,7 +338,7 @@ class RingSender(Sender):
         entry = self._allocated.pop(tensor.data_ptr(), None)
         if entry is None:
             return
-        tensor.set_()
+        self._lend(entry[0], entry[1])
         async with self._lock:
             if self._broken is None and not self._closed and self._channel.alive:
                 await self._write_records([self._producer.drop(entry[0].req)],
@@ -343,12 +350,49 @@ class RingSender(Sender):
         for t in tensors.values():
             entry = self._allocated.pop(t.data_ptr(), None) if isinstance(t, torch.Tensor) else None
             if entry is not None:
-                entry[1].set_()  # the region is the consumer's from now on: the caller's tensor lets go
+                self._lend(*entry)
                 return entry[0]
         return None
 
+    def _lend(self, slot: GrantSlot, tensor: torch.Tensor) -> None:
+        """The region is the consumer's from now on; ``tensor`` stays readable (a worker holds its
+        outputs until RELEASE) until the region is granted to us again (:meth:`_reclaim`)."""
+        self._lent.setdefault(slot.region, []).append(weakref.ref(tensor))
+
+    def _reclaim(self, region: int) -> None:
+        """Before we write ``region`` again: our tensors that still view it get copies of their own."""
+        for ref in self._lent.pop(region, ()):
+            tensor = ref()
+            if tensor is not None and tensor.numel():
+                tensor.set_(tensor.clone())
+
+    def _pin(self, region: int, target: Writer) -> None:
+        """On a CUDA machine, register a mapped region as pinned memory once, so a device-to-host
+        copy lands in it by DMA (no staging host tensor). Untested here: no GPU in CI."""
+        if region in self._pinned or target.view is None or not torch.cuda.is_available():
+            return
+        address = _address(target.view)
+        err = torch.cuda.cudart().cudaHostRegister(address, target.view.nbytes, 0)
+        if int(err) == 0:
+            self._pinned[region] = address
+        else:
+            log.debug("cudaHostRegister of a %d-byte region failed (%s): copies stage through pageable memory",
+                      target.view.nbytes, err)
+            self._pinned[region] = 0
+
+    def _unpin(self, region: int) -> None:
+        address = self._pinned.pop(region, 0)
+        if address:
+            torch.cuda.cudart().cudaHostUnregister(address)
+
+    def _drop_target(self, region: int) -> None:
+        self._unpin(region)
+        target = self._targets.pop(region, None)
+        if target is not None:
+            target.close()  # a tensor still viewing it keeps the mapping until it goes
+
     async def _stream(self, message: codec.Encoded, deadline: float) -> None:
-        await self._write_records(self._producer.records(message), deadline)
+        await self._write_records(self._producer.records(message.on_host()), deadline)
 
     async def _write_records(self, records, deadline: float) -> None:
         producer = self._producer
@@ -379,12 +423,13 @@ class RingSender(Sender):
         await self._wait(granted, deadline, f"granted no region for {nbytes} bytes", nudge=True)
         slot = found[0]
         for region in slot.drops:
-            target = self._targets.pop(region, None)
-            if target is not None:
-                target.close()
+            self._lent.pop(region, None)  # our mapping stays while those tensors live; nobody writes it
+            self._drop_target(region)
         if slot.length and slot.length < nbytes:
             raise ProtocolError(f"{self._endpoint.name} peer {self.peer} granted {slot.length} bytes "
                                 f"for a request of {nbytes}")
+        if slot.length:
+            self._reclaim(slot.region)
         return slot
 
     def _target(self, slot: GrantSlot) -> Writer:
@@ -400,9 +445,16 @@ class RingSender(Sender):
             await self._stream(message, deadline)
             return
         target = self._target(slot)
+        if target.view is None:
+            message = message.on_host()
         base = _address(target.view) if target.view is not None else None
         offset = 0
         for part in message.parts:
+            if isinstance(part, torch.Tensor):  # on a device: copied straight into the region
+                self._pin(slot.region, target)
+                codec.view_bytes(target.view, offset, part.numel()).copy_(part)
+                offset += part.numel()
+                continue
             n = part.nbytes
             if n and (base is None or _address(part) != base + offset):
                 target.write(offset, (part,))
@@ -447,7 +499,7 @@ class RingSender(Sender):
         self._check()
         message = self._encode(header, tensors)
         producer = self._producer
-        records = producer.records(message)
+        records = producer.records(message.on_host())
         kind, parts, length, aux = next(records)
         if kind != MSG or not producer.try_write(kind, parts, length, aux):
             return False  # streamed in chunks, or no room now (a PAD it wrote is harmless)
@@ -458,9 +510,8 @@ class RingSender(Sender):
 
     async def _shutdown(self) -> None:
         await self._channel.close()
-        for target in self._targets.values():
-            target.close()
-        self._targets.clear()
+        for region in list(self._targets):
+            self._drop_target(region)
         self._data.close()
         self._credit.close()
         self._endpoint._senders.discard(self)

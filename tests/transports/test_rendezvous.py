@@ -86,20 +86,28 @@ async def test_allocate_lets_the_compute_write_where_the_consumer_reads(pair):
     assert torch.equal(torch.frombuffer(region.view, dtype=torch.float32, count=expected.numel()),
                        expected.reshape(-1))
     await sender.send({"frames": 1}, {"frames": frames})
-    assert frames.numel() == 0  # the region is the consumer's now: the producer's tensor let go
     with await b.recv(timeout=10) as msg:
         assert torch.equal(msg.tensors["frames"], expected) and in_region(b, msg.tensors["frames"])
+    # The producer keeps reading its output (a worker holds it until RELEASE): when the consumer
+    # grants that region again, the producer first gives its tensor a copy of its own.
+    assert torch.equal(frames, expected)
+    again = payload(12, 9)
+    await sender.send({"again": 1}, {"x": again})
+    with await b.recv(timeout=10) as msg:
+        assert torch.equal(msg.tensors["x"], again)
+    assert torch.equal(frames, expected) and not in_region(b, frames)
 
 
 async def test_an_allocation_given_back_unused_frees_its_region(pair):
     _, b, sender = pair
     t = await sender.allocate((4 * MiB,), torch.uint8)
+    t.fill_(3)
     await sender.discard(t)
-    assert t.numel() == 0
     x = payload(30, 2)  # needs nearly the whole pool: only fits once the discarded grant is back
     await sender.send({"i": 1}, {"x": x})
     with await b.recv(timeout=10) as msg:
         assert torch.equal(msg.tensors["x"], x)
+    assert bool((t == 3).all())  # the discarded tensor was copied out before its region was written
 
 
 async def test_a_slow_consumer_holding_grants_has_them_copied_out_instead_of_stalling(pair):
