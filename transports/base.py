@@ -117,6 +117,10 @@ class Sender(abc.ABC):
         """
         return False
 
+    def zero_copy(self, nbytes: int) -> bool:
+        """Whether :meth:`allocate` of ``nbytes`` gives memory the consumer reads (no send copy)."""
+        return False
+
     async def allocate(self, shape, dtype: torch.dtype, *, timeout: float | None = None) -> torch.Tensor:
         """A tensor to compute into and then send on this sender (zero-copy production).
 

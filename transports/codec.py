@@ -93,13 +93,18 @@ class Encoded:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
-    t = t.detach()
+    # Every call here is on the small-message path: no op that the tensor does not need.
     if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
+        t = t.detach().cpu()
+    elif t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    if t.dtype is not torch.uint8 or t.dim() != 1:
+        t = t.reshape(-1).view(torch.uint8)
+    return memoryview(t.numpy())
 
 
 def _device_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +146,7 @@ def encode(header: Mapping, tensors: Mapping[str, torch.Tensor] | None = None, *
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return type(x) is int  # msgpack decodes integers as int exactly; a bool is not one
 
 
 def decode_meta(meta: bytes | memoryview) -> dict:
@@ -205,5 +210,8 @@ def decode_tensors(meta: dict, payload) -> dict[str, torch.Tensor]:
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dt)
             continue
-        out[name] = view_bytes(payload, off, nbytes).view(dt).view(shape)
+        raw = view_bytes(payload, off, nbytes)
+        if dt is not torch.uint8:
+            raw = raw.view(dt)
+        out[name] = raw if len(shape) == 1 and raw.shape[0] == shape[0] else raw.view(shape)
     return out

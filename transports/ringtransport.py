@@ -79,6 +79,7 @@ BACKSTOP_MIN, BACKSTOP_MAX = 0.001, 0.2
 GRANT_BYTES = 512 << 20  # default bound of an endpoint's pool of granted regions
 GRANT_MIN_BYTES = 8 << 20  # default: payloads this large and up go by rendezvous
 REPLY_SPIN_S = 500e-6  # recv spins after a send while replies come back within this
+SPIN_LOOK_S = 20e-6  # each turn of a spin looks at the rings this long before yielding the CPU and the loop
 
 
 class Region(abc.ABC):
@@ -286,6 +287,8 @@ class RingSender(Sender):
     async def send(self, header, tensors=None, *, timeout=None) -> None:
         self._check()
         message = self._encode(header, tensors)
+        if not self._lock.locked() and not self._holds_allocated(tensors) and self._try_ring(message):
+            return
         timeout = self._endpoint.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         async with self._lock:
@@ -309,10 +312,13 @@ class RingSender(Sender):
                 raise
         self._endpoint._count_sent(message.nbytes + len(message.meta))
 
+    def zero_copy(self, nbytes: int) -> bool:
+        return self._endpoint.maps_regions and self._producer.by_rendezvous(nbytes)
+
     async def allocate(self, shape, dtype, *, timeout=None) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize
         self._check()
-        if not (self._endpoint.maps_regions and self._producer.by_rendezvous(nbytes)):
+        if not self.zero_copy(nbytes):
             return await super().allocate(shape, dtype)
         deadline = time.monotonic() + (self._endpoint.send_timeout if timeout is None else timeout)
         async with self._lock:
@@ -494,13 +500,22 @@ class RingSender(Sender):
                 producer.set_waiting(False)
 
     def try_send(self, header, tensors=None) -> bool:
-        if self._lock.locked():  # a send is waiting for credit: keep the order
+        if self._lock.locked() or self._holds_allocated(tensors):  # keep the order; a PUT needs the lock
             return False
         self._check()
-        message = self._encode(header, tensors)
+        return self._try_ring(self._encode(header, tensors))
+
+    def _holds_allocated(self, tensors) -> bool:
+        return bool(self._allocated) and any(isinstance(t, torch.Tensor) and t.data_ptr() in self._allocated
+                                             for t in (tensors or {}).values())
+
+    def _try_ring(self, message: codec.Encoded) -> bool:
+        """Write ``message`` as one MSG record now, if it takes no rendezvous and the ring has room:
+        the path with no task, no lock and no await (most of a small message's latency)."""
         producer = self._producer
-        records = producer.records(message.on_host())
-        kind, parts, length, aux = next(records)
+        if producer.by_rendezvous(message.nbytes):
+            return False
+        kind, parts, length, aux = next(producer.records(message.on_host()))
         if kind != MSG or not producer.try_write(kind, parts, length, aux):
             return False  # streamed in chunks, or no room now (a PAD it wrote is harmless)
         if producer.consumer_sleeping():
@@ -960,6 +975,16 @@ class RingTransport(Transport):
                 return await self._poll_all()
         return None
 
+    def _peek_all(self) -> Message | None:
+        """A message from a ring whose next record is a complete MSG, without waiting or failing:
+        the spin's cheap look (anything else waits for :meth:`_poll_all`)."""
+        for conn in self._inbound:
+            if conn.ready or conn.failure is not None or not conn.channel.alive:
+                return None  # _poll_all handles these
+            if conn.consumer.ready(MSG):
+                return self._pump(conn)
+        return None
+
     async def _remove(self, conn: _Inbound) -> None:
         self._inbound.remove(conn)
         await self._drop(conn)
@@ -1001,7 +1026,13 @@ class RingTransport(Transport):
         if self._reply < REPLY_SPIN_S and self._last_send > self._last_arrival:
             spin_until = max(spin_until, self._last_send + min(2 * self._reply + self.spin_s, REPLY_SPIN_S))
         if spin_until > now:
-            while time.monotonic() < spin_until:
+            while (now := time.monotonic()) < spin_until:
+                look_until = min(now + SPIN_LOOK_S, spin_until)
+                while True:  # cheap looks at the rings for a moment before the CPU and the loop are yielded
+                    if (msg := self._peek_all()) is not None:
+                        return self._arrived(msg)
+                    if time.monotonic() >= look_until:
+                        break
                 _yield_cpu()
                 await asyncio.sleep(0)
                 if (msg := await self._poll_all()) is not None:
