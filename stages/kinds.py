@@ -95,6 +95,11 @@ class TaskContext:
     ``make_state()`` when the worker wants a checkpoint; ``yield_now()`` is
     polled at each step boundary: True asks the stage to stop there and return
     its state (a draining worker hands the task off).
+
+    ``output(shape, dtype)`` gives a tensor for an output the stage is about to
+    write: where the worker can, memory the likely consumer has granted
+    (``Sender.allocate``), so the output's bytes are written once, where they
+    are read; else an ordinary empty tensor.
     """
 
     job: str
@@ -107,6 +112,7 @@ class TaskContext:
     resume: dict[str, torch.Tensor] | None = None
     snapshot: Callable[[int, Callable[[], dict[str, torch.Tensor]]], None] | None = None
     yield_now: Callable[[], bool] = _never
+    output: Callable[[tuple, torch.dtype], torch.Tensor] = lambda shape, dtype: torch.empty(shape, dtype=dtype)
 
 
 @dataclass
@@ -302,7 +308,7 @@ class VaeDecode(_Wan):
     def run(self, inputs, ctx):
         from .wan.compute import vae_decode
 
-        return StageOutput(vae_decode(self.components, inputs, self.params(ctx)))
+        return StageOutput(vae_decode(self.components, inputs, self.params(ctx), out=ctx.output))
 
 
 class VideoEncode(StageKind):
@@ -376,7 +382,7 @@ class Synthetic(StageKind):
                 if step + 1 < steps and ctx.yield_now():
                     return StageOutput(state(), handoff_step=step + 1)
         n = self.synthetic.output_bytes
-        tensors = {name: torch.full((n,), 7, dtype=torch.uint8) for name in self.spec.outputs}
+        tensors = {name: ctx.output((n,), torch.uint8).fill_(7) for name in self.spec.outputs}
         result = None if self.spec.outputs else {"synthetic": True, "seconds": seconds}
         return StageOutput(tensors, result)
 

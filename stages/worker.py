@@ -66,6 +66,7 @@ sending outputs                              ``send_timeout_s`` per attempt, ``S
 drain: tasks to end, held outputs released   ``DRAIN_TIMEOUT_S``, then DISCONNECT anyway
 a handoff: the next step boundary            the stage's step time; the state's send ``send_timeout_s``
 a SEND's checkpoint not yet arrived          ``CHECKPOINT_WAIT_S``, then the outputs go without it
+an output tensor granted by the consumer     ``OUTPUT_GRANT_S``, then an ordinary tensor
 stopping: cancelled loops and sends          ``CLOSE_TIMEOUT_S``
 closing each sender and the endpoint         ``CLOSE_TIMEOUT_S`` each
 heartbeat period, drain poll, DISCONNECT     fixed sleeps (``heartbeat_s``, 50 ms)
@@ -79,6 +80,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import signal
 import socket
@@ -109,6 +111,7 @@ CLOSE_TIMEOUT_S = 10.0  # closing a sender or the endpoint, and cancelled tasks 
 KEYS_REMEMBERED = 16384  # ended tasks, and tasks whose early inputs were dropped, remembered (each)
 EARLY_MESSAGES = 16384  # early messages kept at most, whatever their size (empty ones too)
 CHECKPOINT_WAIT_S = 2.0  # a SEND whose resume_step names a checkpoint still on its way waits this long
+OUTPUT_GRANT_S = 2.0  # a stage asking for an output tensor in its likely consumer's memory waits this long
 RESUME = "resume."  # prefix of the checkpoint tensors a holder ships with its outputs
 RESUME_STEP = "resume.step"  # ... and of the step they are from (a 0-d int64 tensor)
 
@@ -270,6 +273,11 @@ class Worker:
         self._send_seq = 0
         self.senders: dict[str, object] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        # Zero-copy production: the consumer this stage's outputs went to last (the likely next one),
+        # and the output tensors granted by a consumer per held task, given back at RELEASE.
+        self._last_consumer: str | None = None
+        self._granted: dict[Key, list[tuple[object, torch.Tensor]]] = {}
+        self.outputs_granted = 0  # output tensors a consumer granted (heartbeat stats)
         self.transport = None
         self._executor = concurrent.futures.ThreadPoolExecutor(self.capacity, thread_name_prefix=f"{stage}-run")
         self._ctx = zmq.Context()
@@ -432,7 +440,7 @@ class Worker:
                 self._connect()
                 continue
             stats = {**self.transport.stats(), "transport": self.transport.name, **self.orphan_stats(),
-                     "data_refused": self.refused}
+                     "data_refused": self.refused, "outputs_granted": self.outputs_granted}
             running = [[t.job, t.stage] for t in self.tasks.values() if t.running]
             self._send("HEARTBEAT", load=len(self.tasks), stats=stats, running=running)
 
@@ -515,6 +523,8 @@ class Worker:
         """The task is over here: forget it, and drop inputs that still come for it."""
         task = self.tasks.pop(key, None)
         _remember(self._ended, key, task.binding if task is not None else None)
+        if key not in self.held:  # failed or cancelled: no output will use its grants
+            self._give_back(key)
 
     def _current(self, task: _Task) -> bool:
         """Whether ``task`` is still this worker's task for its key (not reset or replaced)."""
@@ -523,6 +533,7 @@ class Worker:
     def _release(self, key: Key) -> None:
         self.held.pop(key, None)
         self._sends.pop(key, None)
+        self._give_back(key)
         for ckey in [c for c, cp in self.checkpoints.items() if cp.held == key]:
             self._drop_checkpoint(ckey)
 
@@ -543,7 +554,12 @@ class Worker:
             except TransportError as exc:
                 log.warning("data plane: %s", exc)
                 continue
-            self._on_data(msg)
+            try:
+                self._on_data(msg)
+            except Exception:  # noqa: BLE001 - a fault in one message's handling must not end the data plane
+                log.exception("data plane: a message from %s (header %.200r) could not be handled; dropped",
+                              msg.peer, msg.header)
+                msg.release()
 
     def _on_data(self, msg) -> None:
         h = msg.header
@@ -731,6 +747,8 @@ class Worker:
         task.ctx = TaskContext(task.job, task.stage, task.body["params"], task.body.get("payload"),
                                self.results, on_progress=progress,
                                resume=task.resume if resumed is not None else None)
+        if not self.kind.inline:  # its thread may wait for a grant; the loop itself must not
+            task.ctx.output = functools.partial(self._output, task, loop)
         if task.body.get("checkpoint_to") is not None:
             task.ctx.snapshot = functools.partial(self._snapshot, task, loop)
             task.ctx.yield_now = functools.partial(self._yield_now, task)
@@ -882,6 +900,7 @@ class Worker:
         if m.get("auth") is not None:  # the consumer checks it (onepiece.credentials)
             header["auth"] = m["auth"]
         peer = str(m["descriptor"].get("id", m["to"]))
+        self._last_consumer = peer
         sender = self.senders.get(peer)
         if sender is not None:
             try:
@@ -928,6 +947,44 @@ class Worker:
                   f"{SEND_ATTEMPTS} attempts: {error!r}")
         self._send("FAILED", job=key[0], stage=key[1], reason=reason[:protocol.REASON - 64], retryable=True,
                    to=m["to"], to_stage=to_stage)
+
+    def _output(self, task: _Task, loop, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Called by the stage's thread for an output it is about to write: a tensor in memory the
+        consumer its outputs went to last has granted (zero-copy production, Sender.allocate), so
+        if the broker sends this one there too, the bytes are already in place; else, or when no
+        grant comes within OUTPUT_GRANT_S, an ordinary tensor. A grant the SEND does not use is
+        given back at RELEASE."""
+        sender = self.senders.get(self._last_consumer) if self._last_consumer is not None else None
+        if sender is None or not sender.zero_copy(math.prod(shape) * dtype.itemsize):
+            return torch.empty(shape, dtype=dtype)
+        future = asyncio.run_coroutine_threadsafe(sender.allocate(shape, dtype, timeout=OUTPUT_GRANT_S), loop)
+        try:
+            tensor = future.result(OUTPUT_GRANT_S + 1.0)
+        except Exception as exc:  # noqa: BLE001 - a grant is an optimisation: any failure falls back
+            future.cancel()
+            log.debug("job %s: no granted output tensor from %s (%r); an ordinary one", task.job,
+                      self._last_consumer, exc)
+            return torch.empty(shape, dtype=dtype)
+        key = (task.job, task.stage)
+
+        def keep() -> None:
+            self._granted.setdefault(key, []).append((sender, tensor))
+            self.outputs_granted += 1
+
+        loop.call_soon_threadsafe(keep)
+        return tensor
+
+    def _give_back(self, key: Key) -> None:
+        """Grants of ``key``'s output tensors that no send used (another consumer got the outputs)."""
+        for sender, tensor in self._granted.pop(key, ()):
+            self._spawn(self._return_grant(sender, tensor))
+
+    async def _return_grant(self, sender, tensor: torch.Tensor) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await sender.discard(tensor)
+        except (TransportError, TimeoutError) as exc:
+            log.debug("giving back a granted output tensor: %r", exc)
 
     def _credential(self, link: str | None) -> credentials.Credential | None:
         """What this worker shows when it connects to a peer the broker gave it ``link`` for."""

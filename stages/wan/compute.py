@@ -714,12 +714,15 @@ def denoise(
     return {"latents": _out(latents)}
 
 
-def vae_decode(c: WanComponents, inputs: Mapping[str, torch.Tensor], p: WanParams) -> dict[str, torch.Tensor]:
+def vae_decode(c: WanComponents, inputs: Mapping[str, torch.Tensor], p: WanParams,
+               out: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """De-normalise the latents and decode them with the VAE.
 
     Returns ``{"video": [1, 3, num_frames, height, width]}`` in the VAE dtype
     (float32), values nominally in [-1, 1]: the raw decoder output, before the
-    pipeline's postprocess.
+    pipeline's postprocess. ``out(shape, dtype)`` gives the tensor the frames are
+    copied into from the decoder's output (on CUDA, the one device-to-host
+    copy): the worker's ``TaskContext.output``, memory the consumer reads.
     """
     _require(c, "vae")
     latents = _input(inputs, "latents")
@@ -731,7 +734,11 @@ def vae_decode(c: WanComponents, inputs: Mapping[str, torch.Tensor], p: WanParam
         latents_mean, latents_std = _latents_mean_std(c.vae, latents.device, latents.dtype)
         latents = latents / latents_std + latents_mean
         video = c.vae.decode(latents, return_dict=False)[0]
-    return {"video": _out(video)}
+    if out is None:
+        return {"video": _out(video)}
+    frames = out(tuple(video.shape), video.dtype)
+    frames.copy_(video)  # outside inference_mode: a plain tensor, as _out makes
+    return {"video": frames}
 
 
 def frames_from_video(video: torch.Tensor) -> np.ndarray:

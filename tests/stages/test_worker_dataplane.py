@@ -568,3 +568,39 @@ async def test_data_without_the_brokers_credential_is_refused_before_a_byte_is_k
         await sender.aclose()
     finally:
         await fb.close()
+
+
+async def test_a_large_output_is_computed_into_memory_its_consumer_granted(tmp_path, workers):
+    """Zero-copy production through the real broker: once a's outputs have gone to b, a asks b for
+    the next output tensor before it writes it (TaskContext.output, Sender.allocate); the SEND to b
+    then moves no payload bytes, and b reads exactly what a wrote; b's pool stays within its bound."""
+    wf = workflow("zc", a_bytes=16 * MiB)
+    settings = settings_for(tmp_path, workflows=["unused"])
+    broker = Broker(settings, workflows={wf.name: wf})
+    await broker.start()
+    try:
+        wsettings = settings.replace(control=broker.endpoint)
+        by_stage = {stage: workers.start(wsettings, wf, stage)[0] for stage in ("a", "b", "c")}
+        await until(lambda: all(len(s["workers"]) == 1 for s in broker.stages().values()), "registration")
+        a, b = by_stage["a"], by_stage["b"]
+        seen: list[tuple[int, bool]] = []
+        run = b.kind.run
+
+        def checked(inputs, ctx):
+            x = inputs["x"]
+            seen.append((x.numel(), bool((x == 7).all())))
+            return run(inputs, ctx)
+
+        b.kind.run = checked
+        for _ in range(3):
+            job = broker.submit(wf.name, {})
+            events = Events(broker, job)
+            await until(events.ended, "the job")
+            assert events.types[-1] == "succeeded", events.seen[-1]
+        assert seen == [(16 * MiB, True)] * 3
+        assert a.outputs_granted == 2  # the first job's consumer was not known yet
+        stats = b.transport.stats()
+        assert 16 * MiB <= stats["grant_pool_bytes"] <= stats["grant_pool_limit"]
+    finally:
+        await workers.stop()
+        await broker.stop()
