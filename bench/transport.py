@@ -875,7 +875,7 @@ def report(results: Results, plan: Plan, transports: list[str], machine: dict, r
             why = unmeasured(missing)
             target(label, None, 0, f"({missing}: {'not measured' if why == '-' else why})")
         else:
-            target(label, va / vb, factor, f"{va:.2f} vs {vb:.2f} GB/s = {va / vb:.2f}x")
+            target(label, va / vb, factor, f"{va:.2f} vs {vb:.2f} GB/s = {va / vb:.3f}x")
 
     for a, b, factor, at in TARGETS:
         for size in at:
@@ -887,11 +887,11 @@ def report(results: Results, plan: Plan, transports: list[str], machine: dict, r
         label = f"shm-zero-copy {fmt_size(size)} >= 1.5x write+mpi"
         if size in sizes and None not in (zc, cp, mpi):
             both = 1 / (1 / cp + 1 / mpi)
-            target(label, zc / both, 1.5, f"{zc:.2f} vs {both:.2f} GB/s = {zc / both:.2f}x (information)")
+            target(label, zc / both, 1.5, f"{zc:.2f} vs {both:.2f} GB/s = {zc / both:.3f}x (information)")
     if shm_rtt and zmq_rtt:
         ratio = shm_rtt["p50_us"] / zmq_rtt["p50_us"]
         target("shm 4 KiB RTT p50 <= 0.5x zmq-ipc", ratio, 0.5,
-               f"{shm_rtt['p50_us']:.1f} vs {zmq_rtt['p50_us']:.1f} us = {ratio:.2f}x", at_most=True)
+               f"{shm_rtt['p50_us']:.1f} vs {zmq_rtt['p50_us']:.1f} us = {ratio:.3f}x", at_most=True)
     else:
         target("shm 4 KiB RTT p50 <= 0.5x zmq-ipc", None, 0, "(not measured)")
     target("default ring <= 64 MiB", (64 * MiB) / ring["ring"], 1.0,
