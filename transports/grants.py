@@ -55,6 +55,10 @@ from .errors import ProtocolError
 
 #: Regions are made in multiples of this (a huge page), so nearby sizes share a region.
 REGION_GRANULE = 2 << 20
+#: Requests one connection may have open (waiting or granted, not yet PUT or DROPped): a
+#: producer sends one at a time, plus the output tensors it has allocated; more is a liar
+#: trying to hold the pool, and ends its connection.
+MAX_OPEN = 64
 
 
 class State(enum.Enum):
@@ -127,6 +131,11 @@ class GrantPool:
         """Bytes of the regions that exist."""
         return sum(r.size for r in self.regions.values())
 
+    def open(self, conn) -> int:
+        """Requests of ``conn`` waiting or granted (not yet PUT or DROPped)."""
+        return sum(1 for c, _, _ in self.pending if c is conn) + sum(
+            1 for r in self.regions.values() if r.conn is conn and r.state is State.GRANTED)
+
     def bytes_in(self, state: State) -> int:
         return sum(r.size for r in self.regions.values() if r.state is state)
 
@@ -137,6 +146,8 @@ class GrantPool:
             raise ProtocolError(f"request {req} for {nbytes} bytes")
         if (conn, req) in self._answering or any(c is conn and r == req for c, r, _ in self.pending):
             raise ProtocolError(f"request {req} repeats")
+        if self.open(conn) >= MAX_OPEN:
+            raise ProtocolError(f"more than {MAX_OPEN} requests open on one connection")
         self.pending.append((conn, req, nbytes))
         return self._serve()
 

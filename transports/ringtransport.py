@@ -859,7 +859,7 @@ class RingTransport(Transport):
         if action.new:
             try:
                 self._regions[action.region] = self._make_region(action.size)
-            except TransportError as exc:
+            except (TransportError, OSError) as exc:
                 log.warning("%s: cannot make a %d MiB region to grant (%s); the message streams instead",
                             self.name, action.size >> 20, exc)
                 return self._pool.forget(action.region)

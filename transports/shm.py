@@ -61,6 +61,13 @@ class _Segment(Region, Writer):
         try:
             if create:
                 os.ftruncate(fd, size)
+                try:
+                    # Reserve the pages now: a full /dev/shm is an error here, not a SIGBUS at the
+                    # first write into a page tmpfs cannot back.
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    raise TransportError(f"cannot allocate {size >> 20} MiB of shared memory in "
+                                         f"{SHM_DIR}: {exc} (raise its size, e.g. shm_size)") from exc
             elif os.fstat(fd).st_size < size:
                 raise ProtocolError(f"shared memory {name} is smaller than announced")
             # MAP_POPULATE faults every page in now, not during the first messages.

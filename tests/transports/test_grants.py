@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from transports import codec
 from transports.errors import ProtocolError
-from transports.grants import Deny, Destroy, Grant, GrantPool, State, rounded
+from transports.grants import MAX_OPEN, Deny, Destroy, Grant, GrantPool, State, rounded
 from transports.ring import (
     CREDIT_BYTES,
     GRANT_OFFSET,
@@ -109,6 +109,15 @@ def test_a_held_region_outlives_its_connection_until_released():
 def test_a_lying_producer_is_a_protocol_error(bad):
     with pytest.raises(ProtocolError):
         bad(GrantPool(8 * MiB))
+
+
+def test_a_producer_holding_too_many_requests_open_is_a_protocol_error():
+    pool = GrantPool(8 * MiB)
+    for req in range(1, MAX_OPEN + 1):  # granted or waiting: all open
+        pool.request("liar", req, MiB)
+    with pytest.raises(ProtocolError, match="requests open"):
+        pool.request("liar", MAX_OPEN + 1, MiB)
+    pool.request("honest", 1, MiB)  # another connection is not held to the liar's count
 
 
 @settings(max_examples=200, deadline=None)

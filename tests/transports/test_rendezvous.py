@@ -15,7 +15,7 @@ import numpy
 import pytest
 import torch
 
-from transports import PeerGone, ProtocolError, TransportTimeout, codec, open_transport
+from transports import PeerGone, ProtocolError, TransportError, TransportTimeout, codec, open_transport
 
 from .conftest import ROOT, shm_entries, shm_leaks
 
@@ -138,6 +138,23 @@ async def test_a_message_larger_than_the_pool_streams_through_the_ring(pair):
     await sender.send({"big": 1}, {"x": x}, timeout=20)
     with await receiving as msg:
         assert torch.equal(msg.tensors["x"], x) and not in_region(b, msg.tensors["x"])
+
+
+async def test_when_no_region_can_be_made_the_message_streams_instead(pair, monkeypatch):
+    """A full /dev/shm (simulated: filling the machine's would disturb everything else on it) makes
+    region creation fail: the request is denied, the message streams through the ring and arrives."""
+    _, b, sender = pair
+
+    def full(size):
+        raise TransportError(f"cannot allocate {size >> 20} MiB of shared memory in /dev/shm: [Errno 28]")
+
+    monkeypatch.setattr(b, "_make_region", full)
+    x = payload(6, 5)
+    receiving = asyncio.create_task(b.recv(timeout=20))
+    await sender.send({"i": 1}, {"x": x}, timeout=20)
+    with await receiving as msg:
+        assert torch.equal(msg.tensors["x"], x) and not in_region(b, msg.tensors["x"])
+    assert b.stats()["grant_pool_bytes"] == 0
 
 
 async def test_a_put_for_a_grant_never_made_is_refused_and_the_endpoint_serves_on(pair):
