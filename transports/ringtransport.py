@@ -304,13 +304,17 @@ class RingSender(Sender):
                 else:
                     await self._stream(message, deadline)
             except BaseException as exc:
-                if self._producer.seq != start:
-                    # Half a message is in the ring (or a grant is open): the connection cannot be reused.
-                    self._broken = exc if isinstance(exc, TransportError) else PeerGone(
-                        f"send to {self.peer} was interrupted mid-message")
-                    await self._shutdown()
+                await self._interrupted(exc, start, "send")
                 raise
         self._endpoint._count_sent(message.nbytes + len(message.meta))
+
+    async def _interrupted(self, exc: BaseException, start: int, what: str) -> None:
+        """A send or an allocation failed or was cancelled: if it had written a record (half a
+        message is in the ring, or a request is open), the connection cannot be reused."""
+        if self._producer.seq != start:
+            self._broken = exc if isinstance(exc, TransportError) else PeerGone(
+                f"{what} to {self.peer} was interrupted mid-message")
+            await self._shutdown()
 
     def zero_copy(self, nbytes: int) -> bool:
         return self._endpoint.maps_regions and self._producer.by_rendezvous(nbytes)
@@ -327,10 +331,7 @@ class RingSender(Sender):
             try:
                 slot = await self._request(nbytes, deadline)
             except BaseException as exc:
-                if self._producer.seq != start:
-                    self._broken = exc if isinstance(exc, TransportError) else PeerGone(
-                        f"allocation on {self.peer} was interrupted")
-                    await self._shutdown()
+                await self._interrupted(exc, start, "allocation")
                 raise
         if not slot.length:  # denied: the message will stream
             return await super().allocate(shape, dtype)

@@ -9,6 +9,7 @@ that plays the broker so a test can say exactly what the worker is told.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import uuid
@@ -172,6 +173,23 @@ async def start_worker(workers, fake_broker, tmp_path, stage: str, wf=None, **kw
     return w
 
 
+@contextlib.asynccontextmanager
+async def chain_through_broker(tmp_path, workers, wf, **settings):
+    """The real broker and one in-process worker per stage of ``wf`` (a, b, c), registered;
+    yields (broker, {stage: worker}), and stops them all."""
+    settings = settings_for(tmp_path, workflows=["unused"], **settings)
+    broker = Broker(settings, workflows={wf.name: wf})
+    await broker.start()
+    try:
+        wsettings = settings.replace(control=broker.endpoint)
+        by_stage = {stage: workers.start(wsettings, wf, stage)[0] for stage in ("a", "b", "c")}
+        await until(lambda: all(len(s["workers"]) == 1 for s in broker.stages().values()), "registration")
+        yield broker, by_stage
+    finally:
+        await workers.stop()
+        await broker.stop()
+
+
 def task_msg(job: str, stage: str, inputs: list[str], binding: int | None = None) -> bytes:
     extra = {} if binding is None else {"binding": binding}
     return protocol.pack("TASK", job=job, workflow="wd", stage=stage, attempt=1, params={},
@@ -218,13 +236,7 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
         tmp_path, workers, endpoints):
     bound = 16 * MiB
     wf = workflow("flood")
-    settings = settings_for(tmp_path, orphan_bytes=bound, workflows=["unused"])
-    broker = Broker(settings, workflows={wf.name: wf})
-    await broker.start()
-    try:
-        wsettings = settings.replace(control=broker.endpoint)
-        by_stage = {stage: workers.start(wsettings, wf, stage)[0] for stage in ("a", "b", "c")}
-        await until(lambda: all(len(s["workers"]) == 1 for s in broker.stages().values()), "registration")
+    async with chain_through_broker(tmp_path, workers, wf, orphan_bytes=bound) as (broker, by_stage):
         b = by_stage["b"]
 
         peer = await endpoints()
@@ -280,9 +292,6 @@ async def test_a_flood_of_unsolicited_tensors_stays_under_the_bound_and_a_real_j
         assert (job, "b") not in b.early
         await until(lambda: not b.held, "RELEASE of b's outputs")  # a RELEASE rides with later messages
         await sender.aclose()
-    finally:
-        await workers.stop()
-        await broker.stop()
 
 
 async def test_early_inputs_expire_after_the_ttl(tmp_path, workers, fake_broker, endpoints):
@@ -575,13 +584,7 @@ async def test_a_large_output_is_computed_into_memory_its_consumer_granted(tmp_p
     the next output tensor before it writes it (TaskContext.output, Sender.allocate); the SEND to b
     then moves no payload bytes, and b reads exactly what a wrote; b's pool stays within its bound."""
     wf = workflow("zc", a_bytes=16 * MiB)
-    settings = settings_for(tmp_path, workflows=["unused"])
-    broker = Broker(settings, workflows={wf.name: wf})
-    await broker.start()
-    try:
-        wsettings = settings.replace(control=broker.endpoint)
-        by_stage = {stage: workers.start(wsettings, wf, stage)[0] for stage in ("a", "b", "c")}
-        await until(lambda: all(len(s["workers"]) == 1 for s in broker.stages().values()), "registration")
+    async with chain_through_broker(tmp_path, workers, wf) as (broker, by_stage):
         a, b = by_stage["a"], by_stage["b"]
         seen: list[tuple[int, bool]] = []
         run = b.kind.run
@@ -601,6 +604,3 @@ async def test_a_large_output_is_computed_into_memory_its_consumer_granted(tmp_p
         assert a.outputs_granted == 2  # the first job's consumer was not known yet
         stats = b.transport.stats()
         assert 16 * MiB <= stats["grant_pool_bytes"] <= stats["grant_pool_limit"]
-    finally:
-        await workers.stop()
-        await broker.stop()
