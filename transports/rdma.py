@@ -481,6 +481,25 @@ class _Staging:
         return start % self.size
 
 
+def _register(v: Verbs, pd, memory: _Memory, nbytes: int, remote: bool):
+    """A memory region of ``memory`` (``LOCAL_WRITE``, and ``REMOTE_WRITE`` if ``remote``); a
+    TransportError that says how to raise the locked-memory limit if the device refuses it."""
+    e = v.enums
+    access = e.IBV_ACCESS_LOCAL_WRITE | (e.IBV_ACCESS_REMOTE_WRITE if remote else 0)
+    try:
+        return v.mr.MR(pd, nbytes, access, address=memory.address)
+    except v.error as exc:
+        raise TransportError(f"rdma: cannot register {nbytes} bytes ({exc}); {FIX_MEMLOCK}") from exc
+
+
+def _size(part) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
+
+
+def _nbytes(parts) -> int:
+    return sum(_size(p) for p in parts)
+
+
 def _open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
@@ -567,12 +586,7 @@ class _Link(Region, Writer):
         return obj
 
     def _register(self, memory: _Memory, nbytes: int, remote: bool = False):
-        e = self._e
-        access = e.IBV_ACCESS_LOCAL_WRITE | (e.IBV_ACCESS_REMOTE_WRITE if remote else 0)
-        try:
-            return self._keep(self._v.mr.MR(self._endpoint._pd, nbytes, access, address=memory.address))
-        except self._v.error as exc:
-            raise TransportError(f"rdma: cannot register {nbytes} bytes ({exc}); {FIX_MEMLOCK}") from exc
+        return self._keep(_register(self._v, self._endpoint._pd, memory, nbytes, remote))
 
     @property
     def address(self) -> int:
@@ -740,10 +754,10 @@ class _Link(Region, Writer):
             raise ProtocolError(f"rdma: bad granted-region handle of {len(handle)} bytes") from exc
         return _RemoteRegion(self, address, rkey, size)
 
-    def write_region(self, address: int, rkey: int, offset: int, parts) -> None:
-        """RDMA WRITE ``parts`` into a granted region at ``offset``, in spans the staging can take."""
+    def write_region(self, address: int, rkey: int, offset: int, parts, n: int) -> None:
+        """RDMA WRITE ``parts`` (``n`` bytes) into a granted region at ``offset``, in spans the staging can take."""
         step = self._max_write
-        end = offset + sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        end = offset + n
         views = [memoryview(p).cast("B") for p in parts]
         for start in range(offset, end, step):
             span = tuple(slice_parts(views, start - offset, min(start + step, end) - offset))
@@ -758,11 +772,11 @@ class _Link(Region, Writer):
             raise self.failed
         if self.closed:
             raise PeerGone(f"rdma {self.role} link to {self.peer} is closed")
-        n = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        n = _nbytes(parts)
         span = self._take(n)
         view, pos = self._staging_mem.view, span
         for part in parts:
-            k = part.nbytes if isinstance(part, memoryview) else len(part)
+            k = _size(part)
             view[pos : pos + k] = part
             pos += k
         imm = None
@@ -903,10 +917,10 @@ class _RemoteRegion(Writer):
         self._link, self._address, self._rkey, self.size = link, address, rkey, size
 
     def write(self, offset: int, parts) -> None:
-        n = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+        n = _nbytes(parts)
         if offset < 0 or offset + n > self.size:
             raise ProtocolError(f"rdma: {n} bytes at {offset} overrun a granted region of {self.size}")
-        self._link.write_region(self._address, self._rkey, offset, parts)
+        self._link.write_region(self._address, self._rkey, offset, parts, n)
 
     def close(self) -> None:
         pass  # nothing of ours: the consumer deregisters its region
@@ -916,18 +930,15 @@ class _GrantedMemory(GrantRegion):
     """A consumer's region for rendezvous: its own memory, registered for remote writes."""
 
     def __init__(self, endpoint: RdmaTransport, size: int):
-        v, e = endpoint._verbs, endpoint._verbs.enums
+        self._verbs = endpoint._verbs
         self._memory = _Memory(size)
         self.view = self._memory.view
         try:
-            self._mr = v.mr.MR(endpoint._pd, size, e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE,
-                               address=self._memory.address)
-        except v.error as exc:
+            self._mr = _register(self._verbs, endpoint._pd, self._memory, size, remote=True)
+        except TransportError:
             self._memory.close()
-            raise TransportError(f"rdma: cannot register a {size >> 20} MiB region to grant ({exc}); "
-                                 f"{FIX_MEMLOCK}") from exc
+            raise
         self.handle = REGION_HANDLE.pack(self._memory.address, int(self._mr.rkey))
-        self._verbs = v
 
     def close(self) -> None:
         try:

@@ -389,18 +389,6 @@ class RingConsumer:
             payload = self.ring[base + HEADER_BYTES : base + HEADER_BYTES + length]
             return Record(kind, seq, start, self.read_pos, payload, aux)
 
-    def ready(self, kind: int) -> bool:
-        """Whether the next record is a complete one of ``kind`` (a look: nothing is consumed)."""
-        base = CONTROL_BYTES + self.read_pos % self.config.size
-        magic, k, _flags, seq, length, _aux = HEADER.unpack_from(self.ring, base)
-        if magic != MAGIC or seq != self.seq or k != kind:
-            return False
-        total = record_bytes(length)
-        if self.read_pos % self.config.size + total > self.config.size:
-            return False
-        tlen, tseq = TRAILER.unpack_from(self.ring, base + total - TRAILER_BYTES)
-        return tseq == seq ^ TRAILER_KEY and tlen == length
-
     def release(self, start: int, end: int) -> bool:
         """Mark [start, end) free; advance the credit over the contiguous prefix.
 

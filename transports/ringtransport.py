@@ -65,7 +65,7 @@ from .errors import (
 from .grants import Deny, Destroy, Grant, GrantPool
 from .host import host_id
 from .ring import (
-    CHUNK, MAX_DROPS, MSG, START, Assembler, Dropped, GrantSlot, Record, Requested, RingConfig, RingConsumer,
+    CHUNK, KINDS, MAX_DROPS, MSG, PAD, START, Assembler, Dropped, GrantSlot, Record, Requested, RingConfig, RingConsumer,
     RingProducer,
 )
 
@@ -79,6 +79,7 @@ BACKSTOP_MIN, BACKSTOP_MAX = 0.001, 0.2
 GRANT_BYTES = 512 << 20  # default bound of an endpoint's pool of granted regions
 GRANT_MIN_BYTES = 8 << 20  # default: payloads this large and up go by rendezvous
 REPLY_SPIN_S = 500e-6  # recv spins after a send while replies come back within this
+_NOT_MSG = frozenset(KINDS) - {MSG, PAD}  # a spin's look takes MSG records (and skips PADs), nothing else
 SPIN_LOOK_S = 20e-6  # each turn of a spin looks at the rings this long before yielding the CPU and the loop
 
 
@@ -287,7 +288,7 @@ class RingSender(Sender):
     async def send(self, header, tensors=None, *, timeout=None) -> None:
         self._check()
         message = self._encode(header, tensors)
-        if not self._lock.locked() and not self._holds_allocated(tensors) and self._try_ring(message):
+        if not self._lock.locked() and self._allocated_key(tensors) is None and self._try_ring(message):
             return
         timeout = self._endpoint.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -352,13 +353,20 @@ class RingSender(Sender):
                                           time.monotonic() + self._endpoint.send_timeout)
 
     def _allocated_in(self, tensors) -> GrantSlot | None:
-        if not self._allocated or not tensors:
+        """The grant of the first of ``tensors`` that :meth:`allocate` made, now lent to the
+        consumer (the message goes as its PUT); None if there is none."""
+        key = self._allocated_key(tensors)
+        if key is None:
             return None
-        for t in tensors.values():
-            entry = self._allocated.pop(t.data_ptr(), None) if isinstance(t, torch.Tensor) else None
-            if entry is not None:
-                self._lend(*entry)
-                return entry[0]
+        slot, tensor = self._allocated.pop(key)
+        self._lend(slot, tensor)
+        return slot
+
+    def _allocated_key(self, tensors) -> int | None:
+        if self._allocated:
+            for t in (tensors or {}).values():
+                if isinstance(t, torch.Tensor) and t.data_ptr() in self._allocated:
+                    return t.data_ptr()
         return None
 
     def _lend(self, slot: GrantSlot, tensor: torch.Tensor) -> None:
@@ -501,14 +509,10 @@ class RingSender(Sender):
                 producer.set_waiting(False)
 
     def try_send(self, header, tensors=None) -> bool:
-        if self._lock.locked() or self._holds_allocated(tensors):  # keep the order; a PUT needs the lock
+        if self._lock.locked() or self._allocated_key(tensors) is not None:  # keep the order; a PUT needs it
             return False
         self._check()
         return self._try_ring(self._encode(header, tensors))
-
-    def _holds_allocated(self, tensors) -> bool:
-        return bool(self._allocated) and any(isinstance(t, torch.Tensor) and t.data_ptr() in self._allocated
-                                             for t in (tensors or {}).values())
 
     def _try_ring(self, message: codec.Encoded) -> bool:
         """Write ``message`` as one MSG record now, if it takes no rendezvous and the ring has room:
@@ -565,14 +569,11 @@ class _Inbound:
     def evict_over_high_water(self) -> None:
         """Copy held messages out, oldest first, until at most ``hwm`` bytes are held (I7)."""
         while self.held and self.consumer.over_high_water():
-            self.evict(next(iter(self.held.values())))
-
-    def evict(self, msg: Message) -> None:
-        _evict(msg)
+            _evict(next(iter(self.held.values())))
 
     def close(self) -> None:
         for msg in list(self.held.values()):
-            self.evict(msg)
+            _evict(msg)
         self.closed = True
         self.credit.close()
         self.data.close()
@@ -874,14 +875,21 @@ class RingTransport(Transport):
         drops, conn.drops = conn.drops[:MAX_DROPS], conn.drops[MAX_DROPS:]
         conn.consumer.grant(dataclasses.replace(slot, drops=tuple(drops)))
 
-    def _grant_release_cb(self, region_id: int):
+    def _on_loop(self, fn):
+        """``fn`` as a message's release callback: it runs on this endpoint's loop thread, whichever
+        thread releases the message (a stage's executor thread may)."""
         def release() -> None:
             if threading.get_ident() != self._loop_thread:
-                self._loop.call_soon_threadsafe(release)
-                return
+                self._loop.call_soon_threadsafe(fn)
+            else:
+                fn()
+        return release
+
+    def _grant_release_cb(self, region_id: int):
+        def release() -> None:
             self._held_grants.pop(region_id, None)
             self._act(self._pool.release(region_id))
-        return release
+        return self._on_loop(release)
 
     def _evict_grants(self) -> None:
         """Copy out held messages, oldest first, while they keep a waiting request from fitting (G5)."""
@@ -890,13 +898,10 @@ class RingTransport(Transport):
 
     def _release_cb(self, conn: _Inbound, start: int, end: int):
         def release() -> None:
-            if threading.get_ident() != self._loop_thread:
-                self._loop.call_soon_threadsafe(release)
-                return
             conn.held.pop(start, None)
             if not conn.closed:
                 conn.consumer.release(start, end)
-        return release
+        return self._on_loop(release)
 
     def _pump(self, conn: _Inbound) -> Message | None:
         """Consume the connection's records up to the next complete message."""
@@ -977,13 +982,19 @@ class RingTransport(Transport):
         return None
 
     def _peek_all(self) -> Message | None:
-        """A message from a ring whose next record is a complete MSG, without waiting or failing:
-        the spin's cheap look (anything else waits for :meth:`_poll_all`)."""
+        """A message from a ring whose next record is a complete MSG, without waiting or raising:
+        the spin's cheap look (anything else waits for :meth:`_poll_all`, which also raises what
+        a look found wrong)."""
         for conn in self._inbound:
-            if conn.ready or conn.failure is not None or not conn.channel.alive:
+            if (conn.ready or conn.failure is not None or not conn.channel.alive
+                    or conn.assembler.partial is not None):
                 return None  # _poll_all handles these
-            if conn.consumer.ready(MSG):
-                return self._pump(conn)
+            try:
+                if (rec := conn.consumer.poll(until=_NOT_MSG)) is not None:
+                    return self._deliver(conn, rec)
+            except ProtocolError as exc:
+                conn.failure = exc
+                return None
         return None
 
     async def _remove(self, conn: _Inbound) -> None:
