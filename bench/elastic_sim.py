@@ -6,7 +6,11 @@ the model builds :class:`manager.policy.StageSignals` from its state and asks th
 :mod:`manager.slo`); GPU placement is the real :class:`manager.packing.GpuPool`. What is
 modelled is the hardware and the workers: a task takes a lognormal time with the stage
 profile's mean and cv (``stages/profiles/*.toml``, cited there), divided by ``k x efficiency(k)``
-on a worker of width k; a worker holds its GPUs from its start to its exit and serves only after
+on a worker of width k; workers busy on the same GPU share it in equal parts (processor sharing:
+n busy workers each progress at 1/n, a wide worker at its busiest GPU's pace; bench/gpu_stages.py
+measured four small stages busy at once on one H200 each 2.0-4.1x slower, together 1.25x the work
+of one alone, and a VAE decode beside a busy DiT each about 2x slower, together 0.935x: equal parts
+is within 7 % either way); a worker holds its GPUs from its start to its exit and serves only after
 its model's ``load_s``; a drained worker of a step-wise stage (a denoiser) stops at its next
 step boundary and hands the rest of the task on (the handoff of ``broker/core.py``, measured
 at 32 ms in ``bench/handoff.py``, modelled as free), any other drained worker first finishes
@@ -80,6 +84,9 @@ class Deployment:
     gpu_memory_gb: float = 80.0
     packed: bool = True  # small stages share GPUs (memory and load permitting)
     cpu_slots: int = 256
+    # the declared compute (``gpu_load``) a GPU's workers may sum to: 1.0 gives a DiT (load 1.0) its
+    # GPU to itself; above it, small stages may also sit beside a DiT (memory permitting)
+    max_load: float = 1.0
 
 
 def split(profiles: Sequence[Profile], *, packed: bool = True, elastic: bool = True, prefix: bool = False,
@@ -185,8 +192,14 @@ class _W:
     replace: bool = False  # of an old width: drain once a new-width worker is up
     task: _Task | None = None
     t_start: float = 0.0
-    t_end: float = 0.0
-    gen: int = 0  # invalidates a stale completion event
+    gen: int = 0  # invalidates a stale completion or handoff event
+    gpus: tuple[int, ...] = ()  # the GPUs its seats are on (for the whole of its life)
+    total: float = 0.0  # seconds the current task takes on a GPU of its own
+    work: float = 0.0  # ... of which still to do, as of ``mark``
+    mark: float = 0.0
+    rate: float = 1.0  # its share of its GPUs now (1 / the busy workers on the busiest one)
+    stop_at: float | None = None  # drained mid-task: hand off when ``work`` comes down to this
+    stop_left: float = 0.0  # ... with this fraction of the task left
 
 
 @dataclass
@@ -240,8 +253,9 @@ class _Sim:
         self.workers: dict[str, list[_W]] = {s: [] for s in dep.stages}
         self.width: dict[str, int] = {s: st.width for s, st in dep.stages.items()}
         # max_load 1: a DiT rank or a monolithic pipeline (load 1.0) has its GPU to itself; unpacked,
-        # every stage's load is 1.0 (see _need), so each worker takes a whole GPU
-        self.pool = GpuPool([dep.gpu_memory_gb] * dep.gpus, max_load=1.0)
+        # every stage's load is 1.0 (see split), so each worker takes a whole GPU
+        self.pool = GpuPool([dep.gpu_memory_gb] * dep.gpus, max_load=dep.max_load)
+        self.busy_on: dict[int, set[_W]] = {}  # GPU -> its workers running a task
         self.cpu_used = 0
         self.pending: deque[tuple[str, int]] = deque()  # starts waiting for room
         self.ids = itertools.count()
@@ -259,7 +273,7 @@ class _Sim:
         self.period_s = (dep.policy or PolicyConfig()).period_s  # a fixed allocation: its timeline's step
         if dep.policy is not None:
             self.policy_slots = (capacity(sorted((s, st.need) for s, st in dep.stages.items() if st.need),
-                                          [dep.gpu_memory_gb] * dep.gpus, max_load=1.0)
+                                          [dep.gpu_memory_gb] * dep.gpus, max_load=dep.max_load)
                                  if dep.packed else dep.gpus)
 
     # -- events ---------------------------------------------------------------------------
@@ -276,14 +290,12 @@ class _Sim:
         d = self.d
         for i, (t, wf, cls) in enumerate(self.arrivals):
             self.at(t, "arrive", wf, cls)
-        if d.static is not None:
-            for s, n in d.static.items():
-                for _ in range(n):
-                    self.start(s, self.width[s], warm=True)
-        else:
-            for s in d.stages:
-                for _ in range(d.policy.floor(s)):
-                    self.start(s, self.width[s], warm=True)
+        # the first workers, biggest first (as manager.packing.plan orders them): small ones fill the
+        # room the big ones leave instead of taking a GPU a big one then cannot fit on
+        first = d.static if d.static is not None else {s: d.policy.floor(s) for s in d.stages}
+        for s in sorted(first, key=lambda s: -(d.stages[s].need.peak_gb if d.stages[s].need else 0.0)):
+            for _ in range(first[s]):
+                self.start(s, self.width[s], warm=True)
         self.at(0.0, "tick")
         while self.ev:
             t, _, kind, args = heapq.heappop(self.ev)
@@ -334,6 +346,7 @@ class _Sim:
             return
         task = w.task
         w.task, w.state = None, "idle"
+        self.unbusy(w)
         st = self.d.stages[w.stage]
         elapsed = self.now - w.t_start
         full = elapsed / max(task.left, 1e-9)  # a whole task's time on this worker
@@ -359,10 +372,12 @@ class _Sim:
             return
         self.release(job)
 
-    def on_handoff(self, w: _W, gen: int, task: _Task, left: float) -> None:
-        if w.gen != gen:
+    def on_handoff(self, w: _W, gen: int) -> None:
+        if w.gen != gen or w.state != "busy":
             return
-        w.task, w.state = None, "idle"
+        task, left = w.task, w.stop_left
+        w.task, w.state, w.stop_at = None, "idle", None
+        self.unbusy(w)
         task.left = left
         self.queues[w.stage].appendleft(task)  # resumes first, on another worker
         self.exit(w)
@@ -381,9 +396,34 @@ class _Sim:
                 task = q.popleft()
                 w.task, w.state, w.t_start = task, "busy", self.now
                 full = st.service(task.job.workflow, task.job.cls, w.width, self.rng)
-                w.t_end = self.now + full * task.left + (HANDOFF_S if task.left < 1.0 else 0.0)
-                w.gen += 1
-                self.at(w.t_end, "done", w, w.gen)
+                w.total = w.work = full * task.left + (HANDOFF_S if task.left < 1.0 else 0.0)
+                w.mark, w.stop_at = self.now, None
+                for g in w.gpus:
+                    self.busy_on.setdefault(g, set()).add(w)
+                self.share(w.gpus or None, also=w)
+
+    # -- GPU sharing ------------------------------------------------------------------------
+    def share(self, gpus: Sequence[int] | None, also: _W | None = None) -> None:
+        """The busy workers on ``gpus`` (and ``also``) from now on: bring their progress up to
+        date at their old shares, then give each its new share and its next event."""
+        ws = {x for g in (gpus or ()) for x in self.busy_on.get(g, ())}
+        if also is not None:
+            ws.add(also)
+        for x in sorted(ws, key=lambda x: x.id):  # a fixed order: the run stays deterministic
+            x.work = max(0.0, x.work - (self.now - x.mark) * x.rate)
+            x.mark = self.now
+            x.rate = min((1.0 / len(self.busy_on[g]) for g in x.gpus), default=1.0)
+            x.gen += 1
+            if x.stop_at is None:
+                self.at(self.now + x.work / x.rate, "done", x, x.gen)
+            else:
+                self.at(self.now + max(0.0, x.work - x.stop_at) / x.rate, "handoff", x, x.gen)
+
+    def unbusy(self, w: _W) -> None:
+        """``w`` stopped running a task: the others on its GPUs speed up."""
+        for g in w.gpus:
+            self.busy_on[g].discard(w)
+        self.share(w.gpus)
 
     def start(self, stage: str, width: int, warm: bool = False) -> bool:
         st = self.d.stages[stage]
@@ -402,7 +442,8 @@ class _Sim:
             if self.cpu_used + 1 > self.d.cpu_slots:
                 return False
             self.cpu_used += 1
-        w = _W(next(self.ids), stage, width, seats, self.now + (0.0 if warm else st.load_s))
+        w = _W(next(self.ids), stage, width, seats, self.now + (0.0 if warm else st.load_s),
+               gpus=tuple(sorted({self.pool.gpu_of(s) for s in seats})))
         self.workers[stage].append(w)
         self.starts += 0 if warm else 1
         if warm:
@@ -420,15 +461,20 @@ class _Sim:
             self.exit(w)
         elif w.state == "busy" and st.steps:
             # stop at the next step boundary; the rest of the task is handed on
-            total = (w.t_end - w.t_start)
+            w.work = max(0.0, w.work - (self.now - w.mark) * w.rate)
+            w.mark = self.now
             steps_left = max(1, round(w.task.left * st.steps))
-            step = total / steps_left
-            done_steps = min(steps_left, math.floor((self.now - w.t_start) / step + 1e-9) + 1)
+            step = w.total / steps_left
+            done_steps = min(steps_left, math.floor((w.total - w.work) / step + 1e-9) + 1)
             if done_steps >= steps_left:
                 return  # finishes its last step anyway
-            w.gen += 1
-            left = w.task.left * (steps_left - done_steps) / steps_left
-            self.at(w.t_start + done_steps * step, "handoff", w, w.gen, w.task, left)
+            w.stop_at = w.total - done_steps * step
+            w.stop_left = w.task.left * (steps_left - done_steps) / steps_left
+            self.share((), also=w)
+
+    def frees_gpus(self, w: _W) -> bool:
+        mine = set(w.seats)
+        return bool(w.seats) and all(set(self.pool.workers(g)) <= mine for g in w.gpus)
 
     def exit(self, w: _W) -> None:
         if w.state == "gone":
@@ -513,7 +559,10 @@ class _Sim:
         self.pending = kept
         cands = [w for w in self.workers[s] if not w.draining]
         order = {"idle": 0, "loading": 1, "busy": 2}
-        cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), -(w.t_start if w.state == "busy" else 0)))
+        # as the manager chooses (manager.service._drain_one): of the least busy, one whose GPUs it
+        # leaves empty first (not a DiT whose GPU small stages share)
+        cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), not self.frees_gpus(w),
+                                  -(w.t_start if w.state == "busy" else 0)))
         for w in cands[:n]:
             self.drain(w)
 

@@ -39,7 +39,8 @@ launcher that cannot start groups (``compose``) gets width-1 starts and a
 warning.
 
 Scale-down. The least-loaded live worker of the stage that this manager
-started is drained: the broker binds nothing new to it and sends DRAIN, and
+started is drained (of equally loaded ones, one that leaves its GPU empty, so
+small stages packed beside a DiT stay with a DiT that stays): the broker binds nothing new to it and sends DRAIN, and
 the launcher waits for the process to exit (SIGTERM for a local one; a
 worker that does not leave within ``drain_timeout_s`` is killed and its
 tasks are re-run by the broker). A draining worker finishes its in-flight
@@ -196,6 +197,11 @@ class _MemoryPool:
     def release(self, seat: Worker) -> None:
         self.gpus.remove(seat)
         self._serve()
+
+    def frees_gpu(self, seats: list[Worker]) -> bool:
+        """Whether these seats leaving would leave their GPUs empty (no other worker on them)."""
+        mine = set(seats)
+        return bool(seats) and all(set(self.gpus.workers(self.gpus.gpu_of(s))) <= mine for s in seats)
 
     def measured(self, stage: str, memory_gb: float) -> StageNeed | None:
         """A worker of ``stage`` measured ``memory_gb`` resident at start (CUDA). Above what the
@@ -547,7 +553,7 @@ class Manager:
 
     # -- draining ---------------------------------------------------------------------
     def _drain_one(self, stage: str, reason: str) -> bool:
-        """Drain the least-loaded live worker of ``stage`` that we started."""
+        """Drain the least-loaded live worker of ``stage`` that we started (see the module docstring)."""
         ours = {r.handle.id: r for r in self._records
                 if r.stage == stage and r.handle is not None and r.registered and not r.draining}
         live = [w for w in self.broker.stages().get(stage, {}).get("workers", [])
@@ -555,8 +561,14 @@ class Manager:
         if not live:
             log.warning("node manager: no worker of %s that it started is live to drain (%s)", stage, reason)
             return False
-        # the policy counts the stage's present width: an old-width worker (being replaced) last
-        w = min(live, key=lambda w: (ours[w["id"]].replacing, w["load"], w["holding"], -w["registered"]))
+        # the policy counts the stage's present width: an old-width worker (being replaced) last;
+        # among the least loaded, one whose GPU it leaves empty (a DiT that small stages do not
+        # share), so the pool gives a GPU back instead of leaving neighbours alone on theirs
+        def frees(rec: _Record) -> bool:
+            return isinstance(rec.pool, _MemoryPool) and rec.pool.frees_gpu(rec.seats)
+
+        w = min(live, key=lambda w: (ours[w["id"]].replacing, w["load"], not frees(ours[w["id"]]), w["holding"],
+                                     -w["registered"]))
         self._drain(ours[w["id"]], reason, self.drain_timeout_s)
         return True
 

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -221,7 +222,8 @@ async def cmd_up(args) -> int:
 
     settings = _check_exposure(_settings(args))
     stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
-                  cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb)
+                  cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb,
+                  gpu_max_load=args.gpu_max_load)
     try:
         await stack.start(ready_timeout=args.ready_timeout)
     except BaseException:
@@ -297,7 +299,8 @@ async def cmd_manager(args) -> int:
     gpu_slots, pinned = (args.slots, False) if args.slots else default_gpu_slots()
     manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
                       cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned,
-                      gpu_memory_gb=args.gpu_memory_gb, gpu_max_load=1.0 if args.gpu_memory_gb else None)
+                      gpu_memory_gb=args.gpu_memory_gb,
+                      gpu_max_load=args.gpu_max_load if args.gpu_memory_gb else None)
     try:
         await remote.start()
     except BrokerRefused as exc:
@@ -628,8 +631,23 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
                         "its service-time spread sizes them; repeatable")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="memory of one GPU slot: GPU workers are then packed by their stage's declared "
-                        "memory_gb/peak_gb/gpu_load (peaks within the memory, loads within 1 per GPU), "
-                        "several small stages to a GPU (default: one worker per slot)")
+                        "memory_gb/peak_gb/gpu_load (peaks within the memory, loads within --gpu-max-load "
+                        "per GPU), several small stages to a GPU (default: one worker per slot)")
+    p.add_argument("--gpu-max-load", type=_max_load, default=1.0, metavar="LOAD",
+                   help="with --gpu-memory-gb: the declared gpu_load one GPU's workers may sum to. 1.0 (the "
+                        "default) gives a denoiser (1.0) its GPU to itself; 1.2 also lets small stages "
+                        "(0.05 each) share a denoiser's GPU where memory allows, which saves their GPU at "
+                        "the cost of time-slicing it with the denoiser while they run")
+
+
+def _max_load(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"must be a number >= 1.0 (a denoiser declares 1.0), not {text}")
+    return value
 
 
 def _api_key_arg(p: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ log = logging.getLogger("onepiece.stack")
 class Stack:
     def __init__(self, settings, *, workers_per_stage: int = 1, launcher=None, policy=None,
                  gpu_slots: int | None = None, cpu_slots: int | None = None, period_s: float = 5.0,
-                 gpu_memory_gb: float | None = None):
+                 gpu_memory_gb: float | None = None, gpu_max_load: float = 1.0):
         self.settings = settings
         self.workers_per_stage = workers_per_stage
         self.broker: Broker | None = None
@@ -38,6 +38,7 @@ class Stack:
         self.policy = policy
         self.gpu_slots, self.cpu_slots, self.period_s = gpu_slots, cpu_slots, period_s
         self.gpu_memory_gb = gpu_memory_gb  # memory of a GPU slot: the manager then packs workers by memory
+        self.gpu_max_load = gpu_max_load  # ... and their declared gpu_load up to this per GPU
         self.manager: Manager | None = None
         self._runner = None
         self.rest_port = settings.rest_port
@@ -75,7 +76,7 @@ class Stack:
             cpu_slots = max(default_cpu_slots(), sum(max(1, self.workers_per_stage)
                                                      for gpu in stages.values() if not gpu))
         return Manager(self.broker, self.launcher, policy, gpu_slots=gpu_slots, cpu_slots=cpu_slots,
-                       gpu_memory_gb=self.gpu_memory_gb, gpu_max_load=1.0 if self.gpu_memory_gb else None,
+                       gpu_memory_gb=self.gpu_memory_gb, gpu_max_load=self.gpu_max_load if self.gpu_memory_gb else None,
                        period_s=self.period_s, pin_gpus=pinned)
 
     async def wait_ready(self, timeout: float) -> None:

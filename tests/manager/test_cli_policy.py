@@ -62,3 +62,14 @@ mean = 1.0
 """)
     with pytest.raises(SystemExit, match="none of its stages"):
         policy_of("--workflows", "wan_i2v", "--profile", str(other))
+
+
+@pytest.mark.parametrize("command", ["up", "manager"])
+def test_gpu_max_load_defaults_to_one_and_refuses_less(command, capsys):
+    parser = build_parser()
+    assert parser.parse_args([command]).gpu_max_load == 1.0
+    assert parser.parse_args([command, "--gpu-max-load", "1.2"]).gpu_max_load == 1.2
+    for bad in ("0.5", "nan", "lots"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--gpu-max-load", bad])
+        assert "--gpu-max-load" in capsys.readouterr().err

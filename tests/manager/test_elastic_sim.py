@@ -39,6 +39,38 @@ def test_static_split_holds_its_packed_gpus_and_finishes_every_job():
     assert r.attainment("wan_i2v") == 1.0
 
 
+def test_small_stages_beside_a_dit_save_their_gpu_when_the_pool_allows_it():
+    """max_load 1.2: the four small stages (0.05 each) sit beside DiTs where memory allows, so the
+    allocation of the test above holds its six DiT GPUs and no seventh."""
+    prof = load_profile("wan_i2v_480p")
+    stages, flows = split([prof])
+    alloc = {s: 1 for s in stages} | {"denoise": 6}
+    arr = poisson(30, 2)
+    r = simulate(Deployment("beside", stages, flows, static=alloc, gpus=32, max_load=1.2), arr,
+                 horizon_s=7200, seed=1)
+    assert r.gpu_seconds == pytest.approx(6 * 7200)
+    assert r.jobs == len(arr) and r.unfinished["wan_i2v"] == 0
+
+
+def test_workers_busy_on_one_gpu_share_it_in_equal_parts():
+    """Two workers of a one-stage workflow packed on one GPU: a task alone takes its time; two at
+    once each take twice as long (processor sharing), and the one left alone speeds up again."""
+    from bench.elastic_sim import SimStage, SimWorkflow
+    from manager.packing import StageNeed
+
+    stage = SimStage("s", True, {"w:standard": 100.0}, 1e-9, 0.0, StageNeed(1.0, 1.0, 0.05))
+    flows = {"w": SimWorkflow("w", {"s": ()}, "s", 1e9)}
+    dep = Deployment("ps", {"s": stage}, flows, static={"s": 2}, gpus=2)
+    alone = simulate(dep, [(0.0, "w", "standard")], horizon_s=1000, seed=1)
+    assert alone.peak_gpus == 1 and alone.latencies["w"] == [pytest.approx(100.0, rel=1e-6)]
+    two = simulate(dep, [(0.0, "w", "standard"), (0.0, "w", "standard")], horizon_s=1000, seed=1)
+    assert two.latencies["w"] == [pytest.approx(200.0, rel=1e-6)] * 2
+    # the second starts half-way through the first: 50 s alone, then both at half speed until the
+    # first is done (100 s more), then the second alone (its last 50 s)
+    staggered = simulate(dep, [(0.0, "w", "standard"), (50.0, "w", "standard")], horizon_s=1000, seed=1)
+    assert staggered.latencies["w"] == [pytest.approx(150.0, rel=1e-6), pytest.approx(150.0, rel=1e-6)]
+
+
 def test_monolithic_pipelines_take_whole_gpus():
     prof = load_profile("wan_i2v_480p")
     stages, flows = monolithic([prof], {"wan_i2v": 8})

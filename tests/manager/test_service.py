@@ -455,6 +455,73 @@ async def test_a_start_waiting_for_gpu_memory_blocks_the_ones_behind_it_and_is_c
     assert len(launcher.started) == 4 and manager.pools[True].gpus.held() == 0
 
 
+async def test_with_a_max_load_above_one_a_small_stage_shares_the_big_ones_gpu(tmp_path):
+    """max_load 1.0 gives the big stage (load 1.0) its GPU to itself, so a small one (0.1) needs a
+    second GPU; at 1.2 the small one sits beside it (20 GB of peaks fit the 80 GB): one GPU."""
+    wf = tmp_path / "beside.toml"
+    wf.write_text(PACKED.replace('peak_gb = 25.0', 'peak_gb = 10.0') + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+    try:
+        for max_load, held in ((1.0, 2), (1.2, 1)):
+            launcher = MemoryLauncher(broker)
+            manager = Manager(broker, launcher, StaticPolicy({"big": 1, "s1": 1}), gpu_slots=2, cpu_slots=0,
+                              period_s=60.0, gpu_memory_gb=80.0, gpu_max_load=max_load)
+            try:
+                await manager.start()
+                assert len(launcher.started) == 2
+                assert manager.slots()["gpu"]["used"] == held, max_load
+                [gpu] = [g for g in manager.slots()["gpu"]["gpus"] if any(w.startswith("big-") for w in g["workers"])]
+                assert any(w.startswith("s1-") for w in gpu["workers"]) == (held == 1)
+            finally:
+                await manager.stop(timeout=5)
+    finally:
+        await broker.stop()
+
+
+async def test_scaling_down_drains_the_worker_that_gives_a_gpu_back(tmp_path):
+    """Two big workers, a small one beside the newer of them (max_load 1.2): when one big worker
+    must go, the manager drains the one alone on its GPU (not the newest, as it would otherwise),
+    so the pool holds one GPU instead of two."""
+    wf = tmp_path / "beside.toml"
+    wf.write_text(PACKED.replace('peak_gb = 25.0', 'peak_gb = 10.0') + SYNTHETIC_PARAMS)
+    broker = Broker(load_settings(env={}, data_dir=tmp_path / "data", control="tcp://127.0.0.1:*",
+                                  rest_port=free_port(), transport="shm", workflows=[str(wf)], heartbeat_s=60.0))
+    await broker.start()
+    launcher = MemoryLauncher(broker)
+    policy = StaticPolicy({"s1": 1, "s2": 1, "s3": 1})
+    manager = Manager(broker, launcher, policy, gpu_slots=2, cpu_slots=0, period_s=60.0, gpu_memory_gb=80.0,
+                      gpu_max_load=1.2)
+
+    def placed() -> list[list[str]]:
+        return [sorted(w.split("-")[0] for w in g["workers"]) for g in manager.slots()["gpu"]["gpus"] if g["workers"]]
+
+    async def settle(n_started: int, what: str) -> None:
+        manager.tick()
+        await until(lambda: len(launcher.started) == n_started
+                    and not any(a["starting"] or a["draining"] for a in manager.allocation().values()), 5, what)
+
+    try:
+        await manager.start()  # the three small ones stack on one GPU (30 of 80 GB)
+        await until(lambda: sum(map(len, placed())) == 3, 5, "the small workers")
+        policy.targets.update(big=1)  # 60 GB more does not fit beside them: the first big one takes GPU 2
+        await settle(4, "the first big worker")
+        policy.targets.update(s2=0, s3=0)
+        await settle(4, "s2 and s3 to leave")
+        policy.targets.update(big=2)  # the second big one fits beside s1 (70 GB, load 1.1)
+        await settle(5, "the second big worker")
+        assert sorted(placed()) == [["big"], ["big", "s1"]]
+        [first_big] = [w for w, _ in launcher.started if w.startswith("big-")][:1]
+        policy.targets.update(big=1)
+        assert [(c.stage, c.delta) for c in manager.tick()] == [("big", -1)]
+        await until(lambda: first_big in launcher.exited, 5, "the lone (older) big worker to leave")
+        assert placed() == [["big", "s1"]] and manager.slots()["gpu"]["used"] == 1
+    finally:
+        await manager.stop(timeout=5)
+        await broker.stop()
+
+
 # -- sequence-parallel groups: a worker of width k holds k GPU slots ----------------------------
 
 WIDE = """
