@@ -1,7 +1,8 @@
 """Rendezvous over real shared memory: large messages land in regions the consumer grants, a stage
 can compute straight into them, a slow consumer and a dead producer give them back.
 
-(rdma runs the same protocol through the fake NIC: tests/transports/test_rdma.py.)
+(rdma runs the same protocol through the fake NIC: tests/transports/test_rdma.py. The last two
+tests need a CUDA device and are skipped without one; a lent H200 ran them.)
 """
 
 from __future__ import annotations
@@ -210,3 +211,30 @@ async def test_a_producer_that_dies_holding_a_grant_gives_it_back():
         proc.stdout.close()
         await b.aclose()
     assert shm_leaks(before) == set()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+async def test_a_device_tensor_goes_by_rendezvous_into_a_pinned_region(pair):
+    _, b, sender = pair
+    x = torch.randn(3, 1024, 1024, device="cuda")  # 12 MiB: by rendezvous
+    for i in range(2):
+        await sender.send({"i": i}, {"x": x, "small": torch.arange(5, device="cuda")})
+        with await b.recv(timeout=10) as msg:
+            assert msg.zero_copy and msg.tensors["x"].device.type == "cpu"
+            assert torch.equal(msg.tensors["x"], x.cpu())
+            assert torch.equal(msg.tensors["small"], torch.arange(5))
+    # The region was registered with CUDA once (a nonzero address), and it was the same region twice.
+    assert len(sender._pinned) == 1 and all(sender._pinned.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+async def test_a_stage_copies_its_device_output_straight_into_a_granted_tensor(pair):
+    _, b, sender = pair
+    video = torch.rand(3, 9, 256, 256, device="cuda")  # 7 MiB of frames, as vae_decode makes them
+    out = await sender.allocate(tuple(video.shape), video.dtype)
+    assert out.device.type == "cpu"
+    out.copy_(video)  # the one device-to-host copy
+    await sender.send({"frames": 1}, {"video": out})
+    with await b.recv(timeout=10) as msg:
+        assert torch.equal(msg.tensors["video"], video.cpu())
+    assert torch.equal(out, video.cpu())
