@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--plots", type=Path, default=Path("elastic-plots"), help="directory for the PNG plots")
     ap.add_argument("--rate", type=float, default=120.0, help="mean jobs per hour over the day (all workflows)")
-    ap.add_argument("--peak-trough", type=float, default=3.0, help="diurnal peak-to-trough ratio (Azure LLM 2024: 2.0 chat, 10.0 code; default 3)")
+    ap.add_argument("--peak-trough", type=float, default=3.0,
+                    help="diurnal peak-to-trough ratio (Azure LLM 2024: 2.0 chat, 10.0 code; default 3)")
     ap.add_argument("--compress", type=float, default=4.0, help="a day lasts 24 h / this (service times unchanged)")
     ap.add_argument("--days", type=float, default=1.0)
     ap.add_argument("--bursts-per-day", type=float, default=6.0)

@@ -40,12 +40,12 @@ warning.
 
 Scale-down. The least-loaded live worker of the stage that this manager
 started is drained (of equally loaded ones, one that leaves its GPU empty, so
-small stages packed beside a DiT stay with a DiT that stays): the broker binds nothing new to it and sends DRAIN, and
-the launcher waits for the process to exit (SIGTERM for a local one; a
-worker that does not leave within ``drain_timeout_s`` is killed and its
-tasks are re-run by the broker). A draining worker finishes its in-flight
-task and keeps its outputs until the consumer has them, so no task is lost
-or run twice.
+small stages packed beside a DiT stay with a DiT that stays): the broker
+binds nothing new to it and sends DRAIN, and the launcher waits for the
+process to exit (SIGTERM for a local one; a worker that does not leave within
+``drain_timeout_s`` is killed and its tasks are re-run by the broker). A
+draining worker finishes its in-flight task and keeps its outputs until the
+consumer has them, so no task is lost or run twice.
 
 The broker is reached only through ``onepiece.links.BrokerLink`` (the
 broker in this process, or ``manager.remote.RemoteBroker`` over REST); the

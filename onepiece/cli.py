@@ -223,7 +223,7 @@ async def cmd_up(args) -> int:
     settings = _check_exposure(_settings(args))
     stack = Stack(settings, workers_per_stage=args.workers, policy=_policy(args, settings), gpu_slots=args.slots,
                   cpu_slots=args.cpu_slots, period_s=args.period, gpu_memory_gb=args.gpu_memory_gb,
-                  gpu_max_load=args.gpu_max_load)
+                  gpu_max_load=_gpu_max_load(args) or 1.0)
     try:
         await stack.start(ready_timeout=args.ready_timeout)
     except BaseException:
@@ -299,8 +299,7 @@ async def cmd_manager(args) -> int:
     gpu_slots, pinned = (args.slots, False) if args.slots else default_gpu_slots()
     manager = Manager(remote, launcher, _policy(args, settings), gpu_slots=gpu_slots,
                       cpu_slots=args.cpu_slots or default_cpu_slots(), period_s=args.period, pin_gpus=pinned,
-                      gpu_memory_gb=args.gpu_memory_gb,
-                      gpu_max_load=args.gpu_max_load if args.gpu_memory_gb else None)
+                      gpu_memory_gb=args.gpu_memory_gb, gpu_max_load=_gpu_max_load(args))
     try:
         await remote.start()
     except BrokerRefused as exc:
@@ -638,6 +637,17 @@ def _manager_args(p: argparse.ArgumentParser) -> None:
                         "default) gives a denoiser (1.0) its GPU to itself; 1.2 also lets small stages "
                         "(0.05 each) share a denoiser's GPU where memory allows, which saves their GPU at "
                         "the cost of time-slicing it with the denoiser while they run")
+
+
+def _gpu_max_load(args) -> float | None:
+    """--gpu-max-load for GPU slots with memory (--gpu-memory-gb); None without them, where asking
+    for one is an error rather than a flag that silently does nothing."""
+    if args.gpu_memory_gb:
+        return args.gpu_max_load
+    if args.gpu_max_load != 1.0:
+        print("error: --gpu-max-load needs --gpu-memory-gb (GPU slots with a memory to pack by)", file=sys.stderr)
+        raise SystemExit(2)
+    return None
 
 
 def _max_load(text: str) -> float:

@@ -73,3 +73,14 @@ def test_gpu_max_load_defaults_to_one_and_refuses_less(command, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([command, "--gpu-max-load", bad])
         assert "--gpu-max-load" in capsys.readouterr().err
+
+
+def test_gpu_max_load_without_gpu_memory_is_an_error_not_a_flag_that_does_nothing(capsys):
+    from onepiece.cli import _gpu_max_load
+
+    parser = build_parser()
+    assert _gpu_max_load(parser.parse_args(["manager"])) is None
+    assert _gpu_max_load(parser.parse_args(["manager", "--gpu-memory-gb", "80", "--gpu-max-load", "1.2"])) == 1.2
+    with pytest.raises(SystemExit) as exc:
+        _gpu_max_load(parser.parse_args(["up", "--gpu-max-load", "1.2"]))
+    assert exc.value.code == 2 and "--gpu-max-load needs --gpu-memory-gb" in capsys.readouterr().err
