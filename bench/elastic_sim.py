@@ -400,13 +400,13 @@ class _Sim:
                 w.mark, w.stop_at = self.now, None
                 for g in w.gpus:
                     self.busy_on.setdefault(g, set()).add(w)
-                self.share(w.gpus or None, also=w)
+                self.share(w.gpus, also=w)
 
     # -- GPU sharing ------------------------------------------------------------------------
-    def share(self, gpus: Sequence[int] | None, also: _W | None = None) -> None:
+    def share(self, gpus: Sequence[int], also: _W | None = None) -> None:
         """The busy workers on ``gpus`` (and ``also``) from now on: bring their progress up to
         date at their old shares, then give each its new share and its next event."""
-        ws = {x for g in (gpus or ()) for x in self.busy_on.get(g, ())}
+        ws = {x for g in gpus for x in self.busy_on.get(g, ())}
         if also is not None:
             ws.add(also)
         for x in sorted(ws, key=lambda x: x.id):  # a fixed order: the run stays deterministic
@@ -471,10 +471,6 @@ class _Sim:
             w.stop_at = w.total - done_steps * step
             w.stop_left = w.task.left * (steps_left - done_steps) / steps_left
             self.share((), also=w)
-
-    def frees_gpus(self, w: _W) -> bool:
-        mine = set(w.seats)
-        return bool(w.seats) and all(set(self.pool.workers(g)) <= mine for g in w.gpus)
 
     def exit(self, w: _W) -> None:
         if w.state == "gone":
@@ -561,7 +557,7 @@ class _Sim:
         order = {"idle": 0, "loading": 1, "busy": 2}
         # as the manager chooses (manager.service._drain_one): of the least busy, one whose GPUs it
         # leaves empty first (not a DiT whose GPU small stages share)
-        cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), not self.frees_gpus(w),
+        cands.sort(key=lambda w: (not w.replace, order.get(w.state, 3), not self.pool.frees(w.seats),
                                   -(w.t_start if w.state == "busy" else 0)))
         for w in cands[:n]:
             self.drain(w)

@@ -157,18 +157,19 @@ def build(stage: str, device: torch.device, tiny: bool) -> tuple[torch.nn.Module
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes, its device work included."""
+    t0 = time.perf_counter()
+    run()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def time_task(run: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Seconds per call, after one untimed warm-up call."""
     with torch.inference_mode():
-        run()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times
+        _timed(run, device)
+        return [_timed(run, device) for _ in range(repeats)]
 
 
 def measure(stage: str, device: torch.device, tiny: bool, repeats: int) -> dict:
@@ -204,15 +205,11 @@ def _colocated(stage: str, device: str, tiny: bool, seconds: float, barrier, res
     try:
         model, run = build(stage, dev, tiny)
         with torch.inference_mode():
-            run()
-            _sync(dev)
+            _timed(run, dev)
             barrier.wait(timeout=600)
             times, end = [], time.perf_counter() + seconds
             while time.perf_counter() < end:
-                t0 = time.perf_counter()
-                run()
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
+                times.append(_timed(run, dev))
         results.put((stage, times, None))
     except Exception as exc:  # noqa: BLE001 - reported by the parent
         barrier.abort()

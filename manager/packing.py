@@ -107,6 +107,12 @@ class GpuPool:
         """GPUs with at least one worker; a shared GPU counts once."""
         return sum(1 for ws in self._on if ws)
 
+    def frees(self, workers: Iterable[Worker]) -> bool:
+        """Whether removing ``workers`` (placed ones) would leave every GPU they are on empty:
+        none of them shares a GPU with a worker outside the group."""
+        group = set(workers)
+        return bool(group) and all(set(self._on[self._where[w]]) <= group for w in group)
+
     def fits(self, gpu: int, need: StageNeed) -> bool:
         if self.peak_gb(gpu) + need.peak_gb > self.sizes_gb[gpu] + _EPS:
             return False

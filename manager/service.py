@@ -198,11 +198,6 @@ class _MemoryPool:
         self.gpus.remove(seat)
         self._serve()
 
-    def frees_gpu(self, seats: list[Worker]) -> bool:
-        """Whether these seats leaving would leave their GPUs empty (no other worker on them)."""
-        mine = set(seats)
-        return bool(seats) and all(set(self.gpus.workers(self.gpus.gpu_of(s))) <= mine for s in seats)
-
     def measured(self, stage: str, memory_gb: float) -> StageNeed | None:
         """A worker of ``stage`` measured ``memory_gb`` resident at start (CUDA). Above what the
         stage declared, the stage's next workers are placed by the measurement (the peak grows by
@@ -565,7 +560,7 @@ class Manager:
         # among the least loaded, one whose GPU it leaves empty (a DiT that small stages do not
         # share), so the pool gives a GPU back instead of leaving neighbours alone on theirs
         def frees(rec: _Record) -> bool:
-            return isinstance(rec.pool, _MemoryPool) and rec.pool.frees_gpu(rec.seats)
+            return isinstance(rec.pool, _MemoryPool) and rec.pool.gpus.frees(rec.seats)
 
         w = min(live, key=lambda w: (ours[w["id"]].replacing, w["load"], not frees(ours[w["id"]]), w["holding"],
                                      -w["registered"]))

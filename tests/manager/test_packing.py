@@ -188,3 +188,12 @@ def test_the_shipped_workflows_declarations_put_the_small_stages_on_one_gpu(name
     assert placed.fits
     assert len({placed.gpus[i] for i, (s, _) in enumerate(demands) if s in small}) == 1
     assert placed.held == 1 + sum(dits.values())
+
+
+def test_frees_says_whether_a_group_leaving_empties_its_gpus():
+    pool = GpuPool([80.0, 80.0], max_load=1.2)
+    dit, small, other = Worker("dit", StageNeed(32.8, 58.0, 1.0)), Worker("s", StageNeed(1.0, 10.0, 0.05)), \
+        Worker("dit", StageNeed(32.8, 58.0, 1.0))
+    assert [pool.place(w) for w in (dit, small, other)] == [0, 0, 1]
+    assert pool.frees([other]) and pool.frees([dit, small])
+    assert not pool.frees([dit]) and not pool.frees([small]) and not pool.frees([])
